@@ -1,7 +1,20 @@
 //! Parsing of requests and encoding of replies, events and the config space.
-//! (Being written: signatures are fixed, bodies land with the codec work.)
+//!
+//! Both directions live here so that the device and a guest driver share one
+//! definition of the wire: the device uses [`parse_request`] and
+//! [`encode_response`], a driver [`encode_request`] and [`decode_response`].
+
+use std::fmt;
 
 use crate::types::*;
+use crate::wire::*;
+
+/// Largest `offset + len` that [`Config::read`] serves.
+///
+/// The structure is 24 bytes and front-ends ask for at most their own config
+/// size; a page is far more than any of them needs, and the cap keeps a
+/// front-end's size from making us allocate without bound.
+pub const CONFIG_READ_MAX: u32 = 4096;
 
 /// A request that cannot be served: the status to answer with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -13,15 +26,962 @@ pub struct ParseError {
     pub opcode: Option<Opcode>,
 }
 
+impl fmt::Display for ParseError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.status)?;
+        if let Some(opcode) = self.opcode {
+            write!(f, " for {opcode}")?;
+        }
+        if let Some(tag) = self.tag {
+            write!(f, " (tag {tag:#x})")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ParseError {}
+
+/// Why a response from the device could not be decoded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DecodeError {
+    /// The response is shorter than its layout.
+    Short { needed: usize, got: usize },
+    /// A status value section 5 does not list.
+    UnknownStatus(u32),
+    /// A `MAP` reply `space` value section 7.3 does not list.
+    UnknownAddressSpace(u32),
+}
+
+impl fmt::Display for DecodeError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            DecodeError::Short { needed, got } => {
+                write!(f, "response too short: {got} bytes, layout needs {needed}")
+            }
+            DecodeError::UnknownStatus(value) => write!(f, "unknown status {value}"),
+            DecodeError::UnknownAddressSpace(value) => {
+                write!(f, "unknown MAP reply address space {value}")
+            }
+        }
+    }
+}
+
+impl std::error::Error for DecodeError {}
+
+impl Opcode {
+    /// Size of the fixed part of this opcode's request payload, after the
+    /// request header (section 7). `CREATE` entries and `TRANSFER_TO_HOST`
+    /// data follow it.
+    pub fn payload_size(self) -> usize {
+        match self {
+            Opcode::GetInfo | Opcode::ResetSession | Opcode::AcquireInit => 0,
+            Opcode::Cancel => RawCancelPayload::SIZE,
+            Opcode::Create => RawCreatePayload::SIZE,
+            Opcode::Open => RawOpenPayload::SIZE,
+            Opcode::Release
+            | Opcode::ExportUuid
+            | Opcode::Attach
+            | Opcode::MapShm
+            | Opcode::UnmapShm => RawObjectPayload::SIZE,
+            Opcode::Detach => RawAttachmentPayload::SIZE,
+            Opcode::Map => RawMapPayload::SIZE,
+            Opcode::Unmap => RawUnmapPayload::SIZE,
+            Opcode::Pin | Opcode::Unpin => RawPinPayload::SIZE,
+            Opcode::AcquireFini => RawCtxPayload::SIZE,
+            Opcode::Lock | Opcode::Unlock => RawLockPayload::SIZE,
+            Opcode::BeginCpuAccess | Opcode::EndCpuAccess => RawCpuAccessPayload::SIZE,
+            Opcode::TransferToHost | Opcode::TransferFromHost => RawTransferPayload::SIZE,
+            Opcode::FenceAttach => RawFenceAttachPayload::SIZE,
+            Opcode::FenceSignal => RawFenceSignalPayload::SIZE,
+            Opcode::Wait => RawWaitPayload::SIZE,
+        }
+    }
+}
+
+impl RequestHeader {
+    /// The 16 wire bytes of the header.
+    pub fn to_bytes(&self) -> [u8; REQ_HDR_SIZE] {
+        RawReqHdr {
+            opcode: self.opcode,
+            flags: self.flags,
+            tag: self.tag,
+        }
+        .to_le_bytes()
+    }
+
+    /// The header at the start of `bytes`; `None` if shorter than 16 bytes.
+    pub fn from_bytes(bytes: &[u8]) -> Option<RequestHeader> {
+        let raw = RawReqHdr::from_le_bytes(bytes)?;
+        Some(RequestHeader {
+            opcode: raw.opcode,
+            flags: raw.flags,
+            tag: raw.tag,
+        })
+    }
+}
+
 /// Decodes the readable bytes of one chain. `writable_len` is the size of the
 /// chain's writable part (at least the response header, checked by the caller).
-pub fn parse_request(readable: &[u8], writable_len: usize) -> Result<(RequestHeader, Request), ParseError> {
-    let _ = (readable, writable_len);
-    todo!()
+///
+/// Checks run in the order of section 4: framing (the header), lengths (the
+/// fixed payload, room for the fixed reply, then `CREATE` entries and
+/// `TRANSFER` data), reserved fields, flag bits, then combinations and enum
+/// values. `ENOSYS` is decided as soon as the header is read: the length of
+/// an unknown opcode's payload is unknown, so no length check can come first.
+///
+/// Every failure other than `ENOSYS` is `EINVAL`; `tag` is `None` only when
+/// `readable` is shorter than the header. A `writable_len` below 16 is also
+/// `EINVAL` here, but the contract wants `used.len = 0` for it: the caller
+/// must catch that first. Readable bytes past what the opcode needs are
+/// ignored. Nothing here allocates more than `readable` holds.
+pub fn parse_request(
+    readable: &[u8],
+    writable_len: usize,
+) -> Result<(RequestHeader, Request), ParseError> {
+    let header = RequestHeader::from_bytes(readable).ok_or(ParseError {
+        status: Status::Inval,
+        tag: None,
+        opcode: None,
+    })?;
+    let Some(opcode) = Opcode::from_u32(header.opcode) else {
+        return Err(ParseError {
+            status: Status::NoSys,
+            tag: Some(header.tag),
+            opcode: None,
+        });
+    };
+    let body = readable.get(REQ_HDR_SIZE..).unwrap_or_default();
+    parse_body(opcode, header.flags, body, writable_len)
+        .map(|request| (header, request))
+        .map_err(|status| ParseError {
+            status,
+            tag: Some(header.tag),
+            opcode: Some(opcode),
+        })
+}
+
+/// The checks and decoding after the header, in section 4's order.
+fn parse_body(
+    opcode: Opcode,
+    flags: u32,
+    body: &[u8],
+    writable_len: usize,
+) -> Result<Request, Status> {
+    // Lengths.
+    let payload = body.get(..opcode.payload_size()).ok_or(Status::Inval)?;
+    let tail = body.get(opcode.payload_size()..).unwrap_or_default();
+    let reply_room = writable_len
+        .checked_sub(RESP_HDR_SIZE)
+        .ok_or(Status::Inval)?;
+    if reply_room < opcode.fixed_reply_size() {
+        return Err(Status::Inval);
+    }
+    check_variable_lengths(opcode, flags, payload, tail, reply_room)?;
+
+    // Reserved fields (section 4: must be zero).
+    if let Some(reserved) = reserved_field(opcode, payload)? {
+        if reserved != 0 {
+            return Err(Status::Inval);
+        }
+    }
+
+    // Flags: unknown bits (section 4).
+    if flags & !opcode.valid_flags() != 0 {
+        return Err(Status::Inval);
+    }
+
+    // Combinations and enum values.
+    decode_payload(opcode, flags, payload, tail, reply_room)
+}
+
+/// The lengths that depend on payload fields: `CREATE` entries, the
+/// `TRANSFER` data in the readable or the writable part (section 7.5).
+fn check_variable_lengths(
+    opcode: Opcode,
+    flags: u32,
+    payload: &[u8],
+    tail: &[u8],
+    reply_room: usize,
+) -> Result<(), Status> {
+    match opcode {
+        Opcode::Create if flags & create_flags::GUEST_PAGES != 0 => {
+            let fixed = RawCreatePayload::from_le_bytes(payload).ok_or(Status::Inval)?;
+            let needed = usize::try_from(fixed.nr_entries)
+                .ok()
+                .and_then(|n| n.checked_mul(RawSegment::SIZE))
+                .ok_or(Status::Inval)?;
+            if tail.len() < needed {
+                return Err(Status::Inval);
+            }
+        }
+        Opcode::TransferToHost => {
+            let fixed = RawTransferPayload::from_le_bytes(payload).ok_or(Status::Inval)?;
+            if !fits(fixed.len, tail.len()) {
+                return Err(Status::Inval);
+            }
+        }
+        Opcode::TransferFromHost => {
+            let fixed = RawTransferPayload::from_le_bytes(payload).ok_or(Status::Inval)?;
+            if !fits(fixed.len, reply_room) {
+                return Err(Status::Inval);
+            }
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
+/// Whether a guest-given `len` fits in `room` bytes.
+fn fits(len: u64, room: usize) -> bool {
+    u64::try_from(room).map_or(true, |room| len <= room)
+}
+
+/// The `le32 reserved` of opcodes whose payload has one (section 7).
+fn reserved_field(opcode: Opcode, payload: &[u8]) -> Result<Option<u32>, Status> {
+    let reserved = match opcode {
+        Opcode::Create => RawCreatePayload::from_le_bytes(payload).map(|p| p.reserved),
+        Opcode::BeginCpuAccess | Opcode::EndCpuAccess => {
+            RawCpuAccessPayload::from_le_bytes(payload).map(|p| p.reserved)
+        }
+        Opcode::FenceAttach => RawFenceAttachPayload::from_le_bytes(payload).map(|p| p.reserved),
+        Opcode::FenceSignal => RawFenceSignalPayload::from_le_bytes(payload).map(|p| p.reserved),
+        Opcode::Wait => RawWaitPayload::from_le_bytes(payload).map(|p| p.reserved),
+        _ => return Ok(None),
+    };
+    reserved.map(Some).ok_or(Status::Inval)
+}
+
+fn direction(value: u32) -> Result<Direction, Status> {
+    // Section 7: NONE (3) and anything larger are EINVAL everywhere.
+    Direction::from_u32(value).ok_or(Status::Inval)
+}
+
+fn fence_usage(value: u32) -> Result<FenceUsage, Status> {
+    FenceUsage::from_u32(value).ok_or(Status::Inval)
+}
+
+/// Reads a payload struct; the caller checked the length, so `None` cannot
+/// happen, but it is still `EINVAL` rather than a panic.
+fn payload_as<T>(decode: fn(&[u8]) -> Option<T>, payload: &[u8]) -> Result<T, Status> {
+    decode(payload).ok_or(Status::Inval)
+}
+
+/// Builds the typed request once lengths, reserved fields and flag bits
+/// passed; what is left are flag combinations and enum values.
+fn decode_payload(
+    opcode: Opcode,
+    flags: u32,
+    payload: &[u8],
+    tail: &[u8],
+    reply_room: usize,
+) -> Result<Request, Status> {
+    let object = || payload_as(RawObjectPayload::from_le_bytes, payload).map(|p| p.object);
+    Ok(match opcode {
+        Opcode::GetInfo => Request::GetInfo,
+        Opcode::ResetSession => Request::ResetSession,
+        Opcode::Cancel => Request::Cancel {
+            tag: payload_as(RawCancelPayload::from_le_bytes, payload)?.tag,
+        },
+        Opcode::Create => decode_create(flags, payload, tail)?,
+        Opcode::Open => decode_open(flags, payload)?,
+        Opcode::Release => Request::Release { object: object()? },
+        Opcode::ExportUuid => Request::ExportUuid { object: object()? },
+        Opcode::Attach => Request::Attach {
+            object: object()?,
+            dynamic_importer: flags & attach_flags::DYNAMIC_IMPORTER != 0,
+            peer2peer: flags & attach_flags::PEER2PEER != 0,
+        },
+        Opcode::Detach => Request::Detach {
+            attachment: payload_as(RawAttachmentPayload::from_le_bytes, payload)?.attachment,
+        },
+        Opcode::Map => {
+            let p = payload_as(RawMapPayload::from_le_bytes, payload)?;
+            // Section 7.3: entries that do not fit the writable part are an
+            // EOVERFLOW like a too small max_entries, so the device only
+            // needs the smaller of the two.
+            let room = reply_room.saturating_sub(MAP_REPLY_FIXED_SIZE) / SEGMENT_SIZE;
+            let max_entries =
+                u32::try_from(room).map_or(p.max_entries, |room| p.max_entries.min(room));
+            Request::Map {
+                attachment: p.attachment,
+                dir: direction(p.dir)?,
+                max_entries,
+                ctx: p.ctx,
+            }
+        }
+        Opcode::Unmap => {
+            let p = payload_as(RawUnmapPayload::from_le_bytes, payload)?;
+            Request::Unmap {
+                mapping: p.mapping,
+                ctx: p.ctx,
+            }
+        }
+        Opcode::Pin | Opcode::Unpin => {
+            let p = payload_as(RawPinPayload::from_le_bytes, payload)?;
+            let (attachment, ctx) = (p.attachment, p.ctx);
+            if opcode == Opcode::Pin {
+                Request::Pin { attachment, ctx }
+            } else {
+                Request::Unpin { attachment, ctx }
+            }
+        }
+        Opcode::AcquireInit => Request::AcquireInit,
+        Opcode::AcquireFini => Request::AcquireFini {
+            ctx: payload_as(RawCtxPayload::from_le_bytes, payload)?.ctx,
+        },
+        Opcode::Lock => {
+            let p = payload_as(RawLockPayload::from_le_bytes, payload)?;
+            // TRY together with SLOW is passed on: section 7.4 does not
+            // forbid it, the device decides.
+            Request::Lock {
+                ctx: p.ctx,
+                object: p.object,
+                try_lock: flags & lock_flags::TRY != 0,
+                slow: flags & lock_flags::SLOW != 0,
+            }
+        }
+        Opcode::Unlock => {
+            let p = payload_as(RawLockPayload::from_le_bytes, payload)?;
+            Request::Unlock {
+                ctx: p.ctx,
+                object: p.object,
+            }
+        }
+        Opcode::BeginCpuAccess | Opcode::EndCpuAccess => {
+            let p = payload_as(RawCpuAccessPayload::from_le_bytes, payload)?;
+            let (object, dir) = (p.object, direction(p.dir)?);
+            if opcode == Opcode::BeginCpuAccess {
+                Request::BeginCpuAccess { object, dir }
+            } else {
+                Request::EndCpuAccess { object, dir }
+            }
+        }
+        Opcode::MapShm => Request::MapShm {
+            object: object()?,
+            writable: flags & map_shm_flags::WRITABLE != 0,
+        },
+        Opcode::UnmapShm => Request::UnmapShm { object: object()? },
+        Opcode::TransferToHost => {
+            let p = payload_as(RawTransferPayload::from_le_bytes, payload)?;
+            // Copy only bytes that are there: `len` was checked against the
+            // readable tail, never used to size an allocation by itself.
+            let data = usize::try_from(p.len)
+                .ok()
+                .and_then(|len| tail.get(..len))
+                .ok_or(Status::Inval)?;
+            Request::TransferToHost {
+                object: p.object,
+                offset: p.offset,
+                data: data.to_vec(),
+            }
+        }
+        Opcode::TransferFromHost => {
+            let p = payload_as(RawTransferPayload::from_le_bytes, payload)?;
+            Request::TransferFromHost {
+                object: p.object,
+                offset: p.offset,
+                len: p.len,
+            }
+        }
+        Opcode::FenceAttach => {
+            let p = payload_as(RawFenceAttachPayload::from_le_bytes, payload)?;
+            Request::FenceAttach {
+                ctx: p.ctx,
+                object: p.object,
+                usage: fence_usage(p.usage)?,
+            }
+        }
+        Opcode::FenceSignal => {
+            let p = payload_as(RawFenceSignalPayload::from_le_bytes, payload)?;
+            Request::FenceSignal {
+                fence: p.fence,
+                error: p.error,
+            }
+        }
+        Opcode::Wait => {
+            let p = payload_as(RawWaitPayload::from_le_bytes, payload)?;
+            Request::Wait {
+                object: p.object,
+                usage: fence_usage(p.usage)?,
+                timeout_ns: p.timeout_ns,
+            }
+        }
+    })
+}
+
+/// `CREATE` (section 7.2). Size, alignment, guest RAM and `max_segments`
+/// checks need the device's configuration and are the device's.
+fn decode_create(flags: u32, payload: &[u8], tail: &[u8]) -> Result<Request, Status> {
+    let p = payload_as(RawCreatePayload::from_le_bytes, payload)?;
+    let dynamic = flags & create_flags::DYNAMIC != 0;
+    let cache_mapping = flags & create_flags::CACHE_MAPPING != 0;
+    let guest = flags & create_flags::GUEST_PAGES != 0;
+    // A dynamic exporter cannot cache mappings (`dma_buf_export` refuses it)
+    // and guest-placed objects are always static exporters (section 6).
+    if dynamic && (cache_mapping || guest) {
+        return Err(Status::Inval);
+    }
+    let guest_pages = if guest {
+        let len = usize::try_from(p.nr_entries)
+            .ok()
+            .and_then(|n| n.checked_mul(RawSegment::SIZE))
+            .ok_or(Status::Inval)?;
+        let bytes = tail.get(..len).ok_or(Status::Inval)?;
+        let entries = bytes
+            .chunks_exact(RawSegment::SIZE)
+            .map(|chunk| {
+                RawSegment::from_le_bytes(chunk).map(|s| Segment {
+                    addr: s.addr,
+                    len: s.len,
+                })
+            })
+            .collect::<Option<Vec<_>>>()
+            .ok_or(Status::Inval)?;
+        Some(entries)
+    } else if p.nr_entries != 0 {
+        return Err(Status::Inval);
+    } else {
+        None
+    };
+    Ok(Request::Create {
+        size: p.size,
+        dynamic,
+        cache_mapping,
+        guest_pages,
+    })
+}
+
+/// `OPEN` (section 7.2).
+fn decode_open(flags: u32, payload: &[u8]) -> Result<Request, Status> {
+    let p = payload_as(RawOpenPayload::from_le_bytes, payload)?;
+    let name_len = p.name.iter().position(|&b| b == 0).unwrap_or(NAME_LEN);
+    let name = p.name.get(..name_len).unwrap_or_default().to_vec();
+    Ok(Request::Open {
+        uuid: (flags & open_flags::BY_UUID != 0).then_some(p.uuid),
+        name,
+    })
+}
+
+/// The flag bits that carry `request`'s boolean fields.
+fn request_flags(request: &Request) -> u32 {
+    let bit = |on: bool, flag: u32| if on { flag } else { 0 };
+    match request {
+        Request::Create {
+            dynamic,
+            cache_mapping,
+            guest_pages,
+            ..
+        } => {
+            bit(*dynamic, create_flags::DYNAMIC)
+                | bit(guest_pages.is_some(), create_flags::GUEST_PAGES)
+                | bit(*cache_mapping, create_flags::CACHE_MAPPING)
+        }
+        Request::Open { uuid, .. } => bit(uuid.is_some(), open_flags::BY_UUID),
+        Request::Attach {
+            dynamic_importer,
+            peer2peer,
+            ..
+        } => {
+            bit(*dynamic_importer, attach_flags::DYNAMIC_IMPORTER)
+                | bit(*peer2peer, attach_flags::PEER2PEER)
+        }
+        Request::Lock { try_lock, slow, .. } => {
+            bit(*try_lock, lock_flags::TRY) | bit(*slow, lock_flags::SLOW)
+        }
+        Request::MapShm { writable, .. } => bit(*writable, map_shm_flags::WRITABLE),
+        _ => 0,
+    }
+}
+
+/// The readable part a guest driver puts on the controlq for `request`:
+/// header, payload, then `CREATE` entries or `TRANSFER_TO_HOST` data.
+///
+/// Flags are rebuilt from the typed fields. What the wire cannot hold is
+/// cut: an `OPEN` name is written up to 32 bytes (and [`parse_request`]
+/// stops at its first NUL); a list longer than `u32::MAX` entries is not
+/// representable. `MAP`'s `max_entries` is written as given; the driver
+/// must also give the device that much writable room (section 7.3).
+pub fn encode_request(tag: u64, request: &Request) -> Vec<u8> {
+    let header = RequestHeader {
+        opcode: request.opcode() as u32,
+        flags: request_flags(request),
+        tag,
+    };
+    let mut out = Vec::with_capacity(REQ_HDR_SIZE + request.opcode().payload_size());
+    out.extend_from_slice(&header.to_bytes());
+    let u64_payload = |out: &mut Vec<u8>, value: u64| out.extend_from_slice(&value.to_le_bytes());
+    match request {
+        Request::GetInfo | Request::ResetSession | Request::AcquireInit => {}
+        Request::Cancel { tag } => {
+            out.extend_from_slice(&RawCancelPayload { tag: *tag }.to_le_bytes())
+        }
+        Request::Create {
+            size, guest_pages, ..
+        } => {
+            let entries = guest_pages.as_deref().unwrap_or_default();
+            let fixed = RawCreatePayload {
+                size: *size,
+                nr_entries: u32::try_from(entries.len()).unwrap_or(u32::MAX),
+                reserved: 0,
+            };
+            out.extend_from_slice(&fixed.to_le_bytes());
+            for entry in entries {
+                out.extend_from_slice(&segment_bytes(entry));
+            }
+        }
+        Request::Open { uuid, name } => {
+            let mut name_field = [0u8; NAME_LEN];
+            for (dst, src) in name_field.iter_mut().zip(name) {
+                *dst = *src;
+            }
+            let p = RawOpenPayload {
+                uuid: uuid.unwrap_or_default(),
+                name: name_field,
+            };
+            out.extend_from_slice(&p.to_le_bytes());
+        }
+        Request::Release { object }
+        | Request::ExportUuid { object }
+        | Request::Attach { object, .. }
+        | Request::MapShm { object, .. }
+        | Request::UnmapShm { object } => {
+            out.extend_from_slice(&RawObjectPayload { object: *object }.to_le_bytes());
+        }
+        Request::Detach { attachment } => u64_payload(&mut out, *attachment),
+        Request::Map {
+            attachment,
+            dir,
+            max_entries,
+            ctx,
+        } => {
+            let p = RawMapPayload {
+                attachment: *attachment,
+                dir: *dir as u32,
+                max_entries: *max_entries,
+                ctx: *ctx,
+            };
+            out.extend_from_slice(&p.to_le_bytes());
+        }
+        Request::Unmap { mapping, ctx } => {
+            let p = RawUnmapPayload {
+                mapping: *mapping,
+                ctx: *ctx,
+            };
+            out.extend_from_slice(&p.to_le_bytes());
+        }
+        Request::Pin { attachment, ctx } | Request::Unpin { attachment, ctx } => {
+            let p = RawPinPayload {
+                attachment: *attachment,
+                ctx: *ctx,
+            };
+            out.extend_from_slice(&p.to_le_bytes());
+        }
+        Request::AcquireFini { ctx } => u64_payload(&mut out, *ctx),
+        Request::Lock { ctx, object, .. } | Request::Unlock { ctx, object } => {
+            let p = RawLockPayload {
+                ctx: *ctx,
+                object: *object,
+            };
+            out.extend_from_slice(&p.to_le_bytes());
+        }
+        Request::BeginCpuAccess { object, dir } | Request::EndCpuAccess { object, dir } => {
+            let p = RawCpuAccessPayload {
+                object: *object,
+                dir: *dir as u32,
+                reserved: 0,
+            };
+            out.extend_from_slice(&p.to_le_bytes());
+        }
+        Request::TransferToHost {
+            object,
+            offset,
+            data,
+        } => {
+            let p = RawTransferPayload {
+                object: *object,
+                offset: *offset,
+                len: u64::try_from(data.len()).unwrap_or(u64::MAX),
+            };
+            out.extend_from_slice(&p.to_le_bytes());
+            out.extend_from_slice(data);
+        }
+        Request::TransferFromHost {
+            object,
+            offset,
+            len,
+        } => {
+            let p = RawTransferPayload {
+                object: *object,
+                offset: *offset,
+                len: *len,
+            };
+            out.extend_from_slice(&p.to_le_bytes());
+        }
+        Request::FenceAttach { ctx, object, usage } => {
+            let p = RawFenceAttachPayload {
+                ctx: *ctx,
+                object: *object,
+                usage: *usage as u32,
+                reserved: 0,
+            };
+            out.extend_from_slice(&p.to_le_bytes());
+        }
+        Request::FenceSignal { fence, error } => {
+            let p = RawFenceSignalPayload {
+                fence: *fence,
+                error: *error,
+                reserved: 0,
+            };
+            out.extend_from_slice(&p.to_le_bytes());
+        }
+        Request::Wait {
+            object,
+            usage,
+            timeout_ns,
+        } => {
+            let p = RawWaitPayload {
+                object: *object,
+                usage: *usage as u32,
+                reserved: 0,
+                timeout_ns: *timeout_ns,
+            };
+            out.extend_from_slice(&p.to_le_bytes());
+        }
+    }
+    out
+}
+
+fn segment_bytes(segment: &Segment) -> [u8; SEGMENT_SIZE] {
+    RawSegment {
+        addr: segment.addr,
+        len: segment.len,
+    }
+    .to_le_bytes()
 }
 
 /// The bytes of the writable part for `response`: header and reply.
+///
+/// An `Err` is the response header alone (section 4: `used.len` = 16);
+/// `Reply::MapOverflow` is the `EOVERFLOW` header plus the fixed `MAP` reply
+/// with only `nr_entries` set. `Err(Status::Ok)` is a caller bug and is
+/// written as given (a bare OK header).
 pub fn encode_response(tag: u64, response: &Response) -> Vec<u8> {
-    let _ = (tag, response);
-    todo!()
+    let header = RawRespHdr {
+        status: response_status(response) as u32,
+        reserved: 0,
+        tag,
+    };
+    let mut out = Vec::with_capacity(RESP_HDR_SIZE + MAP_REPLY_FIXED_SIZE);
+    out.extend_from_slice(&header.to_le_bytes());
+    let Ok(reply) = response else {
+        return out;
+    };
+    match reply {
+        Reply::Empty => {}
+        Reply::Info(info) => out.extend_from_slice(&info.to_bytes()),
+        Reply::Object(object) => out.extend_from_slice(&object.to_bytes()),
+        Reply::Uuid(uuid) => out.extend_from_slice(&RawUuidReply { uuid: *uuid }.to_le_bytes()),
+        Reply::Attachment(attachment) => out.extend_from_slice(
+            &RawAttachReply {
+                attachment: *attachment,
+            }
+            .to_le_bytes(),
+        ),
+        Reply::Map(map) => {
+            let fixed = RawMapReplyFixed {
+                mapping: map.mapping,
+                generation: map.generation,
+                nr_entries: u32::try_from(map.entries.len()).unwrap_or(u32::MAX),
+                map_flags: map.map_flags,
+                space: map.space as u32,
+                reserved: 0,
+            };
+            out.reserve(map.entries.len().saturating_mul(SEGMENT_SIZE));
+            out.extend_from_slice(&fixed.to_le_bytes());
+            for entry in &map.entries {
+                out.extend_from_slice(&segment_bytes(entry));
+            }
+        }
+        Reply::MapOverflow { needed } => {
+            let fixed = RawMapReplyFixed {
+                nr_entries: *needed,
+                ..RawMapReplyFixed::default()
+            };
+            out.extend_from_slice(&fixed.to_le_bytes());
+        }
+        Reply::Acquire { ctx, stamp } => out.extend_from_slice(
+            &RawAcquireReply {
+                ctx: *ctx,
+                stamp: *stamp,
+            }
+            .to_le_bytes(),
+        ),
+        Reply::Shm { shm_offset, len } => {
+            let raw = RawShmReply {
+                shm_offset: *shm_offset,
+                len: *len,
+            };
+            out.extend_from_slice(&raw.to_le_bytes());
+        }
+        Reply::Fence(fence) => {
+            out.extend_from_slice(&RawFenceReply { fence: *fence }.to_le_bytes())
+        }
+        Reply::Data(data) => out.extend_from_slice(data),
+    }
+    out
+}
+
+/// Decodes the `used.len` bytes the device wrote for a request of `opcode`
+/// (the guest driver's side of [`encode_response`]).
+///
+/// Returns the echoed tag and the response. A failed request is `Err(status)`
+/// (bytes after its header are ignored), except `EOVERFLOW` from `MAP`, which
+/// must carry the fixed reply and becomes [`Reply::MapOverflow`]. An opcode
+/// without a reply gives [`Reply::Empty`]; `TRANSFER_FROM_HOST` gives every
+/// byte after the header as [`Reply::Data`]. Reserved fields the device
+/// wrote are not checked: a reader of device output ignores them.
+pub fn decode_response(opcode: Opcode, bytes: &[u8]) -> Result<(u64, Response), DecodeError> {
+    let header = RawRespHdr::from_le_bytes(bytes).ok_or(DecodeError::Short {
+        needed: RESP_HDR_SIZE,
+        got: bytes.len(),
+    })?;
+    let status =
+        Status::from_u32(header.status).ok_or(DecodeError::UnknownStatus(header.status))?;
+    let body = bytes.get(RESP_HDR_SIZE..).unwrap_or_default();
+    let short = |needed: usize| DecodeError::Short {
+        needed: RESP_HDR_SIZE.saturating_add(needed),
+        got: bytes.len(),
+    };
+    let response = match status {
+        Status::Ok => Ok(decode_reply(opcode, body).map_err(|needed| match needed {
+            ReplyError::Short(needed) => short(needed),
+            ReplyError::Space(value) => DecodeError::UnknownAddressSpace(value),
+        })?),
+        Status::Overflow if opcode == Opcode::Map => {
+            let fixed = RawMapReplyFixed::from_le_bytes(body).ok_or(short(MAP_REPLY_FIXED_SIZE))?;
+            Ok(Reply::MapOverflow {
+                needed: fixed.nr_entries,
+            })
+        }
+        other => Err(other),
+    };
+    Ok((header.tag, response))
+}
+
+/// A reply body that does not decode: `Short(bytes the layout needs)`, or a
+/// bad `space`.
+enum ReplyError {
+    Short(usize),
+    Space(u32),
+}
+
+fn decode_reply(opcode: Opcode, body: &[u8]) -> Result<Reply, ReplyError> {
+    fn read<T>(decode: fn(&[u8]) -> Option<T>, body: &[u8], size: usize) -> Result<T, ReplyError> {
+        decode(body).ok_or(ReplyError::Short(size))
+    }
+    Ok(match opcode {
+        Opcode::GetInfo => Reply::Info(read(Info::from_bytes, body, INFO_SIZE)?),
+        Opcode::Create | Opcode::Open => {
+            Reply::Object(read(ObjectReply::from_bytes, body, OBJECT_REPLY_SIZE)?)
+        }
+        Opcode::ExportUuid => {
+            Reply::Uuid(read(RawUuidReply::from_le_bytes, body, RawUuidReply::SIZE)?.uuid)
+        }
+        Opcode::Attach => Reply::Attachment(
+            read(RawAttachReply::from_le_bytes, body, RawAttachReply::SIZE)?.attachment,
+        ),
+        Opcode::FenceAttach => {
+            Reply::Fence(read(RawFenceReply::from_le_bytes, body, RawFenceReply::SIZE)?.fence)
+        }
+        Opcode::AcquireInit => {
+            let raw = read(RawAcquireReply::from_le_bytes, body, RawAcquireReply::SIZE)?;
+            Reply::Acquire {
+                ctx: raw.ctx,
+                stamp: raw.stamp,
+            }
+        }
+        Opcode::MapShm => {
+            let raw = read(RawShmReply::from_le_bytes, body, RawShmReply::SIZE)?;
+            Reply::Shm {
+                shm_offset: raw.shm_offset,
+                len: raw.len,
+            }
+        }
+        Opcode::Map => {
+            let fixed = read(RawMapReplyFixed::from_le_bytes, body, MAP_REPLY_FIXED_SIZE)?;
+            let needed = usize::try_from(fixed.nr_entries)
+                .ok()
+                .and_then(|n| n.checked_mul(SEGMENT_SIZE))
+                .and_then(|n| n.checked_add(MAP_REPLY_FIXED_SIZE))
+                .unwrap_or(usize::MAX);
+            // Check the bytes are there before building the list.
+            let entry_bytes = body
+                .get(MAP_REPLY_FIXED_SIZE..needed)
+                .ok_or(ReplyError::Short(needed))?;
+            let entries = entry_bytes
+                .chunks_exact(SEGMENT_SIZE)
+                .map(|chunk| {
+                    RawSegment::from_le_bytes(chunk).map(|s| Segment {
+                        addr: s.addr,
+                        len: s.len,
+                    })
+                })
+                .collect::<Option<Vec<_>>>()
+                .ok_or(ReplyError::Short(needed))?;
+            Reply::Map(MapReply {
+                mapping: fixed.mapping,
+                generation: fixed.generation,
+                map_flags: fixed.map_flags,
+                space: AddressSpace::from_u32(fixed.space).ok_or(ReplyError::Space(fixed.space))?,
+                entries,
+            })
+        }
+        Opcode::TransferFromHost => Reply::Data(body.to_vec()),
+        _ => Reply::Empty,
+    })
+}
+
+impl Info {
+    /// The 80-byte `GET_INFO` reply (section 7.1).
+    pub fn to_bytes(&self) -> [u8; INFO_SIZE] {
+        RawInfo {
+            version: self.version,
+            caps: self.caps,
+            shm_size: self.shm_size,
+            max_object_size: self.max_object_size,
+            page_size: self.page_size,
+            provider: self.provider,
+            num_queues: self.num_queues,
+            max_segments: self.max_segments,
+            max_objects: self.max_objects,
+            max_attachments: self.max_attachments,
+            max_contexts: self.max_contexts,
+            max_fences: self.max_fences,
+            max_waiting: self.max_waiting,
+            max_pending_events: self.max_pending_events,
+            max_bytes: self.max_bytes,
+            reserved: 0,
+        }
+        .to_le_bytes()
+    }
+
+    /// The reply at the start of `bytes`; `None` if shorter than 80 bytes.
+    pub fn from_bytes(bytes: &[u8]) -> Option<Info> {
+        let raw = RawInfo::from_le_bytes(bytes)?;
+        Some(Info {
+            version: raw.version,
+            caps: raw.caps,
+            shm_size: raw.shm_size,
+            max_object_size: raw.max_object_size,
+            page_size: raw.page_size,
+            provider: raw.provider,
+            num_queues: raw.num_queues,
+            max_segments: raw.max_segments,
+            max_objects: raw.max_objects,
+            max_attachments: raw.max_attachments,
+            max_contexts: raw.max_contexts,
+            max_fences: raw.max_fences,
+            max_waiting: raw.max_waiting,
+            max_pending_events: raw.max_pending_events,
+            max_bytes: raw.max_bytes,
+        })
+    }
+}
+
+impl ObjectReply {
+    /// The 40-byte `CREATE`/`OPEN` reply (section 7.2).
+    pub fn to_bytes(&self) -> [u8; OBJECT_REPLY_SIZE] {
+        RawObjectReply {
+            object: self.object,
+            uuid: self.uuid,
+            size: self.size,
+            obj_flags: self.obj_flags,
+            reserved: 0,
+        }
+        .to_le_bytes()
+    }
+
+    /// The reply at the start of `bytes`; `None` if shorter than 40 bytes.
+    pub fn from_bytes(bytes: &[u8]) -> Option<ObjectReply> {
+        let raw = RawObjectReply::from_le_bytes(bytes)?;
+        Some(ObjectReply {
+            object: raw.object,
+            uuid: raw.uuid,
+            size: raw.size,
+            obj_flags: raw.obj_flags,
+        })
+    }
+}
+
+impl Event {
+    /// The 32-byte eventq buffer contents (section 8).
+    pub fn to_bytes(&self) -> [u8; EVENT_SIZE] {
+        RawEvent {
+            kind: self.kind as u32,
+            reserved: 0,
+            object: self.object,
+            attachment: self.attachment,
+            data: self.data,
+        }
+        .to_le_bytes()
+    }
+
+    /// The event at the start of `bytes` (a driver's buffer may be longer);
+    /// `None` if shorter than 32 bytes or of a type section 8 does not name.
+    pub fn from_bytes(bytes: &[u8]) -> Option<Event> {
+        let raw = RawEvent::from_le_bytes(bytes)?;
+        Some(Event {
+            kind: EventType::from_u32(raw.kind)?,
+            object: raw.object,
+            attachment: raw.attachment,
+            data: raw.data,
+        })
+    }
+}
+
+impl Config {
+    /// The 24-byte configuration space (section 3).
+    pub fn to_bytes(&self) -> [u8; CONFIG_SIZE] {
+        RawConfig {
+            num_queues: self.num_queues,
+            page_size: self.page_size,
+            shm_size: self.shm_size,
+            max_segments: self.max_segments,
+            reserved: 0,
+        }
+        .to_le_bytes()
+    }
+
+    /// The configuration at the start of `bytes`; `None` if shorter than 24.
+    pub fn from_bytes(bytes: &[u8]) -> Option<Config> {
+        let raw = RawConfig::from_le_bytes(bytes)?;
+        Some(Config {
+            num_queues: raw.num_queues,
+            page_size: raw.page_size,
+            shm_size: raw.shm_size,
+            max_segments: raw.max_segments,
+        })
+    }
+
+    /// A `GET_CONFIG` read of `len` bytes at `offset` (section 3).
+    ///
+    /// The result always has `len` bytes; bytes past the 24-byte structure
+    /// read as zero, since front-ends ask for their own config size. An
+    /// `offset + len` that overflows or exceeds [`CONFIG_READ_MAX`] is
+    /// refused with `None` before anything is allocated or copied.
+    pub fn read(&self, offset: u32, len: u32) -> Option<Vec<u8>> {
+        let end = offset.checked_add(len)?;
+        if end > CONFIG_READ_MAX {
+            return None;
+        }
+        let mut out = vec![0u8; usize::try_from(len).ok()?];
+        let bytes = self.to_bytes();
+        let present = usize::try_from(offset)
+            .ok()
+            .and_then(|start| bytes.get(start..));
+        for (dst, src) in out.iter_mut().zip(present.unwrap_or_default()) {
+            *dst = *src;
+        }
+        Some(out)
+    }
 }

@@ -377,6 +377,18 @@ pub enum AddressSpace {
     Object = 2,
 }
 
+impl AddressSpace {
+    /// The address space with this wire value, if section 7.3 names one.
+    pub fn from_u32(value: u32) -> Option<AddressSpace> {
+        match value {
+            0 => Some(AddressSpace::Shm),
+            1 => Some(AddressSpace::GuestPhys),
+            2 => Some(AddressSpace::Object),
+            _ => None,
+        }
+    }
+}
+
 /// Provider reported by `GET_INFO` (section 7.1).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[repr(u32)]
@@ -386,6 +398,18 @@ pub enum ProviderKind {
     DmaHeap = 3,
 }
 
+impl ProviderKind {
+    /// The provider with this wire value, if section 7.1 names one.
+    pub fn from_u32(value: u32) -> Option<ProviderKind> {
+        match value {
+            1 => Some(ProviderKind::Memfd),
+            2 => Some(ProviderKind::Udmabuf),
+            3 => Some(ProviderKind::DmaHeap),
+            _ => None,
+        }
+    }
+}
+
 /// Event types of the eventq (section 8).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[repr(u32)]
@@ -393,6 +417,18 @@ pub enum EventType {
     MoveNotify = 1,
     Revoked = 2,
     Overflow = 3,
+}
+
+impl EventType {
+    /// The event type with this wire value, if section 8 names one.
+    pub fn from_u32(value: u32) -> Option<EventType> {
+        match value {
+            1 => Some(EventType::MoveNotify),
+            2 => Some(EventType::Revoked),
+            3 => Some(EventType::Overflow),
+            _ => None,
+        }
+    }
 }
 
 /// The request header (section 4).

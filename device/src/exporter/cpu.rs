@@ -1,0 +1,216 @@
+//! CPU access, the shared-memory window and the copy path (contract
+//! section 7.5).
+
+use virtio_dmabuf_protocol::{AddressSpace, Direction, FenceUsage, Reply, Status};
+
+use super::session::ShmPlacement;
+use super::{done, sync, wait, Attempt, Exporter, GuestId, ObjId, Step};
+
+/// Bytes copied per provider call on the copy path and on a move.
+pub(crate) const COPY_CHUNK: usize = 1 << 20;
+
+impl Exporter {
+    /// Implicit sync before the CPU touches the buffer: wait for the fences
+    /// `dma_resv_usage_rw` names for this direction.
+    fn cpu_fences(&self, object: ObjId, dir: Direction) -> Option<Step> {
+        let usage = FenceUsage::for_cpu_access(dir);
+        (!self.fences_clear(object, usage)).then_some(Step::Fences {
+            object,
+            usage,
+            locked: false,
+        })
+    }
+
+    /// `BEGIN_CPU_ACCESS` / `END_CPU_ACCESS`: sync-for-cpu(dir) after the
+    /// fence wait, sync-for-device(dir) at the end (section 9).
+    pub(crate) fn cpu_access(&mut self, guest: GuestId, handle: u64, dir: Direction, begin: bool) -> Attempt {
+        let object = self.object_of(guest, handle)?;
+        if begin {
+            if let Some(step) = self.cpu_fences(object, dir) {
+                return wait(step);
+            }
+            self.host_sync(object, sync::for_cpu(dir))?;
+        } else {
+            self.host_sync(object, sync::for_device(dir))?;
+        }
+        done(Ok(Reply::Empty))
+    }
+
+    /// `MAP_SHM`: place a host-placed object in shared memory region 0.
+    pub(crate) fn map_shm(&mut self, guest: GuestId, handle: u64, writable: bool) -> Attempt {
+        let object = self.object_of(guest, handle)?;
+        let o = self.objects.get(&object).ok_or(Status::NoEnt)?;
+        let window = self.guests[guest].caps.shm_size;
+        if window == 0 || o.guest_pages.is_some() {
+            return Err(Status::NotSupported);
+        }
+        if writable && o.read_only {
+            return Err(Status::Perm);
+        }
+        let size = o.size;
+        if let Some(p) = self.guests[guest].shm.get_mut(&object) {
+            if p.writable != writable {
+                return Err(Status::Busy);
+            }
+            p.uses = p.uses.checked_add(1).ok_or(Status::NoSpc)?;
+            let (shm_offset, len) = (p.offset, p.len);
+            return done(Ok(Reply::Shm { shm_offset, len }));
+        }
+        let len = size.div_ceil(self.config.page_size) * self.config.page_size;
+        let offset = self.guests[guest]
+            .shm_find_room(len, window)
+            .ok_or(Status::NoSpc)?;
+        let o = self.objects.get(&object).ok_or(Status::NoEnt)?;
+        let backing = o.backing.as_ref().ok_or(Status::NoEnt)?;
+        self.guests[guest]
+            .frontend
+            .shm_map(offset, backing.fd(), len, writable)?;
+        self.guests[guest].shm.insert(
+            object,
+            ShmPlacement {
+                offset,
+                len,
+                writable,
+                uses: 1,
+            },
+        );
+        done(Ok(Reply::Shm {
+            shm_offset: offset,
+            len,
+        }))
+    }
+
+    /// `UNMAP_SHM`: one use less; the last one removes the window mapping.
+    pub(crate) fn unmap_shm(&mut self, guest: GuestId, handle: u64) -> Attempt {
+        let object = self.object_of(guest, handle)?;
+        let uses = self.guests[guest]
+            .shm
+            .get(&object)
+            .map(|p| p.uses)
+            .ok_or(Status::Inval)?;
+        if uses == 1 {
+            let in_use = self.guests[guest].mappings.iter().any(|m| {
+                self.mappings
+                    .get(m)
+                    .is_some_and(|m| m.object == object && !m.invalid && m.space == AddressSpace::Shm)
+            });
+            if in_use {
+                return Err(Status::Busy);
+            }
+            self.shm_remove(guest, object);
+        } else if let Some(p) = self.guests[guest].shm.get_mut(&object) {
+            p.uses -= 1;
+        }
+        done(Ok(Reply::Empty))
+    }
+
+    /// Takes an object out of a guest's window (last use, revoke, reset).
+    pub(crate) fn shm_remove(&mut self, guest: GuestId, object: ObjId) {
+        let g = &mut self.guests[guest];
+        if let Some(p) = g.shm.remove(&object) {
+            if let Err(status) = g.frontend.shm_unmap(p.offset, p.len) {
+                log::warn!("guest {guest}: SHMEM_UNMAP at {:#x} failed: {status}", p.offset);
+            }
+        }
+    }
+
+    /// Checks `offset + len` against the object (overflow included).
+    fn transfer_range(&self, object: ObjId, offset: u64, len: u64) -> Result<(), Status> {
+        let size = self.objects.get(&object).map_or(0, |o| o.size);
+        match offset.checked_add(len) {
+            Some(end) if end <= size => Ok(()),
+            _ => Err(Status::Inval),
+        }
+    }
+
+    /// `TRANSFER_TO_HOST`: a copy into the object, bracketed by CPU access
+    /// for writing (fence wait, START|WRITE, END|WRITE).
+    pub(crate) fn transfer_to_host(&mut self, guest: GuestId, handle: u64, offset: u64, data: &[u8]) -> Attempt {
+        let object = self.object_of(guest, handle)?;
+        self.transfer_range(object, offset, data.len() as u64)?;
+        if self.objects.get(&object).is_some_and(|o| o.read_only) {
+            return Err(Status::Perm);
+        }
+        let dir = Direction::ToDevice;
+        if let Some(step) = self.cpu_fences(object, dir) {
+            return wait(step);
+        }
+        self.host_sync(object, sync::for_cpu(dir))?;
+        let copied = self.with_backing(object, |b| {
+            let mut at = offset;
+            for chunk in data.chunks(COPY_CHUNK) {
+                b.write_at(at, chunk)?;
+                at += chunk.len() as u64;
+            }
+            Ok(())
+        });
+        self.host_sync(object, sync::for_device(dir))?;
+        copied?;
+        done(Ok(Reply::Empty))
+    }
+
+    /// `TRANSFER_FROM_HOST`: a copy out of the object, bracketed by CPU
+    /// access for reading (fence wait, START|READ, END|READ).
+    pub(crate) fn transfer_from_host(&mut self, guest: GuestId, handle: u64, offset: u64, len: u64) -> Attempt {
+        let object = self.object_of(guest, handle)?;
+        self.transfer_range(object, offset, len)?;
+        let dir = Direction::FromDevice;
+        if let Some(step) = self.cpu_fences(object, dir) {
+            return wait(step);
+        }
+        let len = usize::try_from(len).map_err(|_| Status::Inval)?;
+        self.host_sync(object, sync::for_cpu(dir))?;
+        let mut data = Vec::new();
+        let copied = self.with_backing(object, |b| {
+            data.try_reserve_exact(len).map_err(|_| Status::NoMem)?;
+            data.resize(len, 0);
+            let mut at = offset;
+            for chunk in data.chunks_mut(COPY_CHUNK) {
+                b.read_at(at, chunk)?;
+                at += chunk.len() as u64;
+            }
+            Ok(())
+        });
+        self.host_sync(object, sync::for_device(dir))?;
+        copied?;
+        done(Ok(Reply::Data(data)))
+    }
+
+    fn with_backing(
+        &self,
+        object: ObjId,
+        f: impl FnOnce(&dyn crate::provider::Backing) -> Result<(), CopyError>,
+    ) -> Result<(), Status> {
+        let backing = self
+            .objects
+            .get(&object)
+            .and_then(|o| o.backing.as_deref())
+            .ok_or(Status::NoEnt)?;
+        f(backing).map_err(|e| match e {
+            CopyError::Status(s) => s,
+            CopyError::Provider(e) => {
+                log::error!("copy on object {object}: {e}");
+                Status::Io
+            }
+        })
+    }
+}
+
+/// A failure of the copy path: the guest's status, or the host's error.
+#[derive(Debug)]
+pub(crate) enum CopyError {
+    Status(Status),
+    Provider(crate::provider::ProviderError),
+}
+
+impl From<Status> for CopyError {
+    fn from(s: Status) -> Self {
+        CopyError::Status(s)
+    }
+}
+
+impl From<crate::provider::ProviderError> for CopyError {
+    fn from(e: crate::provider::ProviderError) -> Self {
+        CopyError::Provider(e)
+    }
+}

@@ -1,0 +1,799 @@
+//! The dma-buf model: objects, attachments, the reservation lock, fences,
+//! cached mappings and the direction-to-sync rules (contract sections 6 to 9).
+//!
+//! There are no vhost types here. The daemon feeds typed requests from many
+//! queues and guests into one [`Exporter`]; each request either completes at
+//! once or is *parked* (waiting for a lock, a fence or a timer) and completes
+//! later, when what it waits for changes, through [`Exporter::take_completions`].
+//! Nothing here ever blocks a thread.
+//!
+//! Where each rule lives:
+//! - `objects.rs`: CREATE, OPEN, RELEASE, EXPORT_UUID, object lifetime (7.2)
+//! - `attach.rs`: ATTACH/DETACH/MAP/UNMAP/PIN/UNPIN, static/dynamic rules,
+//!   cached mappings and the EBUSY direction rule (7.3)
+//! - `lock.rs` and `resv.rs`: acquire contexts and wait-die (7.4)
+//! - `cpu.rs`: CPU access, shared-memory window, TRANSFER (7.5)
+//! - `fence.rs`: fences and WAIT (7.6)
+//! - `events.rs`: eventq events (8)
+//! - `sync.rs`: direction to host sync (9)
+//! - `host.rs`: host exports, revoke, evict, list, stats (10, 11)
+//! - `session.rs`: guests, quotas, reset (6, 7.1)
+//! - this file: dispatch and the parked-request machinery
+
+mod attach;
+mod cpu;
+mod events;
+mod fence;
+mod host;
+mod lock;
+mod objects;
+mod resv;
+mod session;
+pub mod sync;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::os::fd::{BorrowedFd, OwnedFd};
+use std::time::{Duration, Instant};
+
+use virtio_dmabuf_protocol::{FenceUsage, Opcode, Request, Response, Segment, Status};
+
+use crate::provider::{Backing, Provider};
+
+pub use host::{
+    AttachmentInfo, ExportSpec, HostError, HostOpId, LockHolderInfo, ObjectInfo, StatsSnapshot,
+};
+pub use session::GuestCaps;
+
+use resv::Locker;
+
+/// A guest: the index of its vhost-user socket.
+pub type GuestId = usize;
+
+/// Where a request came from, so its completion can go back there: the
+/// queue index and an opaque token (the daemon uses the descriptor head).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Origin {
+    pub queue: u16,
+    pub token: u64,
+}
+
+/// A parked request that completed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Completion {
+    pub guest: GuestId,
+    pub origin: Origin,
+    pub tag: u64,
+    pub opcode: Opcode,
+    pub response: Response,
+}
+
+/// Per-guest quotas, reported by `GET_INFO`; exceeding one is `ENOSPC`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    pub max_objects: u32,
+    pub max_bytes: u64,
+    pub max_attachments: u32,
+    pub max_contexts: u32,
+    pub max_fences: u32,
+    pub max_waiting: u32,
+    pub max_pending_events: u32,
+    pub max_segments: u32,
+    /// Outstanding mappings per guest (not in `GET_INFO`; keeps a guest
+    /// from growing the mapping table without bound).
+    pub max_mappings: u32,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_objects: 4096,
+            max_bytes: 4 << 30,
+            max_attachments: 16384,
+            max_contexts: 1024,
+            max_fences: 16384,
+            max_waiting: 1024,
+            max_pending_events: 1024,
+            max_segments: 1024,
+            max_mappings: 65536,
+        }
+    }
+}
+
+/// Settings of the model that do not depend on a guest.
+#[derive(Debug, Clone)]
+pub struct ExporterConfig {
+    /// `max(host page size, 4096)`.
+    pub page_size: u64,
+    pub limits: Limits,
+    /// A fence not signalled within this is signalled with `ETIMEDOUT`.
+    pub fence_timeout: Duration,
+    /// Number of queues the device has, eventq included.
+    pub num_queues: u32,
+    /// True when the host can register exports (a control socket or `--export`).
+    pub host_exports: bool,
+    /// Tests only: `EXPORT_UUID` of memfd objects.
+    pub allow_memfd_shared_objects: bool,
+}
+
+impl Default for ExporterConfig {
+    fn default() -> Self {
+        ExporterConfig {
+            page_size: page_size(),
+            limits: Limits::default(),
+            fence_timeout: Duration::from_secs(10),
+            num_queues: 2,
+            host_exports: false,
+            allow_memfd_shared_objects: false,
+        }
+    }
+}
+
+/// `max(host page size, 4096)` (contract section 3).
+pub fn page_size() -> u64 {
+    crate::provider::page_size().max(4096)
+}
+
+/// What the VMM front-end of one guest can do for the device. The daemon
+/// implements it over the vhost-user back-end channel and guest memory; the
+/// defaults say the capability is not there.
+pub trait Frontend: Send + std::fmt::Debug {
+    /// Maps `len` bytes of `fd` at `shm_offset` of shared memory region 0.
+    fn shm_map(
+        &mut self,
+        _shm_offset: u64,
+        _fd: BorrowedFd<'_>,
+        _len: u64,
+        _writable: bool,
+    ) -> Result<(), Status> {
+        Err(Status::NotSupported)
+    }
+    /// Removes what `shm_map` placed at `shm_offset`.
+    fn shm_unmap(&mut self, _shm_offset: u64, _len: u64) -> Result<(), Status> {
+        Err(Status::NotSupported)
+    }
+    /// `VHOST_USER_BACKEND_SHARED_OBJECT_ADD`.
+    fn shared_object_add(&mut self, _uuid: &[u8; 16]) -> Result<(), Status> {
+        Err(Status::NotSupported)
+    }
+    /// `VHOST_USER_BACKEND_SHARED_OBJECT_REMOVE`.
+    fn shared_object_remove(&mut self, _uuid: &[u8; 16]) {}
+    /// `VHOST_USER_BACKEND_SHARED_OBJECT_LOOKUP`: the fd another device published.
+    fn shared_object_lookup(&mut self, _uuid: &[u8; 16]) -> Result<OwnedFd, Status> {
+        Err(Status::NotSupported)
+    }
+    /// A backing over guest RAM pages (already checked for alignment and
+    /// size); `EFAULT` for entries outside guest RAM.
+    fn guest_pages(&mut self, _entries: &[Segment]) -> Result<Box<dyn Backing>, Status> {
+        Err(Status::NotSupported)
+    }
+}
+
+/// A front-end that offers nothing: no shared memory, no shared objects,
+/// no guest pages. Used before a front-end connects and in tests.
+#[derive(Debug, Default)]
+pub struct NoFrontend;
+
+impl Frontend for NoFrontend {}
+
+pub(crate) type ObjId = u64;
+
+/// What a request needs before it can go on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Step {
+    Done,
+    /// The object's reservation lock must be free (or held for this request).
+    Lock(ObjId),
+    /// No fence of usage <= `usage` may be pending; `locked`: hold the
+    /// object's lock (context-less) while waiting.
+    Fences {
+        object: ObjId,
+        usage: FenceUsage,
+        locked: bool,
+    },
+    /// `LOCK`: queue as the context in the object's waiter list.
+    QueueCtx { object: ObjId, ctx: u64 },
+}
+
+/// The result of one attempt to run a request.
+pub(crate) type Attempt = Result<(Step, Option<Response>), Status>;
+
+pub(crate) fn done(response: Response) -> Attempt {
+    Ok((Step::Done, Some(response)))
+}
+
+pub(crate) fn wait(step: Step) -> Attempt {
+    Ok((step, None))
+}
+
+/// Who is waiting.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Owner {
+    Guest {
+        guest: GuestId,
+        origin: Origin,
+        tag: u64,
+    },
+    Host(HostOpId),
+}
+
+#[derive(Debug)]
+pub(crate) enum Work {
+    Guest(Request),
+    Evict,
+}
+
+/// A parked request.
+#[derive(Debug)]
+pub(crate) struct Pending {
+    pub owner: Owner,
+    pub work: Work,
+    pub step: Step,
+    /// The object it waits on (lock or fences).
+    pub object: ObjId,
+    /// The acquire context whose one waiting slot it takes.
+    pub ctx: Option<u64>,
+    pub deadline: Option<Instant>,
+}
+
+impl Pending {
+    pub fn guest(&self) -> Option<GuestId> {
+        match self.owner {
+            Owner::Guest { guest, .. } => Some(guest),
+            Owner::Host(_) => None,
+        }
+    }
+}
+
+/// The whole state of the device, for every guest.
+#[derive(Debug)]
+pub struct Exporter {
+    pub(crate) config: ExporterConfig,
+    pub(crate) provider: Box<dyn Provider>,
+    pub(crate) guests: Vec<session::Guest>,
+    pub(crate) objects: BTreeMap<ObjId, objects::Object>,
+    pub(crate) attachments: BTreeMap<u64, attach::Attachment>,
+    pub(crate) mappings: BTreeMap<u64, attach::Mapping>,
+    pub(crate) contexts: BTreeMap<u64, lock::Context>,
+    pub(crate) fences: BTreeMap<u64, fence::Fence>,
+    pub(crate) pending: BTreeMap<u64, Pending>,
+    pub(crate) exports: BTreeMap<String, ObjId>,
+    /// One counter for every handle the process hands out: never reused.
+    next_handle: u64,
+    next_stamp: u64,
+    pub(crate) next_pending: u64,
+    /// Objects whose lock queue or fence waiters must be looked at again.
+    dirty: BTreeSet<ObjId>,
+    completions: Vec<Completion>,
+    host_completions: Vec<(HostOpId, Result<(), HostError>)>,
+    pub(crate) stats: host::Stats,
+}
+
+impl Exporter {
+    /// A model for `num_guests` guests (one per socket), all disconnected.
+    pub fn new(config: ExporterConfig, provider: Box<dyn Provider>, num_guests: usize) -> Self {
+        let limit = config.limits.max_pending_events as usize;
+        Exporter {
+            guests: (0..num_guests).map(|_| session::Guest::new(limit)).collect(),
+            config,
+            provider,
+            objects: BTreeMap::new(),
+            attachments: BTreeMap::new(),
+            mappings: BTreeMap::new(),
+            contexts: BTreeMap::new(),
+            fences: BTreeMap::new(),
+            pending: BTreeMap::new(),
+            exports: BTreeMap::new(),
+            next_handle: 1,
+            next_stamp: 1,
+            next_pending: 1,
+            dirty: BTreeSet::new(),
+            completions: Vec::new(),
+            host_completions: Vec::new(),
+            stats: host::Stats::default(),
+        }
+    }
+
+    pub fn config(&self) -> &ExporterConfig {
+        &self.config
+    }
+
+    /// A new handle; `ENOSPC` once the 64-bit counter is spent.
+    pub(crate) fn new_handle(&mut self) -> Result<u64, Status> {
+        let h = self.next_handle;
+        self.next_handle = h.checked_add(1).ok_or(Status::NoSpc)?;
+        Ok(h)
+    }
+
+    pub(crate) fn new_stamp(&mut self) -> u64 {
+        let s = self.next_stamp;
+        self.next_stamp += 1;
+        s
+    }
+
+    pub(crate) fn mark_dirty(&mut self, object: ObjId) {
+        self.dirty.insert(object);
+    }
+
+    /// Runs one request of `guest`. `Some` is its response now; `None`
+    /// means it is parked and will come back through [`Self::take_completions`].
+    pub fn submit(
+        &mut self,
+        guest: GuestId,
+        origin: Origin,
+        tag: u64,
+        request: Request,
+        now: Instant,
+    ) -> Option<Response> {
+        let opcode = request.opcode();
+        if guest >= self.guests.len() {
+            return Some(Err(Status::Inval));
+        }
+        let pid = self.next_pending;
+        self.next_pending += 1;
+        let owner = Owner::Guest { guest, origin, tag };
+        let result = match self.attempt(owner, pid, &Work::Guest(request.clone()), now) {
+            Ok((Step::Done, response)) => Some(response.unwrap_or(Ok(virtio_dmabuf_protocol::Reply::Empty))),
+            Ok((step, _)) => {
+                let deadline = match &request {
+                    Request::Wait { timeout_ns, .. } => now.checked_add(Duration::from_nanos(*timeout_ns)),
+                    _ => None,
+                };
+                match self.park(pid, owner, Work::Guest(request), step, deadline) {
+                    Ok(()) => None,
+                    Err(status) => Some(Err(status)),
+                }
+            }
+            Err(status) => Some(Err(status)),
+        };
+        if let Some(response) = &result {
+            self.stats.count(opcode, response);
+        }
+        self.pump(now);
+        result
+    }
+
+    /// Parked requests that completed since the last call, in order.
+    pub fn take_completions(&mut self) -> Vec<Completion> {
+        std::mem::take(&mut self.completions)
+    }
+
+    /// Host operations (evict) that completed since the last call.
+    pub fn take_host_completions(&mut self) -> Vec<(HostOpId, Result<(), HostError>)> {
+        std::mem::take(&mut self.host_completions)
+    }
+
+    /// The next instant at which [`Self::tick`] has something to do.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        let p = self.pending.values().filter_map(|p| p.deadline).min();
+        let f = self.fences.values().map(|f| f.deadline).min();
+        match (p, f) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// Fires every timer due at `now`: fence timeouts, `WAIT` timeouts and
+    /// eviction lock timeouts.
+    pub fn tick(&mut self, now: Instant) {
+        let expired: Vec<u64> = self
+            .fences
+            .iter()
+            .filter(|(_, f)| f.deadline <= now)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in expired {
+            self.signal_fence(id, Status::TimedOut as u32, true);
+        }
+        let due: Vec<u64> = self
+            .pending
+            .iter()
+            .filter(|(_, p)| p.deadline.is_some_and(|d| d <= now))
+            .map(|(id, _)| *id)
+            .collect();
+        for pid in due {
+            let Some(p) = self.pending.get(&pid) else {
+                continue;
+            };
+            match p.work {
+                Work::Guest(_) => self.complete(pid, Err(Status::TimedOut)),
+                Work::Evict => {
+                    // Only the wait for the lock is bounded; once the mover
+                    // holds it, fences have their own timeout.
+                    if matches!(p.step, Step::Lock(_)) {
+                        self.complete_host(pid, Err(HostError::LockTimeout));
+                    }
+                }
+            }
+        }
+        self.pump(now);
+    }
+
+    /// One attempt at a request: either it is done, or it says what it waits for.
+    fn attempt(&mut self, owner: Owner, pid: u64, work: &Work, now: Instant) -> Attempt {
+        match (owner, work) {
+            (Owner::Guest { guest, tag, .. }, Work::Guest(req)) => self.dispatch(guest, pid, tag, req, now),
+            (Owner::Host(_), Work::Evict) => self.attempt_evict(pid, now),
+            _ => Err(Status::Inval),
+        }
+    }
+
+    /// The handler of each opcode.
+    fn dispatch(&mut self, guest: GuestId, pid: u64, tag: u64, req: &Request, now: Instant) -> Attempt {
+        let _ = tag;
+        match req {
+            Request::GetInfo => done(Ok(self.get_info(guest))),
+            Request::ResetSession => {
+                self.reset_guest(guest);
+                done(Ok(virtio_dmabuf_protocol::Reply::Empty))
+            }
+            Request::Cancel { tag } => self.cancel(guest, *tag),
+            Request::Create {
+                size,
+                dynamic,
+                cache_mapping,
+                guest_pages,
+            } => self.create(guest, *size, *dynamic, *cache_mapping, guest_pages.as_deref()),
+            Request::Open { uuid, name } => self.open(guest, uuid.as_ref(), name),
+            Request::Release { object } => self.release(guest, *object),
+            Request::ExportUuid { object } => self.export_uuid(guest, *object),
+            Request::Attach {
+                object,
+                dynamic_importer,
+                peer2peer,
+            } => self.attach(guest, pid, *object, *dynamic_importer, *peer2peer),
+            Request::Detach { attachment } => self.detach(guest, pid, *attachment),
+            Request::Map {
+                attachment,
+                dir,
+                max_entries,
+                ctx,
+            } => self.map(guest, pid, *attachment, *dir, *max_entries, *ctx),
+            Request::Unmap { mapping, ctx } => self.unmap(guest, pid, *mapping, *ctx),
+            Request::Pin { attachment, ctx } => self.pin(guest, pid, *attachment, *ctx, true),
+            Request::Unpin { attachment, ctx } => self.pin(guest, pid, *attachment, *ctx, false),
+            Request::AcquireInit => self.acquire_init(guest),
+            Request::AcquireFini { ctx } => self.acquire_fini(guest, *ctx),
+            Request::Lock {
+                ctx,
+                object,
+                try_lock,
+                slow,
+            } => self.lock(guest, *ctx, *object, *try_lock, *slow),
+            Request::Unlock { ctx, object } => self.unlock(guest, *ctx, *object),
+            Request::BeginCpuAccess { object, dir } => self.cpu_access(guest, *object, *dir, true),
+            Request::EndCpuAccess { object, dir } => self.cpu_access(guest, *object, *dir, false),
+            Request::MapShm { object, writable } => self.map_shm(guest, *object, *writable),
+            Request::UnmapShm { object } => self.unmap_shm(guest, *object),
+            Request::TransferToHost {
+                object,
+                offset,
+                data,
+            } => self.transfer_to_host(guest, *object, *offset, data),
+            Request::TransferFromHost { object, offset, len } => {
+                self.transfer_from_host(guest, *object, *offset, *len)
+            }
+            Request::FenceAttach { ctx, object, usage } => {
+                self.fence_attach(guest, *ctx, *object, *usage, now)
+            }
+            Request::FenceSignal { fence, error } => self.fence_signal(guest, *fence, *error),
+            Request::Wait {
+                object,
+                usage,
+                timeout_ns,
+            } => self.wait(guest, *object, *usage, *timeout_ns),
+        }
+    }
+
+    /// Stores a request that must wait, after the guest's quota check.
+    pub(crate) fn park(
+        &mut self,
+        pid: u64,
+        owner: Owner,
+        work: Work,
+        step: Step,
+        deadline: Option<Instant>,
+    ) -> Result<(), Status> {
+        if let Owner::Guest { guest, .. } = owner {
+            let g = &self.guests[guest];
+            if g.waiting >= self.config.limits.max_waiting {
+                return Err(Status::NoSpc);
+            }
+        }
+        let mut ctx_slot = None;
+        let object = match step {
+            Step::Done => return Ok(()),
+            Step::Lock(object) => {
+                self.objects
+                    .get_mut(&object)
+                    .ok_or(Status::NoEnt)?
+                    .resv
+                    .enqueue(resv::Waiter {
+                        pending: pid,
+                        locker: Locker::Anon(pid),
+                    });
+                object
+            }
+            Step::QueueCtx { object, ctx } => {
+                let stamp = self.contexts.get(&ctx).ok_or(Status::NoEnt)?.stamp;
+                self.objects
+                    .get_mut(&object)
+                    .ok_or(Status::NoEnt)?
+                    .resv
+                    .enqueue(resv::Waiter {
+                        pending: pid,
+                        locker: Locker::Ctx { ctx, stamp },
+                    });
+                ctx_slot = Some(ctx);
+                object
+            }
+            Step::Fences { object, locked, .. } => {
+                if locked {
+                    let o = self.objects.get_mut(&object).ok_or(Status::NoEnt)?;
+                    if o.resv.is_free() {
+                        o.resv.take(Locker::Anon(pid));
+                    }
+                }
+                object
+            }
+        };
+        if let Some(ctx) = ctx_slot {
+            if let Some(c) = self.contexts.get_mut(&ctx) {
+                c.waiting = Some(pid);
+            }
+        }
+        if let Owner::Guest { guest, .. } = owner {
+            self.guests[guest].waiting += 1;
+        }
+        self.pending.insert(
+            pid,
+            Pending {
+                owner,
+                work,
+                step,
+                object,
+                ctx: ctx_slot,
+                deadline,
+            },
+        );
+        self.mark_dirty(object);
+        Ok(())
+    }
+
+    /// Ends a parked guest request with `response`, releasing the lock it
+    /// held and its slots.
+    pub(crate) fn complete(&mut self, pid: u64, response: Response) {
+        let Some(p) = self.remove_pending(pid) else {
+            return;
+        };
+        if let (Owner::Guest { guest, origin, tag }, Work::Guest(req)) = (p.owner, &p.work) {
+            let opcode = req.opcode();
+            self.stats.count(opcode, &response);
+            self.completions.push(Completion {
+                guest,
+                origin,
+                tag,
+                opcode,
+                response,
+            });
+        }
+    }
+
+    pub(crate) fn complete_host(&mut self, pid: u64, result: Result<(), HostError>) {
+        if let Some(Pending {
+            owner: Owner::Host(op),
+            ..
+        }) = self.remove_pending(pid)
+        {
+            self.host_completions.push((op, result));
+        }
+    }
+
+    fn remove_pending(&mut self, pid: u64) -> Option<Pending> {
+        let p = self.pending.remove(&pid)?;
+        if let Some(o) = self.objects.get_mut(&p.object) {
+            o.resv.remove(pid);
+            if o.resv.is_held_by_anon(pid) {
+                o.resv.release();
+            }
+        }
+        self.dirty.insert(p.object);
+        if let Some(ctx) = p.ctx {
+            if let Some(c) = self.contexts.get_mut(&ctx) {
+                if c.waiting == Some(pid) {
+                    c.waiting = None;
+                }
+            }
+        }
+        if let Some(g) = p.guest() {
+            self.guests[g].waiting = self.guests[g].waiting.saturating_sub(1);
+        }
+        Some(p)
+    }
+
+    /// Waiting requests of `guest` that match `filter` end with `ECANCELED`.
+    pub(crate) fn cancel_where(&mut self, filter: impl Fn(&Pending) -> bool) {
+        let ids: Vec<u64> = self
+            .pending
+            .iter()
+            .filter(|(_, p)| filter(p))
+            .map(|(id, _)| *id)
+            .collect();
+        for pid in ids {
+            match self.pending.get(&pid).map(|p| p.owner) {
+                Some(Owner::Guest { .. }) => self.complete(pid, Err(Status::Canceled)),
+                Some(Owner::Host(_)) => self.complete_host(pid, Err(HostError::Canceled)),
+                None => {}
+            }
+        }
+    }
+
+    /// Moves every parked request whose blocker changed as far as it can
+    /// go: the die rule, lock grants, fence waits. Runs until nothing changes.
+    pub(crate) fn pump(&mut self, now: Instant) {
+        while let Some(object) = self.dirty.pop_first() {
+            self.pump_object(object, now);
+        }
+    }
+
+    fn pump_object(&mut self, object: ObjId, now: Instant) {
+        // Wait-die: a waiting context that holds other locks backs off as soon
+        // as an older context is ahead of it (section 7.4).
+        let dying = {
+            let contexts = &self.contexts;
+            match self.objects.get_mut(&object) {
+                Some(o) => o
+                    .resv
+                    .reap_dying(|ctx| contexts.get(&ctx).is_some_and(|c| !c.held.is_empty())),
+                None => Vec::new(),
+            }
+        };
+        for w in dying {
+            self.complete(w.pending, Err(Status::Deadlk));
+        }
+        // Grant the free lock to the first waiter.
+        let granted = self.objects.get_mut(&object).and_then(|o| o.resv.grant());
+        if let Some(w) = granted {
+            self.dirty.insert(object);
+            match w.locker {
+                Locker::Ctx { ctx, .. } => {
+                    if let Some(c) = self.contexts.get_mut(&ctx) {
+                        c.held.insert(object);
+                    }
+                    self.complete(w.pending, Ok(virtio_dmabuf_protocol::Reply::Empty));
+                }
+                Locker::Anon(pid) => self.retry(pid, now),
+            }
+            return;
+        }
+        // Requests waiting for fences on this object.
+        let ready: Vec<u64> = self
+            .pending
+            .iter()
+            .filter(|(_, p)| p.object == object)
+            .filter_map(|(id, p)| match p.step {
+                Step::Fences { usage, .. } if self.fences_clear(object, usage) => Some(*id),
+                _ => None,
+            })
+            .collect();
+        for pid in ready {
+            self.retry(pid, now);
+        }
+    }
+
+    /// Runs a parked request again now that its blocker changed.
+    fn retry(&mut self, pid: u64, now: Instant) {
+        let Some(p) = self.pending.get_mut(&pid) else {
+            return;
+        };
+        let owner = p.owner;
+        let work = std::mem::replace(&mut p.work, Work::Evict);
+        let attempt = self.attempt(owner, pid, &work, now);
+        if let Some(p) = self.pending.get_mut(&pid) {
+            p.work = work;
+        }
+        match attempt {
+            Ok((Step::Done, response)) => match owner {
+                Owner::Guest { .. } => {
+                    self.complete(pid, response.unwrap_or(Ok(virtio_dmabuf_protocol::Reply::Empty)))
+                }
+                Owner::Host(_) => self.complete_host(pid, Ok(())),
+            },
+            Ok((step, _)) => self.repark(pid, step),
+            Err(status) => match owner {
+                Owner::Guest { .. } => self.complete(pid, Err(status)),
+                Owner::Host(_) => self.complete_host(pid, Err(HostError::Status(status))),
+            },
+        }
+    }
+
+    /// A retried request still waits, maybe for something else now.
+    fn repark(&mut self, pid: u64, step: Step) {
+        let Some(p) = self.pending.get_mut(&pid) else {
+            return;
+        };
+        p.step = step;
+        match step {
+            Step::Lock(object) => {
+                p.object = object;
+                if let Some(o) = self.objects.get_mut(&object) {
+                    if !o.resv.is_held_by_anon(pid) {
+                        o.resv.remove(pid);
+                        o.resv.enqueue(resv::Waiter {
+                            pending: pid,
+                            locker: Locker::Anon(pid),
+                        });
+                    }
+                }
+                self.dirty.insert(object);
+            }
+            Step::Fences { object, locked, .. } => {
+                p.object = object;
+                if locked {
+                    if let Some(o) = self.objects.get_mut(&object) {
+                        if o.resv.is_free() {
+                            o.resv.take(Locker::Anon(pid));
+                        }
+                    }
+                }
+            }
+            Step::QueueCtx { .. } | Step::Done => {}
+        }
+    }
+
+    /// True when the lock of `object` may be used by request `pid` now:
+    /// free, or held for it.
+    pub(crate) fn lock_available(&self, object: ObjId, pid: u64) -> bool {
+        self.objects
+            .get(&object)
+            .is_some_and(|o| o.resv.is_free() || o.resv.is_held_by_anon(pid))
+    }
+
+    /// `CANCEL` (section 7.1).
+    fn cancel(&mut self, guest: GuestId, tag: u64) -> Attempt {
+        let found = self.pending.iter().find_map(|(id, p)| match p.owner {
+            Owner::Guest { guest: g, tag: t, .. } if g == guest && t == tag => Some(*id),
+            _ => None,
+        });
+        match found {
+            Some(pid) => {
+                self.complete(pid, Err(Status::Canceled));
+                done(Ok(virtio_dmabuf_protocol::Reply::Empty))
+            }
+            None => Err(Status::NoEnt),
+        }
+    }
+
+    /// A vring stopped (`GET_VRING_BASE`): its waiting chains complete with
+    /// `ECANCELED` so the front-end gets them back; the guest's state stays.
+    pub fn cancel_queue(&mut self, guest: GuestId, queue: u16, now: Instant) {
+        self.cancel_where(|p| {
+            matches!(p.owner, Owner::Guest { guest: g, origin, .. } if g == guest && origin.queue == queue)
+        });
+        self.pump(now);
+    }
+
+    /// One host sync on an object's backing, recorded; host failures are `EIO`.
+    pub(crate) fn host_sync(&mut self, object: ObjId, flags: u64) -> Result<(), Status> {
+        let Some(o) = self.objects.get(&object) else {
+            return Err(Status::NoEnt);
+        };
+        let Some(backing) = &o.backing else {
+            return Err(Status::NoEnt);
+        };
+        let entry = sync::SyncEntry {
+            uuid: uuid::Uuid::from_bytes(o.uuid),
+            flags,
+        };
+        match backing.sync(flags) {
+            Ok(()) => {
+                self.stats.syncs.record(entry);
+                Ok(())
+            }
+            Err(e) => {
+                log::error!("host sync {} on {} failed: {e}", sync::flags_name(flags), entry.uuid);
+                self.stats.syncs.failed += 1;
+                Err(Status::Io)
+            }
+        }
+    }
+}

@@ -1,0 +1,438 @@
+//! Objects: CREATE, OPEN, RELEASE, EXPORT_UUID and the lifetime of an
+//! exported buffer (contract sections 6 and 7.2).
+
+use std::collections::BTreeSet;
+use std::os::fd::OwnedFd;
+
+use virtio_dmabuf_protocol::{obj_flags, ObjectReply, Reply, Segment, Status};
+
+use super::resv::WwMutex;
+use super::session::Held;
+use super::{done, Attempt, Exporter, GuestId, ObjId, Owner};
+use crate::provider::{self, Backing};
+
+/// A host registration of an object under a name (section 10).
+#[derive(Debug, Clone)]
+pub(crate) struct Export {
+    pub name: String,
+    /// Guests allowed to `OPEN` it; `None`: every guest.
+    pub guests: Option<BTreeSet<GuestId>>,
+}
+
+/// One exported buffer.
+#[derive(Debug)]
+pub(crate) struct Object {
+    pub uuid: [u8; 16],
+    pub size: u64,
+    /// `None` once revoked: the host memory is given back at once.
+    pub backing: Option<Box<dyn Backing>>,
+    /// A dynamic exporter: the host may move the backing while unpinned.
+    pub dynamic: bool,
+    /// Guest RAM pages back it (always a static exporter).
+    pub guest_pages: Option<Vec<Segment>>,
+    /// The exporter caches the first mapping of each attachment.
+    pub cache_mapping: bool,
+    pub read_only: bool,
+    /// Where the backing came from, for `ctl list`.
+    pub provider_name: &'static str,
+    pub export: Option<Export>,
+    /// The guest whose `CREATE` made it, charged for its bytes.
+    pub creator: Option<GuestId>,
+    pub generation: u64,
+    pub revoked: bool,
+    pub resv: WwMutex,
+    /// Unsignalled fences on the reservation.
+    pub fences: BTreeSet<u64>,
+    pub attachments: BTreeSet<u64>,
+    /// Guests that hold a handle.
+    pub holders: BTreeSet<GuestId>,
+    /// Guests whose front-end got `SHARED_OBJECT_ADD` for it.
+    pub published: BTreeSet<GuestId>,
+}
+
+impl Object {
+    pub fn new(
+        size: u64,
+        backing: Box<dyn Backing>,
+        dynamic: bool,
+        provider_name: &'static str,
+    ) -> Object {
+        Object {
+            uuid: *uuid::Uuid::new_v4().as_bytes(),
+            size,
+            backing: Some(backing),
+            dynamic,
+            guest_pages: None,
+            cache_mapping: false,
+            read_only: false,
+            provider_name,
+            export: None,
+            creator: None,
+            generation: 0,
+            revoked: false,
+            resv: WwMutex::default(),
+            fences: BTreeSet::new(),
+            attachments: BTreeSet::new(),
+            holders: BTreeSet::new(),
+            published: BTreeSet::new(),
+        }
+    }
+
+    pub fn is_real_dmabuf(&self) -> bool {
+        self.backing.as_ref().is_some_and(|b| b.is_real_dmabuf())
+    }
+
+    fn visible_to(&self, guest: GuestId) -> bool {
+        !self.revoked
+            && self
+                .export
+                .as_ref()
+                .is_some_and(|e| e.guests.as_ref().is_none_or(|g| g.contains(&guest)))
+    }
+}
+
+impl Exporter {
+    /// The object a guest handle names; `ENOENT` for unknown and revoked handles.
+    pub(crate) fn object_of(&self, guest: GuestId, handle: u64) -> Result<ObjId, Status> {
+        let id = self.object_of_any(guest, handle)?;
+        match self.objects.get(&id) {
+            Some(o) if !o.revoked => Ok(id),
+            _ => Err(Status::NoEnt),
+        }
+    }
+
+    /// Like [`Self::object_of`], revoked objects included.
+    pub(crate) fn object_of_any(&self, guest: GuestId, handle: u64) -> Result<ObjId, Status> {
+        self.guests[guest].handles.get(&handle).copied().ok_or(Status::NoEnt)
+    }
+
+    pub(crate) fn object_reply(&self, guest: GuestId, id: ObjId) -> Reply {
+        let Some(o) = self.objects.get(&id) else {
+            return Reply::Empty;
+        };
+        let mut flags = 0;
+        if o.dynamic {
+            flags |= obj_flags::DYNAMIC;
+        }
+        if o.guest_pages.is_some() {
+            flags |= obj_flags::GUEST_PAGES;
+        }
+        if o.cache_mapping {
+            flags |= obj_flags::CACHE_MAPPING;
+        }
+        if !o.read_only {
+            flags |= obj_flags::WRITABLE;
+        }
+        if o.is_real_dmabuf() {
+            flags |= obj_flags::REAL_DMABUF;
+        }
+        Reply::Object(ObjectReply {
+            object: self.handle_of(guest, id),
+            uuid: o.uuid,
+            size: o.size,
+            obj_flags: flags,
+        })
+    }
+
+    /// Gives `guest` a handle on `id` (or one more reference to the handle it has).
+    fn add_handle(&mut self, guest: GuestId, id: ObjId) -> Result<u64, Status> {
+        if let Some(h) = self.guests[guest].held.get_mut(&id) {
+            h.refs = h.refs.checked_add(1).ok_or(Status::NoSpc)?;
+            return Ok(h.handle);
+        }
+        if self.guests[guest].held.len() >= self.config.limits.max_objects as usize {
+            return Err(Status::NoSpc);
+        }
+        let handle = self.new_handle()?;
+        let g = &mut self.guests[guest];
+        g.held.insert(id, Held { handle, refs: 1 });
+        g.handles.insert(handle, id);
+        if let Some(o) = self.objects.get_mut(&id) {
+            o.holders.insert(guest);
+        }
+        Ok(handle)
+    }
+
+    /// Inserts a new object under a fresh id.
+    pub(crate) fn insert_object(&mut self, object: Object) -> Result<ObjId, Status> {
+        let id = self.new_handle()?;
+        self.objects.insert(id, object);
+        Ok(id)
+    }
+
+    /// `CREATE` (section 7.2). Flag combinations were refused by the parser.
+    pub(crate) fn create(
+        &mut self,
+        guest: GuestId,
+        size: u64,
+        dynamic: bool,
+        cache_mapping: bool,
+        guest_pages: Option<&[Segment]>,
+    ) -> Attempt {
+        let page = self.config.page_size;
+        let limits = self.config.limits;
+        if size == 0 || size % page != 0 {
+            return Err(Status::Inval);
+        }
+        if let Some(entries) = guest_pages {
+            if entries.is_empty() || entries.len() > limits.max_segments as usize {
+                return Err(Status::Inval);
+            }
+            let mut sum = 0u64;
+            for e in entries {
+                if e.len == 0 || e.addr % page != 0 || e.len % page != 0 {
+                    return Err(Status::Inval);
+                }
+                sum = sum.checked_add(e.len).ok_or(Status::Inval)?;
+            }
+            if sum != size {
+                return Err(Status::Inval);
+            }
+            if !self.guests[guest].caps.guest_pages {
+                return Err(Status::NotSupported);
+            }
+        } else if size > self.provider.max_object_size() {
+            return Err(Status::Inval);
+        }
+        let g = &self.guests[guest];
+        if g.held.len() >= limits.max_objects as usize {
+            return Err(Status::NoSpc);
+        }
+        let host_bytes = if guest_pages.is_some() { 0 } else { size };
+        if g.bytes.checked_add(host_bytes).is_none_or(|b| b > limits.max_bytes) {
+            return Err(Status::NoSpc);
+        }
+        let (backing, provider_name) = match guest_pages {
+            Some(entries) => (self.guests[guest].frontend.guest_pages(entries)?, "guest"),
+            None => match self.provider.allocate(size) {
+                Ok(b) => (b, provider_name(self.provider.kind())),
+                Err(e) => {
+                    log::warn!("allocating {size} bytes for guest {guest}: {e}");
+                    return Err(Status::NoMem);
+                }
+            },
+        };
+        let mut object = Object::new(size, backing, dynamic, provider_name);
+        object.guest_pages = guest_pages.map(<[Segment]>::to_vec);
+        object.cache_mapping = cache_mapping;
+        object.creator = Some(guest);
+        let id = self.insert_object(object)?;
+        if let Err(status) = self.add_handle(guest, id) {
+            self.objects.remove(&id);
+            return Err(status);
+        }
+        self.guests[guest].bytes += host_bytes;
+        done(Ok(self.object_reply(guest, id)))
+    }
+
+    /// `OPEN` (section 7.2): a host export by name, or an object by UUID.
+    pub(crate) fn open(&mut self, guest: GuestId, uuid: Option<&[u8; 16]>, name: &[u8]) -> Attempt {
+        let id = match uuid {
+            Some(uuid) => match self.find_by_uuid(guest, uuid) {
+                Some(id) => id,
+                None => self.import_shared_object(guest, uuid)?,
+            },
+            None => {
+                let name = std::str::from_utf8(name).map_err(|_| Status::NoEnt)?;
+                let id = *self.exports.get(name).ok_or(Status::NoEnt)?;
+                match self.objects.get(&id) {
+                    Some(o) if o.visible_to(guest) => id,
+                    _ => return Err(Status::NoEnt),
+                }
+            }
+        };
+        let fresh = !self.guests[guest].held.contains_key(&id);
+        match self.add_handle(guest, id) {
+            Ok(_) => done(Ok(self.object_reply(guest, id))),
+            Err(status) => {
+                if fresh {
+                    self.maybe_destroy(id);
+                }
+                Err(status)
+            }
+        }
+    }
+
+    /// UUIDs this back-end knows: objects the guest holds or published and
+    /// host exports it may see. Never another guest's objects.
+    fn find_by_uuid(&self, guest: GuestId, uuid: &[u8; 16]) -> Option<ObjId> {
+        self.objects.iter().find_map(|(id, o)| {
+            let mine = o.holders.contains(&guest) || o.published.contains(&guest);
+            (o.uuid == *uuid && !o.revoked && (mine || o.visible_to(guest))).then_some(*id)
+        })
+    }
+
+    /// `OPEN` BY_UUID of an object another device of the VM published.
+    fn import_shared_object(&mut self, guest: GuestId, uuid: &[u8; 16]) -> Result<ObjId, Status> {
+        if !self.guests[guest].caps.shared_objects {
+            return Err(Status::NotSupported);
+        }
+        let fd: OwnedFd = self.guests[guest].frontend.shared_object_lookup(uuid)?;
+        if !provider::is_dmabuf_fd(&fd) && !self.config.allow_memfd_shared_objects {
+            log::warn!("shared object {} is not a dma-buf", uuid::Uuid::from_bytes(*uuid));
+            return Err(Status::Io);
+        }
+        let backing = provider::import_dmabuf(fd).map_err(|e| {
+            log::warn!("shared object {}: {e}", uuid::Uuid::from_bytes(*uuid));
+            Status::Io
+        })?;
+        let size = backing.size();
+        if size % self.config.page_size != 0 {
+            return Err(Status::Io);
+        }
+        let mut object = Object::new(size, backing, false, "shared-object");
+        object.uuid = *uuid;
+        self.insert_object(object)
+    }
+
+    /// `RELEASE` (section 7.2).
+    pub(crate) fn release(&mut self, guest: GuestId, handle: u64) -> Attempt {
+        let id = self.object_of_any(guest, handle)?;
+        let revoked = self.objects.get(&id).is_none_or(|o| o.revoked);
+        let refs = self.guests[guest].held.get(&id).map_or(0, |h| h.refs);
+        if refs > 1 {
+            if let Some(h) = self.guests[guest].held.get_mut(&id) {
+                h.refs -= 1;
+            }
+            return done(Ok(Reply::Empty));
+        }
+        if revoked {
+            // Whatever the guest still had on a revoked object goes with the handle.
+            self.drop_guest_state_on(guest, id);
+        } else if self.in_use_by(guest, id) {
+            return Err(Status::Busy);
+        }
+        self.drop_handle(guest, id);
+        done(Ok(Reply::Empty))
+    }
+
+    /// True while `guest` has attachments, a window placement, a lock, an
+    /// unsignalled fence or a waiting request on the object.
+    fn in_use_by(&self, guest: GuestId, id: ObjId) -> bool {
+        let Some(o) = self.objects.get(&id) else {
+            return false;
+        };
+        let g = &self.guests[guest];
+        let attached = o
+            .attachments
+            .iter()
+            .any(|a| self.attachments.get(a).is_some_and(|a| a.guest == guest));
+        let locked = g
+            .contexts
+            .iter()
+            .any(|c| self.contexts.get(c).is_some_and(|c| c.held.contains(&id)));
+        let fenced = o
+            .fences
+            .iter()
+            .any(|f| self.fences.get(f).is_some_and(|f| f.guest == guest));
+        let waiting = self
+            .pending
+            .values()
+            .any(|p| p.object == id && matches!(p.owner, Owner::Guest { guest: pg, .. } if pg == guest));
+        attached || g.shm.contains_key(&id) || locked || fenced || waiting
+    }
+
+    /// Drops what a guest still has on a revoked object: mappings,
+    /// attachments, fences; no host calls (the backing is gone).
+    fn drop_guest_state_on(&mut self, guest: GuestId, id: ObjId) {
+        let atts: Vec<u64> = self
+            .attachments
+            .iter()
+            .filter(|(_, a)| a.guest == guest && a.object == id)
+            .map(|(k, _)| *k)
+            .collect();
+        for a in atts {
+            let maps: Vec<u64> = self.attachments.get(&a).map_or(Vec::new(), |a| {
+                a.mappings.iter().copied().collect()
+            });
+            for m in maps {
+                self.drop_mapping(m);
+            }
+            self.drop_attachment(a, false);
+        }
+        self.shm_remove(guest, id);
+    }
+
+    /// Removes the guest's handle on `id` whatever its reference count.
+    pub(crate) fn drop_handle(&mut self, guest: GuestId, id: ObjId) {
+        let g = &mut self.guests[guest];
+        if let Some(h) = g.held.remove(&id) {
+            g.handles.remove(&h.handle);
+        }
+        if let Some(o) = self.objects.get_mut(&id) {
+            o.holders.remove(&guest);
+        }
+        self.maybe_destroy(id);
+    }
+
+    /// An object dies when no guest holds it and no live host export keeps it.
+    pub(crate) fn maybe_destroy(&mut self, id: ObjId) {
+        let Some(o) = self.objects.get(&id) else {
+            return;
+        };
+        let kept_by_export = o.export.is_some() && !o.revoked;
+        if !o.holders.is_empty() || kept_by_export || !o.attachments.is_empty() {
+            return;
+        }
+        let Some(o) = self.objects.remove(&id) else {
+            return;
+        };
+        for f in o.fences.iter().copied().collect::<Vec<_>>() {
+            self.signal_fence(f, Status::Canceled as u32, false);
+        }
+        for g in &o.published {
+            if let Some(guest) = self.guests.get_mut(*g) {
+                guest.frontend.shared_object_remove(&o.uuid);
+            }
+        }
+        if let (Some(c), None) = (o.creator, &o.guest_pages) {
+            if let Some(g) = self.guests.get_mut(c) {
+                g.bytes = g.bytes.saturating_sub(o.size);
+            }
+        }
+        if let Some(e) = &o.export {
+            if self.exports.get(&e.name) == Some(&id) {
+                self.exports.remove(&e.name);
+            }
+        }
+        self.dirty.remove(&id);
+        log::debug!("object {} destroyed", uuid::Uuid::from_bytes(o.uuid));
+    }
+
+    /// `EXPORT_UUID` (section 7.2): publish as a virtio shared object.
+    pub(crate) fn export_uuid(&mut self, guest: GuestId, handle: u64) -> Attempt {
+        let id = self.object_of(guest, handle)?;
+        let allow_memfd = self.config.allow_memfd_shared_objects;
+        let o = self.objects.get(&id).ok_or(Status::NoEnt)?;
+        if !self.guests[guest].caps.shared_objects || !(o.is_real_dmabuf() || allow_memfd) {
+            return Err(Status::NotSupported);
+        }
+        let uuid = o.uuid;
+        if !o.published.contains(&guest) {
+            self.guests[guest].frontend.shared_object_add(&uuid)?;
+            if let Some(o) = self.objects.get_mut(&id) {
+                o.published.insert(guest);
+            }
+        }
+        done(Ok(Reply::Uuid(uuid)))
+    }
+
+    /// The fd the front-end asked for with `GET_SHARED_OBJECT`: a duplicate
+    /// of the backing of an object this guest published.
+    pub fn shared_object_fd(&self, guest: GuestId, uuid: &[u8; 16]) -> Option<OwnedFd> {
+        let o = self
+            .objects
+            .values()
+            .find(|o| o.uuid == *uuid && o.published.contains(&guest) && !o.revoked)?;
+        o.backing.as_ref()?.fd().try_clone_to_owned().ok()
+    }
+}
+
+pub(crate) fn provider_name(kind: virtio_dmabuf_protocol::ProviderKind) -> &'static str {
+    match kind {
+        virtio_dmabuf_protocol::ProviderKind::Memfd => "memfd",
+        virtio_dmabuf_protocol::ProviderKind::Udmabuf => "udmabuf",
+        virtio_dmabuf_protocol::ProviderKind::DmaHeap => "dma-heap",
+    }
+}
+

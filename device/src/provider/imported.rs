@@ -1,0 +1,195 @@
+//! Kernel dma-bufs: host dma-buf fds handed to the daemon (a GPU, camera or
+//! codec buffer), and the buffers udmabuf and dma-heap allocate.
+
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::sync::OnceLock;
+
+use rustix::fs::{fcntl_getfl, seek, OFlags, SeekFrom};
+
+use super::mmap::Mapping;
+use super::sync::dma_buf_sync;
+use super::{check_alloc_size, check_range, page_size, Backing, ProviderError};
+
+/// A kernel dma-buf. Syncs are the real `DMA_BUF_IOCTL_SYNC`; bytes are
+/// copied through a shared mapping made on first use (dma-bufs have no
+/// `pread`/`pwrite`), read-only when the fd was opened read-only. The caller
+/// brackets CPU access with syncs (section 9); `read_at`/`write_at` do not.
+#[derive(Debug)]
+pub struct KernelDmabuf {
+    fd: OwnedFd,
+    size: u64,
+    /// Where it came from, for logs: "imported", "udmabuf", "dma-heap".
+    origin: &'static str,
+    map: OnceLock<Mapping>,
+}
+
+impl KernelDmabuf {
+    /// Wraps a dma-buf fd of `size` bytes (non-zero, a page multiple).
+    pub fn new(fd: OwnedFd, size: u64, origin: &'static str) -> Result<Self, ProviderError> {
+        check_alloc_size(size, max_import_size())?;
+        Ok(KernelDmabuf {
+            fd,
+            size,
+            origin,
+            map: OnceLock::new(),
+        })
+    }
+
+    pub fn origin(&self) -> &'static str {
+        self.origin
+    }
+
+    fn mapping(&self) -> Result<&Mapping, ProviderError> {
+        if let Some(map) = self.map.get() {
+            return Ok(map);
+        }
+        let len = usize::try_from(self.size).map_err(|_| ProviderError::BadSize {
+            size: self.size,
+            max: max_import_size(),
+        })?;
+        let mode = fcntl_getfl(&self.fd).map_err(|e| ProviderError::host("F_GETFL", e))?;
+        let writable = mode & OFlags::RWMODE == OFlags::RDWR;
+        let map = Mapping::new(self.fd.as_fd(), len, writable)?;
+        // Two threads racing here each map; the loser's mapping is dropped
+        // (unmapped) and both use the winner's.
+        Ok(self.map.get_or_init(|| map))
+    }
+}
+
+impl Backing for KernelDmabuf {
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+
+    fn is_real_dmabuf(&self) -> bool {
+        true
+    }
+
+    fn sync(&self, flags: u64) -> Result<(), ProviderError> {
+        dma_buf_sync(self.fd.as_fd(), flags)
+    }
+
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), ProviderError> {
+        check_range(offset, buf.len(), self.size)?;
+        if buf.is_empty() {
+            return Ok(());
+        }
+        self.mapping()?.read(offset, buf)
+    }
+
+    fn write_at(&self, offset: u64, data: &[u8]) -> Result<(), ProviderError> {
+        check_range(offset, data.len(), self.size)?;
+        if data.is_empty() {
+            return Ok(());
+        }
+        self.mapping()?.write(offset, data)
+    }
+}
+
+/// The largest buffer the daemon can map: a page multiple that fits `isize`.
+fn max_import_size() -> u64 {
+    (isize::MAX as u64) & !(page_size() - 1)
+}
+
+/// See [`super::import_dmabuf`].
+pub(crate) fn import(fd: OwnedFd, origin: &'static str) -> Result<KernelDmabuf, ProviderError> {
+    let size =
+        seek(&fd, SeekFrom::End(0)).map_err(|e| ProviderError::host("lseek(SEEK_END)", e))?;
+    seek(&fd, SeekFrom::Start(0)).map_err(|e| ProviderError::host("lseek(SEEK_SET)", e))?;
+    KernelDmabuf::new(fd, size, origin)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::provider::import_dmabuf;
+    use rustix::fs::{ftruncate, memfd_create, MemfdFlags};
+    use rustix::io::pwrite;
+    use virtio_dmabuf_protocol::sync_flags::{END, RW, START};
+
+    /// A memfd standing in for a host dma-buf (same size and mmap behaviour;
+    /// the kernel refuses its sync ioctl with ENOTTY).
+    fn fake_dmabuf(size: u64) -> OwnedFd {
+        let fd = memfd_create("import-test", MemfdFlags::CLOEXEC).expect("memfd_create");
+        ftruncate(&fd, size).expect("ftruncate");
+        fd
+    }
+
+    #[test]
+    fn import_size_comes_from_lseek_end() {
+        let size = 5 * page_size();
+        let fd = fake_dmabuf(size);
+        pwrite(&fd, b"from the host", 2 * page_size()).expect("pwrite");
+        seek(&fd, SeekFrom::Start(123)).expect("seek");
+        let b = import_dmabuf(fd).expect("import");
+        assert_eq!(b.size(), size);
+        assert!(b.is_real_dmabuf());
+        assert_eq!(
+            seek(b.fd(), SeekFrom::Current(0)),
+            Ok(0),
+            "seeked back to 0"
+        );
+        let mut out = [0u8; 13];
+        b.read_at(2 * page_size(), &mut out)
+            .expect("read through the mapping");
+        assert_eq!(&out, b"from the host");
+        b.write_at(size - 2, b"ok")
+            .expect("write through the mapping");
+        let mut end = [0u8; 2];
+        b.read_at(size - 2, &mut end).expect("read");
+        assert_eq!(&end, b"ok");
+    }
+
+    #[test]
+    fn import_rejects_non_page_multiple() {
+        for size in [0, 100, page_size() + 1] {
+            let err = import_dmabuf(fake_dmabuf(size)).expect_err("not a page multiple");
+            assert!(
+                matches!(err, ProviderError::BadSize { size: s, .. } if s == size),
+                "{size}: {err:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn imported_sync_is_the_real_ioctl() {
+        let b = import_dmabuf(fake_dmabuf(page_size())).expect("import");
+        for flags in [START | RW, END | RW] {
+            let err = b.sync(flags).expect_err("a memfd refuses dma-buf ioctls");
+            assert_eq!(err.raw_os_error(), Some(libc::ENOTTY));
+        }
+    }
+
+    #[test]
+    fn imported_read_write_out_of_range_is_refused() {
+        let size = page_size();
+        let b = import_dmabuf(fake_dmabuf(size)).expect("import");
+        let mut buf = [0u8; 2];
+        assert!(matches!(
+            b.read_at(size - 1, &mut buf),
+            Err(ProviderError::OutOfRange { len: 2, .. })
+        ));
+        assert!(matches!(
+            b.write_at(size, &buf),
+            Err(ProviderError::OutOfRange { len: 2, .. })
+        ));
+    }
+
+    #[test]
+    fn read_only_import_refuses_writes() {
+        let size = page_size();
+        let fd = fake_dmabuf(size);
+        let path = format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&fd));
+        let ro: OwnedFd = std::fs::File::open(path).expect("reopen read-only").into();
+        let b = import_dmabuf(ro).expect("import");
+        let mut buf = [1u8; 4];
+        b.read_at(0, &mut buf).expect("read");
+        assert_eq!(buf, [0; 4]);
+        let err = b.write_at(0, &buf).expect_err("read-only");
+        assert_eq!(err.raw_os_error(), Some(libc::EACCES));
+    }
+}

@@ -1,0 +1,304 @@
+//! The memfd provider (the default; any Linux): sealed memfds, syncs emulated
+//! and recorded (section 9).
+
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+
+use rustix::fs::{fcntl_add_seals, fstat, ftruncate, memfd_create, MemfdFlags, SealFlags};
+use rustix::io::{pread, pwrite, Errno};
+use virtio_dmabuf_protocol::ProviderKind;
+
+use super::sync::{emulated_sync, SyncRecord};
+use super::{check_alloc_size, check_range, Backing, Provider, ProviderError};
+
+/// The name memfds carry in `/proc/PID/fd` (`memfd:vhost-device-dmabuf`).
+pub(crate) const MEMFD_NAME: &str = "vhost-device-dmabuf";
+
+/// A zero-filled memfd of `size` bytes with these seals added.
+pub(crate) fn sealed_memfd(
+    size: u64,
+    flags: MemfdFlags,
+    seals: SealFlags,
+) -> Result<OwnedFd, ProviderError> {
+    let fd = memfd_create(MEMFD_NAME, flags | MemfdFlags::ALLOW_SEALING)
+        .map_err(|e| ProviderError::host("memfd_create", e))?;
+    ftruncate(&fd, size).map_err(|e| ProviderError::host("ftruncate", e))?;
+    fcntl_add_seals(&fd, seals).map_err(|e| ProviderError::host("F_ADD_SEALS", e))?;
+    Ok(fd)
+}
+
+/// Hands out memfd buffers; their syncs go to one shared [`SyncRecord`].
+#[derive(Debug)]
+pub struct MemfdProvider {
+    max_object_size: u64,
+    record: SyncRecord,
+}
+
+impl MemfdProvider {
+    pub fn new(max_object_size: u64) -> Self {
+        MemfdProvider {
+            max_object_size,
+            record: SyncRecord::new(),
+        }
+    }
+
+    /// Every emulated sync call of this provider's buffers, in order.
+    pub fn record(&self) -> SyncRecord {
+        self.record.clone()
+    }
+
+    /// [`Provider::allocate`] with the concrete type.
+    pub fn allocate_memfd(&self, size: u64) -> Result<MemfdBacking, ProviderError> {
+        check_alloc_size(size, self.max_object_size)?;
+        // The front-end maps this fd: sealing its size means nobody can
+        // shrink it under a mapping (SIGBUS) or grow it past the object.
+        let fd = sealed_memfd(
+            size,
+            MemfdFlags::CLOEXEC,
+            SealFlags::SHRINK | SealFlags::GROW,
+        )?;
+        let inode = fstat(&fd)
+            .map_err(|e| ProviderError::host("fstat", e))?
+            .st_ino;
+        Ok(MemfdBacking {
+            fd,
+            size,
+            inode,
+            record: self.record.clone(),
+        })
+    }
+}
+
+impl Provider for MemfdProvider {
+    fn kind(&self) -> ProviderKind {
+        ProviderKind::Memfd
+    }
+
+    fn max_object_size(&self) -> u64 {
+        self.max_object_size
+    }
+
+    fn makes_real_dmabufs(&self) -> bool {
+        false
+    }
+
+    fn allocate(&self, size: u64) -> Result<Box<dyn Backing>, ProviderError> {
+        Ok(Box::new(self.allocate_memfd(size)?))
+    }
+
+    fn sync_record(&self) -> Option<SyncRecord> {
+        Some(self.record())
+    }
+}
+
+/// One memfd buffer.
+#[derive(Debug)]
+pub struct MemfdBacking {
+    fd: OwnedFd,
+    size: u64,
+    inode: u64,
+    record: SyncRecord,
+}
+
+impl MemfdBacking {
+    /// The memfd's inode number: the `buffer` of its [`super::SyncCall`]s.
+    pub fn buffer_id(&self) -> u64 {
+        self.inode
+    }
+}
+
+impl Backing for MemfdBacking {
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+
+    fn is_real_dmabuf(&self) -> bool {
+        false
+    }
+
+    fn sync(&self, flags: u64) -> Result<(), ProviderError> {
+        emulated_sync(&self.record, self.inode, flags)
+    }
+
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), ProviderError> {
+        check_range(offset, buf.len(), self.size)?;
+        let mut done = 0;
+        while done < buf.len() {
+            match pread(&self.fd, &mut buf[done..], offset + done as u64) {
+                Ok(0) => {
+                    return Err(ProviderError::Host {
+                        op: "pread",
+                        source: std::io::ErrorKind::UnexpectedEof.into(),
+                    })
+                }
+                Ok(n) => done += n,
+                Err(Errno::INTR) => {}
+                Err(e) => return Err(ProviderError::host("pread", e)),
+            }
+        }
+        Ok(())
+    }
+
+    fn write_at(&self, offset: u64, data: &[u8]) -> Result<(), ProviderError> {
+        check_range(offset, data.len(), self.size)?;
+        let mut done = 0;
+        while done < data.len() {
+            match pwrite(&self.fd, &data[done..], offset + done as u64) {
+                Ok(0) => {
+                    return Err(ProviderError::Host {
+                        op: "pwrite",
+                        source: std::io::ErrorKind::WriteZero.into(),
+                    })
+                }
+                Ok(n) => done += n,
+                Err(Errno::INTR) => {}
+                Err(e) => return Err(ProviderError::host("pwrite", e)),
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::provider::{page_size, SyncCall};
+    use virtio_dmabuf_protocol::sync_flags::{END, READ, RW, START, WRITE};
+
+    fn provider() -> MemfdProvider {
+        MemfdProvider::new(16 * page_size())
+    }
+
+    #[test]
+    fn memfd_allocation_is_zero_filled() {
+        let p = provider();
+        let size = 3 * page_size();
+        let b = p.allocate(size).expect("allocate");
+        assert_eq!(b.size(), size);
+        assert!(!b.is_real_dmabuf());
+        assert!(!p.makes_real_dmabufs());
+        assert_eq!(p.kind(), ProviderKind::Memfd);
+        let mut all = vec![0xa5u8; size as usize];
+        b.read_at(0, &mut all).expect("read");
+        assert!(all.iter().all(|&byte| byte == 0));
+        assert_eq!(fstat(b.fd()).expect("fstat").st_size as u64, size);
+    }
+
+    #[test]
+    fn memfd_write_then_read_round_trips() {
+        let b = provider().allocate(2 * page_size()).expect("allocate");
+        let at = page_size() - 3;
+        b.write_at(at, b"hello, page").expect("write");
+        let mut out = [0u8; 11];
+        b.read_at(at, &mut out).expect("read");
+        assert_eq!(&out, b"hello, page");
+    }
+
+    #[test]
+    fn memfd_is_sealed_against_resizing() {
+        let b = provider().allocate(page_size()).expect("allocate");
+        assert_eq!(ftruncate(b.fd(), 0), Err(Errno::PERM));
+        assert_eq!(ftruncate(b.fd(), 2 * page_size()), Err(Errno::PERM));
+    }
+
+    #[test]
+    fn memfd_sync_is_recorded_in_order() {
+        let p = provider();
+        let a = p.allocate_memfd(page_size()).expect("allocate");
+        let b = p.allocate_memfd(page_size()).expect("allocate");
+        assert_ne!(a.buffer_id(), b.buffer_id());
+        let record = p.record();
+        let before = record.total();
+        let boxed: Box<dyn Backing> = Box::new(b);
+        a.sync(START | READ).expect("sync");
+        boxed.sync(START | RW).expect("sync");
+        a.sync(END | READ).expect("sync");
+        boxed.sync(END | WRITE).expect("sync");
+        let inode_b = fstat(boxed.fd()).expect("fstat").st_ino;
+        assert_eq!(
+            record.calls_since(before),
+            [
+                SyncCall {
+                    buffer: a.buffer_id(),
+                    flags: START | READ
+                },
+                SyncCall {
+                    buffer: inode_b,
+                    flags: START | RW
+                },
+                SyncCall {
+                    buffer: a.buffer_id(),
+                    flags: END | READ
+                },
+                SyncCall {
+                    buffer: inode_b,
+                    flags: END | WRITE
+                },
+            ]
+        );
+        // The provider's trait view shares the same record.
+        assert_eq!(p.sync_record().map(|r| r.total()), Some(before + 4));
+    }
+
+    #[test]
+    fn memfd_sync_rejects_flags_without_rw() {
+        let p = provider();
+        let b = p.allocate(page_size()).expect("allocate");
+        for bad in [START, END, END | 1 << 3, READ | 1 << 8] {
+            let err = b.sync(bad).expect_err("kernel refuses these");
+            assert!(
+                matches!(
+                    err,
+                    ProviderError::Host {
+                        op: "DMA_BUF_IOCTL_SYNC",
+                        ..
+                    }
+                ),
+                "{err:?}"
+            );
+            assert_eq!(err.raw_os_error(), Some(libc::EINVAL));
+        }
+        assert!(p.record().is_empty(), "refused calls are not recorded");
+    }
+
+    #[test]
+    fn read_write_out_of_range_is_refused() {
+        let size = 2 * page_size();
+        let b = provider().allocate(size).expect("allocate");
+        let mut buf = [0u8; 8];
+        for offset in [size - 7, size, size + 1, u64::MAX - 3] {
+            assert!(
+                matches!(
+                    b.read_at(offset, &mut buf),
+                    Err(ProviderError::OutOfRange { offset: o, len: 8, size: s }) if o == offset && s == size
+                ),
+                "read at {offset}"
+            );
+            assert!(
+                matches!(
+                    b.write_at(offset, &buf),
+                    Err(ProviderError::OutOfRange { offset: o, len: 8, size: s }) if o == offset && s == size
+                ),
+                "write at {offset}"
+            );
+        }
+        // The last 8 bytes are in range.
+        b.write_at(size - 8, &[7; 8]).expect("write at the end");
+        b.read_at(size - 8, &mut buf).expect("read at the end");
+        assert_eq!(buf, [7; 8]);
+    }
+
+    #[test]
+    fn memfd_allocate_refuses_bad_sizes() {
+        let p = provider();
+        for size in [0, 1, page_size() + 1, 17 * page_size()] {
+            assert!(
+                matches!(p.allocate(size), Err(ProviderError::BadSize { size: s, .. }) if s == size),
+                "{size}"
+            );
+        }
+    }
+}

@@ -1,0 +1,152 @@
+//! A shared mapping of a buffer fd, for the buffers that do not support
+//! `pread`/`pwrite` (dma-bufs).
+
+use std::fmt;
+use std::os::fd::BorrowedFd;
+use std::ptr::NonNull;
+
+use rustix::mm::{mmap, munmap, MapFlags, ProtFlags};
+
+use super::{check_range, ProviderError};
+
+/// `len` bytes of a buffer mapped `MAP_SHARED`, unmapped on drop.
+///
+/// The memory is shared with the kernel, the front-end and the guest, so no
+/// Rust reference to it is ever made: bytes are copied in and out through
+/// raw pointers.
+pub(crate) struct Mapping {
+    ptr: NonNull<u8>,
+    len: usize,
+    writable: bool,
+}
+
+// SAFETY: a `Mapping` owns its address range (nothing else unmaps it) and only
+// hands out copies of the bytes, so it can move between threads.
+unsafe impl Send for Mapping {}
+// SAFETY: `&Mapping` only allows copies to and from the shared memory, which
+// other processes touch concurrently anyway; no Rust reference to the mapped
+// bytes exists, so concurrent copies from several threads alias nothing.
+unsafe impl Sync for Mapping {}
+
+impl fmt::Debug for Mapping {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Mapping")
+            .field("ptr", &self.ptr)
+            .field("len", &self.len)
+            .field("writable", &self.writable)
+            .finish()
+    }
+}
+
+impl Mapping {
+    /// Maps the first `len` bytes of `fd` shared, read-write or read-only.
+    pub(crate) fn new(
+        fd: BorrowedFd<'_>,
+        len: usize,
+        writable: bool,
+    ) -> Result<Self, ProviderError> {
+        if len == 0 {
+            return Err(ProviderError::BadSize {
+                size: 0,
+                max: isize::MAX as u64,
+            });
+        }
+        let prot = if writable {
+            ProtFlags::READ | ProtFlags::WRITE
+        } else {
+            ProtFlags::READ
+        };
+        // SAFETY: a null hint lets the kernel pick a fresh range, so no
+        // existing memory is replaced; the result is only used as raw bytes
+        // through this type.
+        let addr = unsafe { mmap(std::ptr::null_mut(), len, prot, MapFlags::SHARED, fd, 0) }
+            .map_err(|e| ProviderError::host("mmap", e))?;
+        let ptr = NonNull::new(addr.cast::<u8>()).ok_or(ProviderError::Host {
+            op: "mmap",
+            source: std::io::Error::other("mmap returned a null address"),
+        })?;
+        Ok(Mapping { ptr, len, writable })
+    }
+
+    /// Copies `buf.len()` bytes from `offset` into `buf`.
+    pub(crate) fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), ProviderError> {
+        let start = self.start(offset, buf.len())?;
+        // SAFETY: `start..start + buf.len()` lies within the live mapping
+        // (checked by `start`), and `buf` is a distinct Rust buffer, so the
+        // ranges do not overlap.
+        unsafe {
+            std::ptr::copy_nonoverlapping(self.ptr.as_ptr().add(start), buf.as_mut_ptr(), buf.len())
+        };
+        Ok(())
+    }
+
+    /// Copies `data` to `offset`.
+    pub(crate) fn write(&self, offset: u64, data: &[u8]) -> Result<(), ProviderError> {
+        if !self.writable {
+            return Err(ProviderError::Host {
+                op: "write to a read-only dma-buf",
+                source: std::io::Error::from_raw_os_error(libc::EACCES),
+            });
+        }
+        let start = self.start(offset, data.len())?;
+        // SAFETY: `start..start + data.len()` lies within the live mapping
+        // (checked by `start`), which is mapped writable; `data` is a distinct
+        // Rust buffer, so the ranges do not overlap.
+        unsafe {
+            std::ptr::copy_nonoverlapping(data.as_ptr(), self.ptr.as_ptr().add(start), data.len())
+        };
+        Ok(())
+    }
+
+    /// The checked start index of `len` bytes at `offset`.
+    fn start(&self, offset: u64, len: usize) -> Result<usize, ProviderError> {
+        check_range(offset, len, self.len as u64)?;
+        // In range, so `offset <= self.len` fits a usize.
+        usize::try_from(offset).map_err(|_| ProviderError::OutOfRange {
+            offset,
+            len: len as u64,
+            size: self.len as u64,
+        })
+    }
+}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        // SAFETY: `ptr`/`len` are exactly the range `mmap` returned, owned by
+        // this value and unmapped only here; no reference into it exists.
+        if let Err(e) = unsafe { munmap(self.ptr.as_ptr().cast(), self.len) } {
+            log::warn!("munmap of a {}-byte buffer mapping failed: {e}", self.len);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rustix::fs::{ftruncate, memfd_create, MemfdFlags};
+    use std::os::fd::AsFd;
+
+    #[test]
+    fn mapping_copies_in_and_out_and_checks_bounds() {
+        let fd = memfd_create("mmap-test", MemfdFlags::CLOEXEC).expect("memfd_create");
+        ftruncate(&fd, 8192).expect("ftruncate");
+        let map = Mapping::new(fd.as_fd(), 8192, true).expect("mmap");
+        map.write(4090, b"across").expect("write");
+        let mut out = [0u8; 6];
+        map.read(4090, &mut out).expect("read");
+        assert_eq!(&out, b"across");
+        assert!(matches!(
+            map.read(8190, &mut out),
+            Err(ProviderError::OutOfRange {
+                offset: 8190,
+                len: 6,
+                size: 8192
+            })
+        ));
+        let ro = Mapping::new(fd.as_fd(), 8192, false).expect("mmap read-only");
+        let mut again = [0u8; 6];
+        ro.read(4090, &mut again).expect("read");
+        assert_eq!(&again, b"across");
+        assert!(ro.write(0, b"x").is_err());
+    }
+}

@@ -1,0 +1,313 @@
+//! Host memory providers: memfd (default), udmabuf, dma-heap and imported
+//! host dma-buf fds, and the host sync call (section 10 of the contract).
+//!
+//! A [`Provider`] hands out zero-filled [`Backing`] buffers. Kernel dma-bufs
+//! (udmabuf, dma-heap, imported fds) get the real `DMA_BUF_IOCTL_SYNC`
+//! ([`dma_buf_sync`]); memfd buffers get an emulation that validates the flags
+//! as the kernel does, orders memory and records every call in a
+//! [`SyncRecord`] (section 9).
+
+use std::fmt::{self, Debug};
+use std::os::fd::{BorrowedFd, OwnedFd};
+use std::str::FromStr;
+
+use virtio_dmabuf_protocol::ProviderKind;
+
+mod dma_heap;
+mod imported;
+mod memfd;
+mod mmap;
+mod sync;
+mod udmabuf;
+
+pub use dma_heap::{dma_heap_alloc, DmaHeapProvider, DMA_HEAP_SYSTEM_NODE};
+pub use imported::KernelDmabuf;
+pub use memfd::{MemfdBacking, MemfdProvider};
+pub use sync::{dma_buf_sync, validate_sync_flags, SyncCall, SyncRecord};
+pub use udmabuf::{
+    udmabuf_create, udmabuf_from_list, UdmabufProvider, UDMABUF_DEFAULT_SIZE_LIMIT, UDMABUF_NODE,
+};
+
+/// Errors of the host memory layer. Each keeps the host errno.
+#[derive(Debug, thiserror::Error)]
+pub enum ProviderError {
+    #[error("{what} is not available on this host: {node} is missing")]
+    MissingDevice {
+        what: &'static str,
+        node: &'static str,
+    },
+    #[error("{op} failed: {source}")]
+    Host {
+        op: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("size {size} is not usable here (maximum {max}, page multiple required)")]
+    BadSize { size: u64, max: u64 },
+    #[error("range {offset}+{len} is outside the buffer of {size} bytes")]
+    OutOfRange { offset: u64, len: u64, size: u64 },
+}
+
+impl ProviderError {
+    /// A host call failure with the errno rustix reported.
+    pub(crate) fn host(op: &'static str, errno: rustix::io::Errno) -> Self {
+        ProviderError::Host {
+            op,
+            source: errno.into(),
+        }
+    }
+
+    /// The host errno behind this error, if it came from a host call.
+    pub fn raw_os_error(&self) -> Option<i32> {
+        match self {
+            ProviderError::Host { source, .. } => source.raw_os_error(),
+            _ => None,
+        }
+    }
+}
+
+/// One buffer of host memory backing an object.
+pub trait Backing: Debug + Send {
+    /// Size in bytes.
+    fn size(&self) -> u64;
+    /// The fd to hand to the front-end (`SHMEM_MAP`, `GET_SHARED_OBJECT`).
+    fn fd(&self) -> BorrowedFd<'_>;
+    /// True when `fd` is a kernel dma-buf (host syncs reach the kernel).
+    fn is_real_dmabuf(&self) -> bool;
+    /// One `DMA_BUF_IOCTL_SYNC` with these flags (section 9): the real ioctl on
+    /// a kernel dma-buf (EINTR/EAGAIN retried), the recording emulation on memfd.
+    fn sync(&self, flags: u64) -> Result<(), ProviderError>;
+    /// Copies bytes out of the buffer.
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), ProviderError>;
+    /// Copies bytes into the buffer.
+    fn write_at(&self, offset: u64, data: &[u8]) -> Result<(), ProviderError>;
+}
+
+/// A source of new zero-filled buffers.
+pub trait Provider: Debug + Send {
+    fn kind(&self) -> ProviderKind;
+    /// Largest buffer `allocate` accepts.
+    fn max_object_size(&self) -> u64;
+    /// True when `allocate` returns kernel dma-bufs.
+    fn makes_real_dmabufs(&self) -> bool;
+    /// A new zero-filled buffer of `size` bytes (a page multiple).
+    fn allocate(&self, size: u64) -> Result<Box<dyn Backing>, ProviderError>;
+    /// The record of emulated sync calls, for a provider that emulates them
+    /// (memfd); `None` when syncs reach the kernel.
+    fn sync_record(&self) -> Option<SyncRecord> {
+        None
+    }
+}
+
+/// Takes ownership of a host dma-buf fd (a GPU, camera or codec buffer).
+///
+/// The size comes from `lseek(SEEK_END)` (the dma-buf core answers it with the
+/// buffer size); it must be non-zero and a page multiple.
+pub fn import_dmabuf(fd: OwnedFd) -> Result<Box<dyn Backing>, ProviderError> {
+    Ok(Box::new(imported::import(fd, "imported")?))
+}
+
+/// Which provider the daemon should use (`--provider`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ProviderChoice {
+    /// udmabuf if the host has it, else dma-heap, else memfd.
+    Auto,
+    Memfd,
+    Udmabuf,
+    DmaHeap,
+}
+
+impl ProviderChoice {
+    /// The spellings [`FromStr`] accepts, in this order.
+    pub const NAMES: [&'static str; 4] = ["auto", "memfd", "udmabuf", "dma-heap"];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ProviderChoice::Auto => "auto",
+            ProviderChoice::Memfd => "memfd",
+            ProviderChoice::Udmabuf => "udmabuf",
+            ProviderChoice::DmaHeap => "dma-heap",
+        }
+    }
+}
+
+impl fmt::Display for ProviderChoice {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A provider name other than `auto|memfd|udmabuf|dma-heap`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown provider {0:?} (expected auto, memfd, udmabuf or dma-heap)")]
+pub struct UnknownProvider(pub String);
+
+impl FromStr for ProviderChoice {
+    type Err = UnknownProvider;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "auto" => Ok(ProviderChoice::Auto),
+            "memfd" => Ok(ProviderChoice::Memfd),
+            "udmabuf" => Ok(ProviderChoice::Udmabuf),
+            "dma-heap" => Ok(ProviderChoice::DmaHeap),
+            other => Err(UnknownProvider(other.to_owned())),
+        }
+    }
+}
+
+/// Opens the chosen provider. `Auto` tries udmabuf, then dma-heap, then
+/// memfd. `memfd_max_object_size` caps memfd buffers, and dma-heap buffers
+/// too (the system heap has no per-buffer limit of its own); udmabuf takes
+/// its cap from the kernel module (`size_limit_mb`).
+pub fn open_provider(
+    choice: ProviderChoice,
+    memfd_max_object_size: u64,
+) -> Result<Box<dyn Provider>, ProviderError> {
+    match choice {
+        ProviderChoice::Memfd => Ok(Box::new(MemfdProvider::new(memfd_max_object_size))),
+        ProviderChoice::Udmabuf => Ok(Box::new(UdmabufProvider::open()?)),
+        ProviderChoice::DmaHeap => Ok(Box::new(DmaHeapProvider::open(memfd_max_object_size)?)),
+        ProviderChoice::Auto => {
+            match UdmabufProvider::open() {
+                Ok(p) => {
+                    log::info!(
+                        "provider: udmabuf ({UDMABUF_NODE}, max object size {} bytes)",
+                        p.max_object_size()
+                    );
+                    return Ok(Box::new(p));
+                }
+                Err(e) => log_fallback("udmabuf", &e),
+            }
+            match DmaHeapProvider::open(memfd_max_object_size) {
+                Ok(p) => {
+                    log::info!(
+                        "provider: dma-heap ({DMA_HEAP_SYSTEM_NODE}, max object size {} bytes)",
+                        p.max_object_size()
+                    );
+                    return Ok(Box::new(p));
+                }
+                Err(e) => log_fallback("dma-heap", &e),
+            }
+            log::info!(
+                "provider: memfd (syncs emulated, max object size {memfd_max_object_size} bytes)"
+            );
+            Ok(Box::new(MemfdProvider::new(memfd_max_object_size)))
+        }
+    }
+}
+
+fn log_fallback(what: &str, e: &ProviderError) {
+    match e {
+        ProviderError::MissingDevice { .. } => log::info!("provider: skipping {what}: {e}"),
+        _ => log::warn!("provider: skipping {what}: {e}"),
+    }
+}
+
+/// The host page size.
+pub fn page_size() -> u64 {
+    // SAFETY: sysconf only reads a system constant; it touches no memory of
+    // ours.
+    let n = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    u64::try_from(n).ok().filter(|&n| n > 0).unwrap_or(4096)
+}
+
+/// Checks a buffer size: non-zero, a page multiple, at most `max`.
+pub(crate) fn check_alloc_size(size: u64, max: u64) -> Result<usize, ProviderError> {
+    let bad = ProviderError::BadSize { size, max };
+    if size == 0 || size > max || !size.is_multiple_of(page_size()) {
+        return Err(bad);
+    }
+    usize::try_from(size).map_err(|_| bad)
+}
+
+/// Checks that `offset..offset + len` lies within a buffer of `size` bytes.
+pub(crate) fn check_range(offset: u64, len: usize, size: u64) -> Result<(), ProviderError> {
+    let len = len as u64;
+    match offset.checked_add(len) {
+        Some(end) if end <= size => Ok(()),
+        _ => Err(ProviderError::OutOfRange { offset, len, size }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn provider_choice_parses_the_four_names() {
+        for name in ProviderChoice::NAMES {
+            let choice: ProviderChoice = name.parse().expect("known name");
+            assert_eq!(choice.as_str(), name);
+            assert_eq!(choice.to_string(), name);
+        }
+        assert_eq!("dma-heap".parse(), Ok(ProviderChoice::DmaHeap));
+        assert_eq!(
+            "dma_heap".parse::<ProviderChoice>(),
+            Err(UnknownProvider("dma_heap".into()))
+        );
+    }
+
+    #[test]
+    fn open_provider_memfd_uses_the_given_cap() {
+        let p = open_provider(ProviderChoice::Memfd, 1 << 20).expect("memfd");
+        assert_eq!(p.kind(), ProviderKind::Memfd);
+        assert_eq!(p.max_object_size(), 1 << 20);
+        assert!(!p.makes_real_dmabufs());
+        assert!(p.sync_record().is_some());
+    }
+
+    #[test]
+    fn open_provider_auto_prefers_udmabuf_then_dma_heap_then_memfd() {
+        let p = open_provider(ProviderChoice::Auto, 1 << 20).expect("auto never fails");
+        let expected = if UdmabufProvider::open().is_ok() {
+            ProviderKind::Udmabuf
+        } else if DmaHeapProvider::open(1 << 20).is_ok() {
+            ProviderKind::DmaHeap
+        } else {
+            ProviderKind::Memfd
+        };
+        assert_eq!(p.kind(), expected);
+    }
+
+    #[test]
+    fn allocate_sizes_must_be_nonzero_page_multiples_within_the_cap() {
+        let page = page_size();
+        let max = 4 * page;
+        assert!(check_alloc_size(page, max).is_ok());
+        assert!(check_alloc_size(max, max).is_ok());
+        for size in [0, 1, page + 1, max + page] {
+            assert!(matches!(
+                check_alloc_size(size, max),
+                Err(ProviderError::BadSize { size: s, max: m }) if s == size && m == max
+            ));
+        }
+    }
+
+    #[test]
+    fn ranges_are_checked_without_overflow() {
+        assert!(check_range(0, 16, 16).is_ok());
+        assert!(check_range(16, 0, 16).is_ok());
+        assert!(check_range(17, 0, 16).is_err());
+        assert!(check_range(8, 9, 16).is_err());
+        assert!(matches!(
+            check_range(u64::MAX, 2, 16),
+            Err(ProviderError::OutOfRange {
+                offset: u64::MAX,
+                len: 2,
+                size: 16
+            })
+        ));
+    }
+}
+
+/// True when `fd` is a kernel dma-buf (its anonymous inode is named
+/// `dmabuf`, as `/proc/self/fd` shows it).
+pub fn is_dmabuf_fd(fd: &impl std::os::fd::AsFd) -> bool {
+    use std::os::fd::AsRawFd;
+    let link = format!("/proc/self/fd/{}", fd.as_fd().as_raw_fd());
+    std::fs::read_link(link).is_ok_and(|target| {
+        let t = target.to_string_lossy();
+        t.starts_with("anon_inode:dmabuf") || t.starts_with("/dmabuf:")
+    })
+}
