@@ -14,7 +14,9 @@
 
 use std::collections::BTreeSet;
 
-use virtio_dmabuf_protocol::{map_flags, AddressSpace, Direction, FenceUsage, MapReply, Reply, Segment, Status};
+use virtio_dmabuf_protocol::{
+    map_flags, AddressSpace, Direction, FenceUsage, MapReply, Reply, Segment, Status,
+};
 
 use super::{done, sync, wait, Attempt, Exporter, GuestId, ObjId, Step};
 
@@ -181,7 +183,12 @@ impl Exporter {
     }
 
     /// The addresses an importer of `object` uses, and their space.
-    fn entries(&self, guest: GuestId, object: ObjId, peer2peer: bool) -> (AddressSpace, Vec<Segment>) {
+    fn entries(
+        &self,
+        guest: GuestId,
+        object: ObjId,
+        peer2peer: bool,
+    ) -> (AddressSpace, Vec<Segment>) {
         let Some(o) = self.objects.get(&object) else {
             return (AddressSpace::Object, Vec::new());
         };
@@ -254,7 +261,12 @@ impl Exporter {
         let (cached, pinned, dynamic_exporter, cache_first) = {
             let o = self.objects.get(&object).ok_or(Status::NoEnt)?;
             let att = self.attachment_of(guest, id)?;
-            (att.cached.is_some(), att.is_pinned(), o.dynamic, o.cache_mapping)
+            (
+                att.cached.is_some(),
+                att.is_pinned(),
+                o.dynamic,
+                o.cache_mapping,
+            )
         };
         // Cached or fresh, the host gets sync-for-device(dir) (section 9).
         self.host_sync(object, sync::for_device(dir))?;
@@ -327,10 +339,17 @@ impl Exporter {
     }
 
     /// `PIN` and `UNPIN` (section 7.3).
-    pub(crate) fn pin(&mut self, guest: GuestId, pid: u64, id: u64, ctx: u64, pin: bool) -> Attempt {
+    pub(crate) fn pin(
+        &mut self,
+        guest: GuestId,
+        pid: u64,
+        id: u64,
+        ctx: u64,
+        pin: bool,
+    ) -> Attempt {
         let att = self.attachment_of(guest, id)?;
         let object = att.object;
-        if ctx != 0 && !self.contexts.get(&ctx).is_some_and(|c| c.guest == guest) {
+        if ctx != 0 && self.contexts.get(&ctx).is_none_or(|c| c.guest != guest) {
             return Err(Status::NoEnt);
         }
         if !att.dynamic_importer {
@@ -341,7 +360,11 @@ impl Exporter {
         };
         if o.revoked {
             // Nothing can move any more; an UNPIN still lets the driver unwind.
-            return if pin { Err(Status::NoEnt) } else { done(Ok(Reply::Empty)) };
+            return if pin {
+                Err(Status::NoEnt)
+            } else {
+                done(Ok(Reply::Empty))
+            };
         }
         let dynamic_exporter = o.dynamic;
         let lock_use = self.lock_use(guest, att, ctx)?;

@@ -23,7 +23,13 @@ impl Exporter {
 
     /// `BEGIN_CPU_ACCESS` / `END_CPU_ACCESS`: sync-for-cpu(dir) after the
     /// fence wait, sync-for-device(dir) at the end (section 9).
-    pub(crate) fn cpu_access(&mut self, guest: GuestId, handle: u64, dir: Direction, begin: bool) -> Attempt {
+    pub(crate) fn cpu_access(
+        &mut self,
+        guest: GuestId,
+        handle: u64,
+        dir: Direction,
+        begin: bool,
+    ) -> Attempt {
         let object = self.object_of(guest, handle)?;
         if begin {
             if let Some(step) = self.cpu_fences(object, dir) {
@@ -90,9 +96,9 @@ impl Exporter {
             .ok_or(Status::Inval)?;
         if uses == 1 {
             let in_use = self.guests[guest].mappings.iter().any(|m| {
-                self.mappings
-                    .get(m)
-                    .is_some_and(|m| m.object == object && !m.invalid && m.space == AddressSpace::Shm)
+                self.mappings.get(m).is_some_and(|m| {
+                    m.object == object && !m.invalid && m.space == AddressSpace::Shm
+                })
             });
             if in_use {
                 return Err(Status::Busy);
@@ -109,7 +115,10 @@ impl Exporter {
         let g = &mut self.guests[guest];
         if let Some(p) = g.shm.remove(&object) {
             if let Err(status) = g.frontend.shm_unmap(p.offset, p.len) {
-                log::warn!("guest {guest}: SHMEM_UNMAP at {:#x} failed: {status}", p.offset);
+                log::warn!(
+                    "guest {guest}: SHMEM_UNMAP at {:#x} failed: {status}",
+                    p.offset
+                );
             }
         }
     }
@@ -125,7 +134,13 @@ impl Exporter {
 
     /// `TRANSFER_TO_HOST`: a copy into the object, bracketed by CPU access
     /// for writing (fence wait, START|WRITE, END|WRITE).
-    pub(crate) fn transfer_to_host(&mut self, guest: GuestId, handle: u64, offset: u64, data: &[u8]) -> Attempt {
+    pub(crate) fn transfer_to_host(
+        &mut self,
+        guest: GuestId,
+        handle: u64,
+        offset: u64,
+        data: &[u8],
+    ) -> Attempt {
         let object = self.object_of(guest, handle)?;
         self.transfer_range(object, offset, data.len() as u64)?;
         if self.objects.get(&object).is_some_and(|o| o.read_only) {
@@ -151,7 +166,13 @@ impl Exporter {
 
     /// `TRANSFER_FROM_HOST`: a copy out of the object, bracketed by CPU
     /// access for reading (fence wait, START|READ, END|READ).
-    pub(crate) fn transfer_from_host(&mut self, guest: GuestId, handle: u64, offset: u64, len: u64) -> Attempt {
+    pub(crate) fn transfer_from_host(
+        &mut self,
+        guest: GuestId,
+        handle: u64,
+        offset: u64,
+        len: u64,
+    ) -> Attempt {
         let object = self.object_of(guest, handle)?;
         self.transfer_range(object, offset, len)?;
         let dir = Direction::FromDevice;

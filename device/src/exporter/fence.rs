@@ -112,7 +112,13 @@ impl Exporter {
 
     /// `WAIT`: completes when every fence of usage <= `usage` is signalled.
     /// Like `dma_resv_wait_timeout`, it does not report the fences' errors.
-    pub(crate) fn wait(&mut self, guest: GuestId, handle: u64, usage: FenceUsage, timeout_ns: u64) -> Attempt {
+    pub(crate) fn wait(
+        &mut self,
+        guest: GuestId,
+        handle: u64,
+        usage: FenceUsage,
+        timeout_ns: u64,
+    ) -> Attempt {
         let object = self.object_of(guest, handle)?;
         if self.fences_clear(object, usage) {
             return done(Ok(Reply::Empty));

@@ -67,7 +67,12 @@ pub(crate) struct Stats {
 impl Stats {
     pub fn count(&mut self, opcode: Opcode, response: &Response) {
         let status = virtio_dmabuf_protocol::response_status(response);
-        *self.requests.entry(opcode).or_default().entry(status).or_insert(0) += 1;
+        *self
+            .requests
+            .entry(opcode)
+            .or_default()
+            .entry(status)
+            .or_insert(0) += 1;
     }
 }
 
@@ -117,7 +122,11 @@ pub struct ObjectInfo {
 
 impl Exporter {
     /// Registers a host dma-buf (or any backing) under `spec.name`.
-    pub fn host_export(&mut self, spec: ExportSpec, backing: Box<dyn Backing>) -> Result<uuid::Uuid, HostError> {
+    pub fn host_export(
+        &mut self,
+        spec: ExportSpec,
+        backing: Box<dyn Backing>,
+    ) -> Result<uuid::Uuid, HostError> {
         let name_ok = !spec.name.is_empty()
             && spec.name.len() < virtio_dmabuf_protocol::NAME_LEN
             && !spec.name.contains('\0');
@@ -127,14 +136,23 @@ impl Exporter {
         if self.exports.contains_key(&spec.name) {
             return Err(HostError::ExportExists(spec.name));
         }
-        if let Some(g) = spec.guests.iter().flatten().find(|g| **g >= self.guests.len()) {
+        if let Some(g) = spec
+            .guests
+            .iter()
+            .flatten()
+            .find(|g| **g >= self.guests.len())
+        {
             return Err(HostError::NoGuest(*g));
         }
         let size = backing.size();
-        if size == 0 || size % self.config.page_size != 0 {
+        if size == 0 || !size.is_multiple_of(self.config.page_size) {
             return Err(HostError::BadSize(size));
         }
-        let provider_name = if backing.is_real_dmabuf() { "dma-buf" } else { "fd" };
+        let provider_name = if backing.is_real_dmabuf() {
+            "dma-buf"
+        } else {
+            "fd"
+        };
         let mut object = Object::new(size, backing, spec.dynamic, provider_name);
         object.read_only = spec.read_only;
         object.export = Some(Export {
@@ -235,10 +253,12 @@ impl Exporter {
         let owner = Owner::Host(op);
         let result = match self.attempt_evict_on(id, pid) {
             Ok((Step::Done, _)) => Some(Ok(())),
-            Ok((step, _)) => match self.park(pid, owner, Work::Evict, step, now.checked_add(timeout)) {
-                Ok(()) => None,
-                Err(status) => Some(Err(HostError::Status(status))),
-            },
+            Ok((step, _)) => {
+                match self.park(pid, owner, Work::Evict, step, now.checked_add(timeout)) {
+                    Ok(()) => None,
+                    Err(status) => Some(Err(HostError::Status(status))),
+                }
+            }
             Err(status) => Some(Err(HostError::from_status(status))),
         };
         self.pump(now);
@@ -254,7 +274,11 @@ impl Exporter {
 
     /// A parked eviction runs again (its object is in the pending record).
     pub(crate) fn attempt_evict(&mut self, pid: u64, _now: Instant) -> Attempt {
-        let id = self.pending.get(&pid).map(|p| p.object).ok_or(Status::NoEnt)?;
+        let id = self
+            .pending
+            .get(&pid)
+            .map(|p| p.object)
+            .ok_or(Status::NoEnt)?;
         self.attempt_evict_on(id, pid)
     }
 
@@ -300,7 +324,9 @@ impl Exporter {
             while at < size {
                 let n = usize::try_from((size - at).min(COPY_CHUNK as u64)).unwrap_or(COPY_CHUNK);
                 let chunk = &mut buf[..n];
-                let copied = old.read_at(at, chunk).and_then(|()| new.write_at(at, chunk));
+                let copied = old
+                    .read_at(at, chunk)
+                    .and_then(|()| new.write_at(at, chunk));
                 copied.map_err(|e| {
                     log::error!("move of object {id}: {e}");
                     Status::Io
@@ -314,12 +340,16 @@ impl Exporter {
                 continue;
             };
             let guest = &mut self.guests[g];
-            let remapped = guest
-                .frontend
-                .shm_unmap(p.offset, p.len)
-                .and_then(|()| guest.frontend.shm_map(p.offset, new.fd(), p.len, p.writable));
+            let remapped = guest.frontend.shm_unmap(p.offset, p.len).and_then(|()| {
+                guest
+                    .frontend
+                    .shm_map(p.offset, new.fd(), p.len, p.writable)
+            });
             if let Err(status) = remapped {
-                log::warn!("guest {g}: re-placing moved object at {:#x} failed: {status}", p.offset);
+                log::warn!(
+                    "guest {g}: re-placing moved object at {:#x} failed: {status}",
+                    p.offset
+                );
             }
         }
         let o = self.objects.get_mut(&id).ok_or(Status::NoEnt)?;
@@ -367,7 +397,11 @@ impl Exporter {
             .filter_map(|a| self.attachments.get(a))
             .map(|a| AttachmentInfo {
                 guest: a.guest,
-                importer: if a.dynamic_importer { "dynamic" } else { "static" },
+                importer: if a.dynamic_importer {
+                    "dynamic"
+                } else {
+                    "static"
+                },
                 pins: a.pins + u32::from(a.lifetime_pin),
                 cached_dir: a.cached.map(|d| d as u32),
                 mappings: a.mappings.len(),
@@ -392,7 +426,11 @@ impl Exporter {
             size: o.size,
             provider: o.provider_name,
             exporter: if o.dynamic { "dynamic" } else { "static" },
-            placement: if o.guest_pages.is_some() { "guest" } else { "host" },
+            placement: if o.guest_pages.is_some() {
+                "guest"
+            } else {
+                "host"
+            },
             generation: o.generation,
             export: o.export.as_ref().map(|e| e.name.clone()),
             revoked: o.revoked,

@@ -61,7 +61,14 @@ impl Exporter {
     }
 
     /// `LOCK` (section 7.4).
-    pub(crate) fn lock(&mut self, guest: GuestId, ctx: u64, handle: u64, try_lock: bool, slow: bool) -> Attempt {
+    pub(crate) fn lock(
+        &mut self,
+        guest: GuestId,
+        ctx: u64,
+        handle: u64,
+        try_lock: bool,
+        slow: bool,
+    ) -> Attempt {
         let c = self.context_of(guest, ctx)?;
         let object = self.object_of(guest, handle)?;
         if slow && !c.held.is_empty() {
@@ -133,7 +140,10 @@ impl Exporter {
         if let Some(pid) = c.waiting {
             self.complete(pid, Err(Status::Canceled));
         }
-        let held: Vec<ObjId> = self.contexts.get(&ctx).map_or(Vec::new(), |c| c.held.iter().copied().collect());
+        let held: Vec<ObjId> = self
+            .contexts
+            .get(&ctx)
+            .map_or(Vec::new(), |c| c.held.iter().copied().collect());
         for object in held {
             self.release_lock(ctx, object);
         }

@@ -191,7 +191,10 @@ pub(crate) enum Step {
         locked: bool,
     },
     /// `LOCK`: queue as the context in the object's waiter list.
-    QueueCtx { object: ObjId, ctx: u64 },
+    QueueCtx {
+        object: ObjId,
+        ctx: u64,
+    },
 }
 
 /// The result of one attempt to run a request.
@@ -273,7 +276,9 @@ impl Exporter {
     pub fn new(config: ExporterConfig, provider: Box<dyn Provider>, num_guests: usize) -> Self {
         let limit = config.limits.max_pending_events as usize;
         Exporter {
-            guests: (0..num_guests).map(|_| session::Guest::new(limit)).collect(),
+            guests: (0..num_guests)
+                .map(|_| session::Guest::new(limit))
+                .collect(),
             config,
             provider,
             objects: BTreeMap::new(),
@@ -332,10 +337,14 @@ impl Exporter {
         self.next_pending += 1;
         let owner = Owner::Guest { guest, origin, tag };
         let result = match self.attempt(owner, pid, &Work::Guest(request.clone()), now) {
-            Ok((Step::Done, response)) => Some(response.unwrap_or(Ok(virtio_dmabuf_protocol::Reply::Empty))),
+            Ok((Step::Done, response)) => {
+                Some(response.unwrap_or(Ok(virtio_dmabuf_protocol::Reply::Empty)))
+            }
             Ok((step, _)) => {
                 let deadline = match &request {
-                    Request::Wait { timeout_ns, .. } => now.checked_add(Duration::from_nanos(*timeout_ns)),
+                    Request::Wait { timeout_ns, .. } => {
+                        now.checked_add(Duration::from_nanos(*timeout_ns))
+                    }
                     _ => None,
                 };
                 match self.park(pid, owner, Work::Guest(request), step, deadline) {
@@ -411,14 +420,23 @@ impl Exporter {
     /// One attempt at a request: either it is done, or it says what it waits for.
     fn attempt(&mut self, owner: Owner, pid: u64, work: &Work, now: Instant) -> Attempt {
         match (owner, work) {
-            (Owner::Guest { guest, tag, .. }, Work::Guest(req)) => self.dispatch(guest, pid, tag, req, now),
+            (Owner::Guest { guest, tag, .. }, Work::Guest(req)) => {
+                self.dispatch(guest, pid, tag, req, now)
+            }
             (Owner::Host(_), Work::Evict) => self.attempt_evict(pid, now),
             _ => Err(Status::Inval),
         }
     }
 
     /// The handler of each opcode.
-    fn dispatch(&mut self, guest: GuestId, pid: u64, tag: u64, req: &Request, now: Instant) -> Attempt {
+    fn dispatch(
+        &mut self,
+        guest: GuestId,
+        pid: u64,
+        tag: u64,
+        req: &Request,
+        now: Instant,
+    ) -> Attempt {
         let _ = tag;
         match req {
             Request::GetInfo => done(Ok(self.get_info(guest))),
@@ -432,7 +450,13 @@ impl Exporter {
                 dynamic,
                 cache_mapping,
                 guest_pages,
-            } => self.create(guest, *size, *dynamic, *cache_mapping, guest_pages.as_deref()),
+            } => self.create(
+                guest,
+                *size,
+                *dynamic,
+                *cache_mapping,
+                guest_pages.as_deref(),
+            ),
             Request::Open { uuid, name } => self.open(guest, uuid.as_ref(), name),
             Request::Release { object } => self.release(guest, *object),
             Request::ExportUuid { object } => self.export_uuid(guest, *object),
@@ -469,9 +493,11 @@ impl Exporter {
                 offset,
                 data,
             } => self.transfer_to_host(guest, *object, *offset, data),
-            Request::TransferFromHost { object, offset, len } => {
-                self.transfer_from_host(guest, *object, *offset, *len)
-            }
+            Request::TransferFromHost {
+                object,
+                offset,
+                len,
+            } => self.transfer_from_host(guest, *object, *offset, *len),
             Request::FenceAttach { ctx, object, usage } => {
                 self.fence_attach(guest, *ctx, *object, *usage, now)
             }
@@ -693,9 +719,10 @@ impl Exporter {
         }
         match attempt {
             Ok((Step::Done, response)) => match owner {
-                Owner::Guest { .. } => {
-                    self.complete(pid, response.unwrap_or(Ok(virtio_dmabuf_protocol::Reply::Empty)))
-                }
+                Owner::Guest { .. } => self.complete(
+                    pid,
+                    response.unwrap_or(Ok(virtio_dmabuf_protocol::Reply::Empty)),
+                ),
                 Owner::Host(_) => self.complete_host(pid, Ok(())),
             },
             Ok((step, _)) => self.repark(pid, step),
@@ -751,7 +778,9 @@ impl Exporter {
     /// `CANCEL` (section 7.1).
     fn cancel(&mut self, guest: GuestId, tag: u64) -> Attempt {
         let found = self.pending.iter().find_map(|(id, p)| match p.owner {
-            Owner::Guest { guest: g, tag: t, .. } if g == guest && t == tag => Some(*id),
+            Owner::Guest {
+                guest: g, tag: t, ..
+            } if g == guest && t == tag => Some(*id),
             _ => None,
         });
         match found {
@@ -790,7 +819,11 @@ impl Exporter {
                 Ok(())
             }
             Err(e) => {
-                log::error!("host sync {} on {} failed: {e}", sync::flags_name(flags), entry.uuid);
+                log::error!(
+                    "host sync {} on {} failed: {e}",
+                    sync::flags_name(flags),
+                    entry.uuid
+                );
                 self.stats.syncs.failed += 1;
                 Err(Status::Io)
             }

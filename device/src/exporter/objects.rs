@@ -103,7 +103,11 @@ impl Exporter {
 
     /// Like [`Self::object_of`], revoked objects included.
     pub(crate) fn object_of_any(&self, guest: GuestId, handle: u64) -> Result<ObjId, Status> {
-        self.guests[guest].handles.get(&handle).copied().ok_or(Status::NoEnt)
+        self.guests[guest]
+            .handles
+            .get(&handle)
+            .copied()
+            .ok_or(Status::NoEnt)
     }
 
     pub(crate) fn object_reply(&self, guest: GuestId, id: ObjId) -> Reply {
@@ -171,7 +175,7 @@ impl Exporter {
     ) -> Attempt {
         let page = self.config.page_size;
         let limits = self.config.limits;
-        if size == 0 || size % page != 0 {
+        if size == 0 || !size.is_multiple_of(page) {
             return Err(Status::Inval);
         }
         if let Some(entries) = guest_pages {
@@ -199,7 +203,10 @@ impl Exporter {
             return Err(Status::NoSpc);
         }
         let host_bytes = if guest_pages.is_some() { 0 } else { size };
-        if g.bytes.checked_add(host_bytes).is_none_or(|b| b > limits.max_bytes) {
+        if g.bytes
+            .checked_add(host_bytes)
+            .is_none_or(|b| b > limits.max_bytes)
+        {
             return Err(Status::NoSpc);
         }
         let (backing, provider_name) = match guest_pages {
@@ -269,7 +276,10 @@ impl Exporter {
         }
         let fd: OwnedFd = self.guests[guest].frontend.shared_object_lookup(uuid)?;
         if !provider::is_dmabuf_fd(&fd) && !self.config.allow_memfd_shared_objects {
-            log::warn!("shared object {} is not a dma-buf", uuid::Uuid::from_bytes(*uuid));
+            log::warn!(
+                "shared object {} is not a dma-buf",
+                uuid::Uuid::from_bytes(*uuid)
+            );
             return Err(Status::Io);
         }
         let backing = provider::import_dmabuf(fd).map_err(|e| {
@@ -325,10 +335,9 @@ impl Exporter {
             .fences
             .iter()
             .any(|f| self.fences.get(f).is_some_and(|f| f.guest == guest));
-        let waiting = self
-            .pending
-            .values()
-            .any(|p| p.object == id && matches!(p.owner, Owner::Guest { guest: pg, .. } if pg == guest));
+        let waiting = self.pending.values().any(|p| {
+            p.object == id && matches!(p.owner, Owner::Guest { guest: pg, .. } if pg == guest)
+        });
         attached || g.shm.contains_key(&id) || locked || fenced || waiting
     }
 
@@ -342,9 +351,10 @@ impl Exporter {
             .map(|(k, _)| *k)
             .collect();
         for a in atts {
-            let maps: Vec<u64> = self.attachments.get(&a).map_or(Vec::new(), |a| {
-                a.mappings.iter().copied().collect()
-            });
+            let maps: Vec<u64> = self
+                .attachments
+                .get(&a)
+                .map_or(Vec::new(), |a| a.mappings.iter().copied().collect());
             for m in maps {
                 self.drop_mapping(m);
             }
@@ -435,4 +445,3 @@ pub(crate) fn provider_name(kind: virtio_dmabuf_protocol::ProviderKind) -> &'sta
         virtio_dmabuf_protocol::ProviderKind::DmaHeap => "dma-heap",
     }
 }
-

@@ -145,10 +145,22 @@ mod tests {
     fn contexts_queue_oldest_first_and_anon_keep_arrival_order() {
         let mut m = WwMutex::default();
         m.take(ctx(9, 9));
-        m.enqueue(Waiter { pending: 1, locker: ctx(5, 5) });
-        m.enqueue(Waiter { pending: 2, locker: Locker::Anon(2) });
-        m.enqueue(Waiter { pending: 3, locker: ctx(3, 3) });
-        m.enqueue(Waiter { pending: 4, locker: ctx(7, 7) });
+        m.enqueue(Waiter {
+            pending: 1,
+            locker: ctx(5, 5),
+        });
+        m.enqueue(Waiter {
+            pending: 2,
+            locker: Locker::Anon(2),
+        });
+        m.enqueue(Waiter {
+            pending: 3,
+            locker: ctx(3, 3),
+        });
+        m.enqueue(Waiter {
+            pending: 4,
+            locker: ctx(7, 7),
+        });
         let order: Vec<u64> = m.waiters().iter().map(|w| w.pending).collect();
         assert_eq!(order, vec![3, 1, 2, 4]);
     }
@@ -157,9 +169,15 @@ mod tests {
     fn younger_waiter_holding_locks_dies_when_older_queues_ahead() {
         let mut m = WwMutex::default();
         m.take(Locker::Anon(100));
-        m.enqueue(Waiter { pending: 1, locker: ctx(5, 5) });
+        m.enqueue(Waiter {
+            pending: 1,
+            locker: ctx(5, 5),
+        });
         assert!(m.reap_dying(|_| true).is_empty());
-        m.enqueue(Waiter { pending: 2, locker: ctx(3, 3) });
+        m.enqueue(Waiter {
+            pending: 2,
+            locker: ctx(3, 3),
+        });
         let dead = m.reap_dying(|c| c == 5);
         assert_eq!(dead.len(), 1);
         assert_eq!(dead[0].pending, 1);
@@ -169,7 +187,10 @@ mod tests {
     fn context_holding_no_lock_never_dies() {
         let mut m = WwMutex::default();
         m.take(ctx(1, 1));
-        m.enqueue(Waiter { pending: 1, locker: ctx(5, 5) });
+        m.enqueue(Waiter {
+            pending: 1,
+            locker: ctx(5, 5),
+        });
         assert!(m.reap_dying(|_| false).is_empty());
     }
 
@@ -178,7 +199,10 @@ mod tests {
         let mut m = WwMutex::default();
         m.take(Locker::Anon(1));
         assert!(!m.must_die_on_arrival(0));
-        m.enqueue(Waiter { pending: 1, locker: ctx(5, 5) });
+        m.enqueue(Waiter {
+            pending: 1,
+            locker: ctx(5, 5),
+        });
         assert!(m.reap_dying(|_| true).is_empty());
     }
 }

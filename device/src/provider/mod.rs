@@ -230,6 +230,17 @@ pub(crate) fn check_range(offset: u64, len: usize, size: u64) -> Result<(), Prov
     }
 }
 
+/// True when `fd` is a kernel dma-buf (its anonymous inode is named
+/// `dmabuf`, as `/proc/self/fd` shows it).
+pub fn is_dmabuf_fd(fd: &impl std::os::fd::AsFd) -> bool {
+    use std::os::fd::AsRawFd;
+    let link = format!("/proc/self/fd/{}", fd.as_fd().as_raw_fd());
+    std::fs::read_link(link).is_ok_and(|target| {
+        let t = target.to_string_lossy();
+        t.starts_with("anon_inode:dmabuf") || t.starts_with("/dmabuf:")
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -299,15 +310,4 @@ mod tests {
             })
         ));
     }
-}
-
-/// True when `fd` is a kernel dma-buf (its anonymous inode is named
-/// `dmabuf`, as `/proc/self/fd` shows it).
-pub fn is_dmabuf_fd(fd: &impl std::os::fd::AsFd) -> bool {
-    use std::os::fd::AsRawFd;
-    let link = format!("/proc/self/fd/{}", fd.as_fd().as_raw_fd());
-    std::fs::read_link(link).is_ok_and(|target| {
-        let t = target.to_string_lossy();
-        t.starts_with("anon_inode:dmabuf") || t.starts_with("/dmabuf:")
-    })
 }
