@@ -7,3 +7,4 @@
 
 pub mod exporter;
 pub mod provider;
+pub mod state;

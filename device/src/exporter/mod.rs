@@ -366,6 +366,20 @@ impl Exporter {
         std::mem::take(&mut self.completions)
     }
 
+    /// Parked requests of one guest that completed, in order.
+    pub fn take_completions_for(&mut self, guest: GuestId) -> Vec<Completion> {
+        let (mine, rest) = std::mem::take(&mut self.completions)
+            .into_iter()
+            .partition(|c| c.guest == guest);
+        self.completions = rest;
+        mine
+    }
+
+    /// True when `guest` has completed parked requests to deliver.
+    pub fn has_completions(&self, guest: GuestId) -> bool {
+        self.completions.iter().any(|c| c.guest == guest)
+    }
+
     /// Host operations (evict) that completed since the last call.
     pub fn take_host_completions(&mut self) -> Vec<(HostOpId, Result<(), HostError>)> {
         std::mem::take(&mut self.host_completions)

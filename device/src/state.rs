@@ -1,0 +1,130 @@
+//! The state every thread of the daemon shares: the exporter behind one
+//! lock, and the wake-ups that tell a guest's worker (or the control plane)
+//! that something for it changed elsewhere.
+//!
+//! A guest's vring worker submits requests and drains its own completions
+//! and events. Anything else that changes the model (another guest's
+//! request, a host command, a timer) may complete that guest's parked
+//! requests or queue its events, so after every change the changer calls
+//! [`DeviceState::changed`], which writes the eventfds of the guests that
+//! have something to deliver and nudges the timer thread.
+
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use crate::exporter::{Exporter, GuestId};
+
+/// Shared by the vring workers of every guest, the control plane and the
+/// timer thread.
+#[derive(Debug)]
+pub struct DeviceState {
+    exporter: Mutex<Exporter>,
+    /// One per guest: readable when the guest has completions or events.
+    guest_wake: Vec<EventFd>,
+    /// Readable when host operations completed (the control plane polls it).
+    control_wake: EventFd,
+    /// The timer thread sleeps on this until the next deadline or a change.
+    timer: (Mutex<TimerState>, Condvar),
+}
+
+#[derive(Debug, Default)]
+struct TimerState {
+    generation: u64,
+    stop: bool,
+}
+
+impl DeviceState {
+    pub fn new(exporter: Exporter) -> std::io::Result<Arc<DeviceState>> {
+        let guests = exporter.num_guests();
+        let guest_wake = (0..guests)
+            .map(|_| EventFd::new(EFD_NONBLOCK))
+            .collect::<std::io::Result<Vec<_>>>()?;
+        Ok(Arc::new(DeviceState {
+            exporter: Mutex::new(exporter),
+            guest_wake,
+            control_wake: EventFd::new(EFD_NONBLOCK)?,
+            timer: (Mutex::new(TimerState::default()), Condvar::new()),
+        }))
+    }
+
+    /// The model. A panic while it was held cannot be recovered from in a
+    /// meaningful way, but serving the other guests beats aborting them all.
+    pub fn lock(&self) -> MutexGuard<'_, Exporter> {
+        self.exporter.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The eventfd a guest's worker listens on.
+    pub fn guest_wake(&self, guest: GuestId) -> Option<&EventFd> {
+        self.guest_wake.get(guest)
+    }
+
+    /// The eventfd the control plane listens on.
+    pub fn control_wake(&self) -> &EventFd {
+        &self.control_wake
+    }
+
+    /// Call after any change to the model (with the lock released or held):
+    /// wakes each guest that has something to deliver, the control plane,
+    /// and the timer thread (the next deadline may have moved).
+    pub fn changed(&self, exporter: &Exporter) {
+        for (guest, fd) in self.guest_wake.iter().enumerate() {
+            if exporter.has_completions(guest) || exporter.has_events(guest) {
+                // A full counter still wakes the reader; nothing is lost.
+                let _ = fd.write(1);
+            }
+        }
+        let _ = self.control_wake.write(1);
+        let (lock, cv) = &self.timer;
+        let mut t = lock.lock().unwrap_or_else(PoisonError::into_inner);
+        t.generation = t.generation.wrapping_add(1);
+        cv.notify_all();
+    }
+
+    /// Starts the thread that fires the model's timers (fence timeouts,
+    /// WAIT timeouts, eviction lock timeouts).
+    pub fn spawn_timer(self: &Arc<Self>) -> std::io::Result<JoinHandle<()>> {
+        let state = Arc::clone(self);
+        std::thread::Builder::new()
+            .name("dmabuf-timer".into())
+            .spawn(move || state.timer_loop())
+    }
+
+    /// Stops the timer thread.
+    pub fn stop_timer(&self) {
+        let (lock, cv) = &self.timer;
+        lock.lock().unwrap_or_else(PoisonError::into_inner).stop = true;
+        cv.notify_all();
+    }
+
+    fn timer_loop(&self) {
+        loop {
+            let deadline = {
+                let mut ex = self.lock();
+                let now = Instant::now();
+                if ex.next_deadline().is_some_and(|d| d <= now) {
+                    ex.tick(now);
+                    self.changed(&ex);
+                }
+                ex.next_deadline()
+            };
+            let (lock, cv) = &self.timer;
+            let t = lock.lock().unwrap_or_else(PoisonError::into_inner);
+            if t.stop {
+                return;
+            }
+            let seen = t.generation;
+            let wait = deadline.map_or(Duration::from_secs(3600), |d| {
+                d.saturating_duration_since(Instant::now())
+            });
+            let (t, _) = cv
+                .wait_timeout_while(t, wait, |t| !t.stop && t.generation == seen)
+                .unwrap_or_else(PoisonError::into_inner);
+            if t.stop {
+                return;
+            }
+        }
+    }
+}
