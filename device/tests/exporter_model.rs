@@ -382,9 +382,10 @@ fn step(d: &mut Dev, m: &mut Model, op: &Op) -> Result<(), TestCaseError> {
             let r = d.call(g, Dev::map_req(id, dir_of(dir), ctx));
             let expected = if ctx != 0 && !m.ctxs[&ctx].held.contains(&att.obj) {
                 Status::Perm
-            } else if ctx != 0 && m.ctxs[&ctx].waiting.is_some() {
-                Status::Busy
-            } else if att.cached.is_some_and(|c| c != dir && c != 0) {
+            } else if (ctx != 0 && m.ctxs[&ctx].waiting.is_some())
+                || att.cached.is_some_and(|c| c != dir && c != 0)
+            {
+                // A waiting context, or a cached mapping in another direction.
                 Status::Busy
             } else {
                 Status::Ok
