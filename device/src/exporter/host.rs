@@ -442,6 +442,12 @@ impl Exporter {
         }
     }
 
+    /// Counts a request the transport refused before it reached the model
+    /// (a parse failure of a known opcode), so `ctl stats` shows it too.
+    pub fn count_refused(&mut self, opcode: Opcode, status: Status) {
+        self.stats.count(opcode, &Err(status));
+    }
+
     /// Request counters by opcode and status, and the host sync record.
     pub fn stats(&self) -> StatsSnapshot {
         StatsSnapshot {
