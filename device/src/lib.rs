@@ -5,6 +5,7 @@
 //!   lock, fences, cached mappings, direction-to-sync rules).
 //! - [`provider`]: host memory (memfd, udmabuf, dma-heap, imported dma-bufs).
 
+pub mod control;
 pub mod exporter;
 pub mod provider;
 pub mod state;

@@ -110,6 +110,23 @@ impl Exporter {
         done(Ok(Reply::Empty))
     }
 
+    /// The front-end refused the `SHMEM_MAP` of a `MAP_SHM` by `guest` that
+    /// placed `handle` in the window (its answer arrives after the model
+    /// replied): drops that placement without a `SHMEM_UNMAP`, as if the
+    /// `MAP_SHM` had failed. Later uses of the same placement are kept.
+    pub fn shm_map_refused(&mut self, guest: GuestId, handle: u64) {
+        if guest >= self.guests.len() {
+            return;
+        }
+        let Ok(object) = self.object_of_any(guest, handle) else {
+            return;
+        };
+        let g = &mut self.guests[guest];
+        if g.shm.get(&object).is_some_and(|p| p.uses == 1) {
+            g.shm.remove(&object);
+        }
+    }
+
     /// Takes an object out of a guest's window (last use, revoke, reset).
     pub(crate) fn shm_remove(&mut self, guest: GuestId, object: ObjId) {
         let g = &mut self.guests[guest];

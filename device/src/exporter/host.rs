@@ -176,6 +176,34 @@ impl Exporter {
         Ok(())
     }
 
+    /// Guest memory under guest-placed objects went away (the front-end
+    /// removed or replaced a memory region, section 10): every live object
+    /// `guest` created over guest pages with an entry for which
+    /// `removed(gpa, len)` holds is revoked. Returns how many were.
+    pub fn revoke_guest_pages(
+        &mut self,
+        guest: GuestId,
+        removed: impl Fn(u64, u64) -> bool,
+        now: Instant,
+    ) -> usize {
+        let hit: Vec<ObjId> = self
+            .objects
+            .iter()
+            .filter(|(_, o)| !o.revoked && o.creator == Some(guest))
+            .filter(|(_, o)| {
+                o.guest_pages
+                    .as_ref()
+                    .is_some_and(|entries| entries.iter().any(|e| removed(e.addr, e.len)))
+            })
+            .map(|(id, _)| *id)
+            .collect();
+        for id in &hit {
+            self.revoke_object(*id);
+        }
+        self.pump(now);
+        hit.len()
+    }
+
     /// Revokes an object: waiting requests end, locks drop (never waiting
     /// for one), window mappings go, mappings become invalid, holders get
     /// REVOKED, and the host memory is given back.

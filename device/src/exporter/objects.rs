@@ -269,6 +269,23 @@ impl Exporter {
         })
     }
 
+    /// True when `OPEN` BY_UUID of `uuid` is resolved here for `guest` (an
+    /// object it holds or published, or a host export it may see), so no
+    /// `SHARED_OBJECT_LOOKUP` goes to the front-end. The daemon asks this
+    /// before it looks a UUID up, which it does without the model's lock.
+    pub fn resolves_uuid_locally(&self, guest: GuestId, uuid: &[u8; 16]) -> bool {
+        guest < self.guests.len() && self.find_by_uuid(guest, uuid).is_some()
+    }
+
+    /// The front-end refused the `SHARED_OBJECT_ADD` of an `EXPORT_UUID` by
+    /// `guest` (its answer arrives after the model replied): forget that
+    /// publication, so no `REMOVE` follows and a retry sends `ADD` again.
+    pub fn unpublish(&mut self, guest: GuestId, uuid: &[u8; 16]) {
+        for o in self.objects.values_mut().filter(|o| o.uuid == *uuid) {
+            o.published.remove(&guest);
+        }
+    }
+
     /// `OPEN` BY_UUID of an object another device of the VM published.
     fn import_shared_object(&mut self, guest: GuestId, uuid: &[u8; 16]) -> Result<ObjId, Status> {
         if !self.guests[guest].caps.shared_objects {
@@ -282,7 +299,7 @@ impl Exporter {
             );
             return Err(Status::Io);
         }
-        let backing = provider::import_dmabuf(fd).map_err(|e| {
+        let backing = provider::import_host_fd(fd).map_err(|e| {
             log::warn!("shared object {}: {e}", uuid::Uuid::from_bytes(*uuid));
             Status::Io
         })?;

@@ -7,7 +7,7 @@ use std::sync::OnceLock;
 use rustix::fs::{fcntl_getfl, seek, OFlags, SeekFrom};
 
 use super::mmap::Mapping;
-use super::sync::dma_buf_sync;
+use super::sync::{dma_buf_sync, emulated_sync, SyncRecord};
 use super::{check_alloc_size, check_range, page_size, Backing, ProviderError};
 
 /// A kernel dma-buf. Syncs are the real `DMA_BUF_IOCTL_SYNC`; bytes are
@@ -21,6 +21,9 @@ pub struct KernelDmabuf {
     /// Where it came from, for logs: "imported", "udmabuf", "dma-heap".
     origin: &'static str,
     map: OnceLock<Mapping>,
+    /// Set for an fd that is not a kernel dma-buf (a memfd or a file handed
+    /// over as a stand-in): its syncs go to the recording emulation.
+    emulation: Option<(SyncRecord, u64)>,
 }
 
 impl KernelDmabuf {
@@ -32,7 +35,17 @@ impl KernelDmabuf {
             size,
             origin,
             map: OnceLock::new(),
+            emulation: None,
         })
+    }
+
+    /// Makes syncs go to the memfd-style emulation instead of the ioctl.
+    fn emulated(mut self) -> Result<Self, ProviderError> {
+        let inode = rustix::fs::fstat(&self.fd)
+            .map_err(|e| ProviderError::host("fstat", e))?
+            .st_ino;
+        self.emulation = Some((SyncRecord::new(), inode));
+        Ok(self)
     }
 
     pub fn origin(&self) -> &'static str {
@@ -66,11 +79,14 @@ impl Backing for KernelDmabuf {
     }
 
     fn is_real_dmabuf(&self) -> bool {
-        true
+        self.emulation.is_none()
     }
 
     fn sync(&self, flags: u64) -> Result<(), ProviderError> {
-        dma_buf_sync(self.fd.as_fd(), flags)
+        match &self.emulation {
+            None => dma_buf_sync(self.fd.as_fd(), flags),
+            Some((record, inode)) => emulated_sync(record, *inode, flags),
+        }
     }
 
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), ProviderError> {
@@ -93,6 +109,21 @@ impl Backing for KernelDmabuf {
 /// The largest buffer the daemon can map: a page multiple that fits `isize`.
 fn max_import_size() -> u64 {
     (isize::MAX as u64) & !(page_size() - 1)
+}
+
+/// See [`super::import_host_fd`]: a kernel dma-buf gets the real ioctl,
+/// anything else the emulation.
+pub(crate) fn import_detect(
+    fd: OwnedFd,
+    origin: &'static str,
+) -> Result<KernelDmabuf, ProviderError> {
+    let real = super::is_dmabuf_fd(&fd);
+    let b = import(fd, origin)?;
+    if real {
+        Ok(b)
+    } else {
+        b.emulated()
+    }
 }
 
 /// See [`super::import_dmabuf`].
@@ -162,6 +193,14 @@ mod tests {
             let err = b.sync(flags).expect_err("a memfd refuses dma-buf ioctls");
             assert_eq!(err.raw_os_error(), Some(libc::ENOTTY));
         }
+    }
+
+    #[test]
+    fn host_fd_that_is_not_a_dmabuf_gets_the_emulated_sync() {
+        let b = crate::provider::import_host_fd(fake_dmabuf(page_size())).expect("import");
+        assert!(!b.is_real_dmabuf());
+        b.sync(START | RW).expect("emulated");
+        assert!(b.sync(START).is_err(), "flags checked like the kernel");
     }
 
     #[test]

@@ -107,6 +107,14 @@ pub fn import_dmabuf(fd: OwnedFd) -> Result<Box<dyn Backing>, ProviderError> {
     Ok(Box::new(imported::import(fd, "imported")?))
 }
 
+/// Takes ownership of an fd the host hands over (`ctl export`, a shared
+/// object): a kernel dma-buf is used as [`import_dmabuf`] does; any other
+/// mappable fd (a memfd standing in for a device buffer) works the same way
+/// but its syncs go to the recording emulation, as memfd objects' do.
+pub fn import_host_fd(fd: OwnedFd) -> Result<Box<dyn Backing>, ProviderError> {
+    Ok(Box::new(imported::import_detect(fd, "imported")?))
+}
+
 /// Which provider the daemon should use (`--provider`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum ProviderChoice {
