@@ -1,1 +1,14 @@
-//! placeholder
+//! The guest's side of the virtio-dmabuf device (virtio ID 37).
+//!
+//! - [`driver`]: split virtqueues over guest memory and a typed client of
+//!   the device contract (`docs/guest-tests.md`), usable from any transport.
+//! - [`vmm`]: a loopback VMM that plays the front-end (the `vhost` crate's
+//!   `Frontend`, as Cloud Hypervisor uses it) against the daemon's socket:
+//!   guest RAM in memfds, vrings with eventfds, the shared memory window and
+//!   the shared-object table.
+//! - [`suite`]: a tiny scenario runner that reports passed, failed and
+//!   skipped scenarios with reasons.
+
+pub mod driver;
+pub mod suite;
+pub mod vmm;

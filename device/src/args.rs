@@ -1,0 +1,517 @@
+//! The command line: clap arguments, and the one place they are validated
+//! ([`TryFrom<Args>`] for [`Config`]).
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+
+use crate::control::CtlArgs;
+use crate::daemon::{Config, ExportConfig, MAX_REQUEST_QUEUES, MAX_SOCKETS};
+use crate::exporter::{page_size, ExportSpec, Limits};
+use crate::provider::ProviderChoice;
+
+const ABOUT: &str = "vhost-user back-end for the virtio-dmabuf device (virtio ID 37): \
+share host dma-buf memory with guests";
+
+const LONG_ABOUT: &str = "vhost-user back-end for the virtio-dmabuf device (virtio ID 37).
+
+Guests create, open, attach, map, lock and fence buffers through the device's
+virtqueues; the daemon exports them from host memory (memfd, udmabuf,
+dma-heap or host dma-bufs handed to it) or wraps guest RAM pages. Each
+--socket-path socket serves one guest (one VMM front-end at a time; when it
+disconnects, everything that guest held is released and the socket accepts
+the next one).
+
+Logging: set RUST_LOG (error, warn, info (default), debug, trace).
+SIGINT and SIGTERM stop the daemon and remove its sockets.";
+
+/// The whole command line: the daemon's options, or `ctl`.
+#[derive(Debug, Parser)]
+#[command(
+    name = "vhost-device-dmabuf",
+    version,
+    about = ABOUT,
+    long_about = LONG_ABOUT,
+    args_conflicts_with_subcommands = true,
+    subcommand_negates_reqs = true
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    #[command(flatten)]
+    pub args: Args,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Talk to a running daemon's control socket (list, stats, export,
+    /// revoke, evict).
+    Ctl(CtlArgs),
+}
+
+/// The daemon's options.
+#[derive(Debug, Clone, PartialEq, Eq, clap::Args)]
+pub struct Args {
+    /// vhost-user socket to listen on. With --socket-count N > 1, the
+    /// sockets are PATH0 .. PATH{N-1} (guest i on PATHi); with 1 (the
+    /// default) PATH is used as is.
+    #[arg(long, value_name = "PATH", required = true)]
+    pub socket_path: Option<PathBuf>,
+
+    /// Number of guests, one socket each. Guests are fully isolated: each
+    /// sees only its own objects and the exports it is allowed to open.
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    pub socket_count: usize,
+
+    /// Where host-placed objects come from: memfd (any Linux; syncs are
+    /// emulated), udmabuf (/dev/udmabuf: real dma-bufs over sealed
+    /// memfds), dma-heap (/dev/dma_heap/system) or auto (udmabuf, else
+    /// dma-heap, else memfd).
+    #[arg(long, value_name = "PROVIDER", default_value = "memfd")]
+    pub provider: ProviderChoice,
+
+    /// Size of shared memory region 0, the window host-placed objects are
+    /// mapped into for zero-copy guest access (needs a front-end with
+    /// vhost-user SHMEM). Accepts K, M, G suffixes; a page multiple. 0
+    /// disables the window (SHMEM is then not offered).
+    #[arg(long, value_name = "BYTES", default_value = "256M", value_parser = parse_size)]
+    pub shm_size: u64,
+
+    /// Request queues (controlq, controlq2, ...); the device has one more,
+    /// the eventq. Requests on different queues complete independently.
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    pub queues: u16,
+
+    /// Objects each guest may hold at once (ENOSPC beyond).
+    #[arg(long, value_name = "N")]
+    pub max_objects: Option<u32>,
+
+    /// Bytes of host memory each guest's objects may use (ENOSPC beyond);
+    /// also the largest memfd or dma-heap object. K, M, G suffixes.
+    #[arg(long, value_name = "BYTES", value_parser = parse_size)]
+    pub max_bytes: Option<u64>,
+
+    /// A fence not signalled within this is signalled with ETIMEDOUT by the
+    /// device. Milliseconds, or a number with ms, s or m.
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
+    pub fence_timeout: Duration,
+
+    /// Listen for host control commands here (`vhost-device-dmabuf ctl`):
+    /// list, stats, export, revoke, evict.
+    #[arg(long, value_name = "PATH")]
+    pub control_socket: Option<PathBuf>,
+
+    /// Register a host buffer at start: NAME=PATH[,dynamic][,read-only]
+    /// [,guests=0:1]. PATH is opened (read-only with read-only): a dma-buf
+    /// (or any mappable file, whose syncs are then emulated) whose size is
+    /// a page multiple; dynamic lets the host move it; guests lists the
+    /// socket indices allowed to OPEN it (default: every guest).
+    /// Repeatable.
+    #[arg(long = "export", value_name = "NAME=PATH[,OPTS]")]
+    pub exports: Vec<String>,
+
+    /// Tests only: allow EXPORT_UUID of memfd objects (the front-end then
+    /// receives a memfd, not a dma-buf, for GET_SHARED_OBJECT).
+    #[arg(long)]
+    pub allow_memfd_shared_objects: bool,
+}
+
+/// Why the arguments do not make a configuration.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ArgsError {
+    #[error("--socket-path is required")]
+    NoSocketPath,
+    #[error("--socket-count must be 1 to {MAX_SOCKETS}, not {0}")]
+    SocketCount(usize),
+    #[error("--queues must be 1 to {MAX_REQUEST_QUEUES}, not {0}")]
+    Queues(u16),
+    #[error("--shm-size {0} is not a multiple of the page size ({1})")]
+    ShmSize(u64, u64),
+    #[error("--{0} must be above 0")]
+    Zero(&'static str),
+    #[error("--export {0:?}: {1}")]
+    Export(String, String),
+    #[error("--export: the name {0:?} is used twice")]
+    DuplicateExport(String),
+}
+
+impl TryFrom<Args> for Config {
+    type Error = ArgsError;
+
+    fn try_from(args: Args) -> Result<Config, ArgsError> {
+        let path = args.socket_path.ok_or(ArgsError::NoSocketPath)?;
+        if args.socket_count == 0 || args.socket_count > MAX_SOCKETS {
+            return Err(ArgsError::SocketCount(args.socket_count));
+        }
+        if args.queues == 0 || args.queues > MAX_REQUEST_QUEUES {
+            return Err(ArgsError::Queues(args.queues));
+        }
+        let page = page_size();
+        if !args.shm_size.is_multiple_of(page) {
+            return Err(ArgsError::ShmSize(args.shm_size, page));
+        }
+        if args.fence_timeout.is_zero() {
+            return Err(ArgsError::Zero("fence-timeout"));
+        }
+        let mut limits = Limits::default();
+        if let Some(n) = args.max_objects {
+            if n == 0 {
+                return Err(ArgsError::Zero("max-objects"));
+            }
+            limits.max_objects = n;
+        }
+        if let Some(n) = args.max_bytes {
+            if n == 0 {
+                return Err(ArgsError::Zero("max-bytes"));
+            }
+            limits.max_bytes = n;
+        }
+        let socket_paths = if args.socket_count == 1 {
+            vec![path]
+        } else {
+            (0..args.socket_count)
+                .map(|i| {
+                    let mut p = path.clone().into_os_string();
+                    p.push(i.to_string());
+                    PathBuf::from(p)
+                })
+                .collect()
+        };
+        let mut exports: Vec<ExportConfig> = Vec::new();
+        for text in &args.exports {
+            let export = parse_export(text, args.socket_count)
+                .map_err(|why| ArgsError::Export(text.clone(), why))?;
+            if exports.iter().any(|e| e.spec.name == export.spec.name) {
+                return Err(ArgsError::DuplicateExport(export.spec.name));
+            }
+            exports.push(export);
+        }
+        let mut config = Config::new(PathBuf::new());
+        config.socket_paths = socket_paths;
+        config.provider = args.provider;
+        config.shm_size = args.shm_size;
+        config.request_queues = args.queues;
+        config.max_object_size = limits.max_bytes;
+        config.limits = limits;
+        config.fence_timeout = args.fence_timeout;
+        config.control_socket = args.control_socket;
+        config.exports = exports;
+        config.allow_memfd_shared_objects = args.allow_memfd_shared_objects;
+        Ok(config)
+    }
+}
+
+/// `NAME=PATH[,dynamic][,read-only][,guests=0:1]`.
+pub fn parse_export(text: &str, guests: usize) -> Result<ExportConfig, String> {
+    let mut parts = text.split(',');
+    let first = parts.next().unwrap_or_default();
+    let (name, path) = first
+        .split_once('=')
+        .ok_or_else(|| "expected NAME=PATH".to_owned())?;
+    if name.is_empty() || name.len() >= virtio_dmabuf_protocol::NAME_LEN || name.contains('\0') {
+        return Err("the name must be 1 to 31 bytes".to_owned());
+    }
+    if path.is_empty() {
+        return Err("the path is empty".to_owned());
+    }
+    let mut spec = ExportSpec {
+        name: name.to_owned(),
+        dynamic: false,
+        read_only: false,
+        guests: None,
+    };
+    for opt in parts {
+        match opt.split_once('=') {
+            None if opt == "dynamic" => spec.dynamic = true,
+            None if opt == "read-only" => spec.read_only = true,
+            Some(("guests", list)) => {
+                let mut allowed = Vec::new();
+                for g in list.split(':') {
+                    let g: usize = g
+                        .parse()
+                        .map_err(|_| format!("guest {g:?} is not a socket index"))?;
+                    if g >= guests {
+                        return Err(format!(
+                            "guest {g} does not exist (--socket-count {guests})"
+                        ));
+                    }
+                    if !allowed.contains(&g) {
+                        allowed.push(g);
+                    }
+                }
+                spec.guests = Some(allowed);
+            }
+            _ => return Err(format!("unknown option {opt:?}")),
+        }
+    }
+    Ok(ExportConfig {
+        spec,
+        path: PathBuf::from(path),
+    })
+}
+
+/// A byte count: digits with an optional K, M, G or T suffix (powers of
+/// 1024; `KiB`-style and lower case accepted).
+pub fn parse_size(text: &str) -> Result<u64, String> {
+    let t = text.trim();
+    let digits = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (number, suffix) = t.split_at(digits);
+    let n: u64 = number
+        .parse()
+        .map_err(|_| format!("{text:?} is not a size"))?;
+    let shift = match suffix.to_ascii_lowercase().as_str() {
+        "" | "b" => 0,
+        "k" | "kb" | "kib" => 10,
+        "m" | "mb" | "mib" => 20,
+        "g" | "gb" | "gib" => 30,
+        "t" | "tb" | "tib" => 40,
+        _ => return Err(format!("{text:?}: unknown size suffix {suffix:?}")),
+    };
+    n.checked_mul(1u64 << shift)
+        .ok_or_else(|| format!("{text:?} is too large"))
+}
+
+/// A duration: milliseconds, or a number with `ms`, `s` or `m`.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let t = text.trim();
+    let digits = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (number, unit) = t.split_at(digits);
+    let n: u64 = number
+        .parse()
+        .map_err(|_| format!("{text:?} is not a duration"))?;
+    let ms = match unit {
+        "" | "ms" => Some(n),
+        "s" => n.checked_mul(1000),
+        "m" | "min" => n.checked_mul(60_000),
+        _ => return Err(format!("{text:?}: unknown unit {unit:?} (ms, s, m)")),
+    };
+    ms.map(Duration::from_millis)
+        .ok_or_else(|| format!("{text:?} is too long"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::daemon::{DEFAULT_FENCE_TIMEOUT, DEFAULT_SHM_SIZE};
+    use clap::CommandFactory;
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("vhost-device-dmabuf").chain(args.iter().copied()))
+    }
+
+    fn config(args: &[&str]) -> Result<Config, ArgsError> {
+        Config::try_from(parse(args).expect("clap accepts these").args)
+    }
+
+    #[test]
+    fn cli_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn socket_path_alone_gives_the_documented_defaults() {
+        let c = config(&["--socket-path", "/tmp/dmabuf.sock"]).expect("valid");
+        assert_eq!(c.socket_paths, [PathBuf::from("/tmp/dmabuf.sock")]);
+        assert_eq!(c.provider, ProviderChoice::Memfd);
+        assert_eq!(c.shm_size, 256 << 20);
+        assert_eq!(c.request_queues, 1);
+        assert_eq!(c.fence_timeout, Duration::from_secs(10));
+        assert_eq!(c.limits, Limits::default());
+        assert!(c.control_socket.is_none());
+        assert!(c.exports.is_empty());
+        assert!(!c.allow_memfd_shared_objects);
+        assert_eq!(
+            (DEFAULT_SHM_SIZE, DEFAULT_FENCE_TIMEOUT),
+            (c.shm_size, c.fence_timeout)
+        );
+    }
+
+    #[test]
+    fn socket_path_is_required_for_the_daemon_but_not_for_ctl() {
+        assert!(parse(&[]).is_err());
+        let cli = parse(&["ctl", "--control-socket", "/tmp/c", "list"]).expect("ctl");
+        assert!(matches!(cli.command, Some(Command::Ctl(_))));
+        assert!(parse(&[
+            "--socket-path",
+            "/tmp/s",
+            "ctl",
+            "--control-socket",
+            "/c",
+            "list"
+        ])
+        .is_err());
+    }
+
+    #[test]
+    fn socket_count_numbers_the_sockets() {
+        let c = config(&["--socket-path", "/tmp/vm", "--socket-count", "3"]).expect("valid");
+        assert_eq!(
+            c.socket_paths,
+            ["/tmp/vm0", "/tmp/vm1", "/tmp/vm2"].map(PathBuf::from)
+        );
+        assert_eq!(
+            config(&["--socket-path", "/tmp/vm", "--socket-count", "0"]),
+            Err(ArgsError::SocketCount(0))
+        );
+        assert_eq!(
+            config(&["--socket-path", "/tmp/vm", "--socket-count", "65"]),
+            Err(ArgsError::SocketCount(65))
+        );
+    }
+
+    #[test]
+    fn options_are_converted_and_checked() {
+        let c = config(&[
+            "--socket-path",
+            "/s",
+            "--provider",
+            "auto",
+            "--shm-size",
+            "1G",
+            "--queues",
+            "4",
+            "--max-objects",
+            "10",
+            "--max-bytes",
+            "64M",
+            "--fence-timeout",
+            "250ms",
+            "--control-socket",
+            "/c",
+            "--allow-memfd-shared-objects",
+        ])
+        .expect("valid");
+        assert_eq!(c.provider, ProviderChoice::Auto);
+        assert_eq!(c.shm_size, 1 << 30);
+        assert_eq!(c.request_queues, 4);
+        assert_eq!(c.limits.max_objects, 10);
+        assert_eq!(c.limits.max_bytes, 64 << 20);
+        assert_eq!(c.max_object_size, 64 << 20);
+        assert_eq!(c.fence_timeout, Duration::from_millis(250));
+        assert_eq!(c.control_socket, Some(PathBuf::from("/c")));
+        assert!(c.allow_memfd_shared_objects);
+
+        assert_eq!(
+            config(&["--socket-path", "/s", "--queues", "0"]),
+            Err(ArgsError::Queues(0))
+        );
+        assert_eq!(
+            config(&["--socket-path", "/s", "--queues", "64"]),
+            Err(ArgsError::Queues(64))
+        );
+        assert!(matches!(
+            config(&["--socket-path", "/s", "--shm-size", "1000"]),
+            Err(ArgsError::ShmSize(1000, _))
+        ));
+        assert_eq!(
+            config(&["--socket-path", "/s", "--shm-size", "0"]).map(|c| c.shm_size),
+            Ok(0)
+        );
+        assert_eq!(
+            config(&["--socket-path", "/s", "--fence-timeout", "0"]),
+            Err(ArgsError::Zero("fence-timeout"))
+        );
+        assert_eq!(
+            config(&["--socket-path", "/s", "--max-objects", "0"]),
+            Err(ArgsError::Zero("max-objects"))
+        );
+        assert!(parse(&["--socket-path", "/s", "--provider", "gpu"]).is_err());
+        assert!(parse(&["--socket-path", "/s", "--shm-size", "12X"]).is_err());
+    }
+
+    #[test]
+    fn exports_are_parsed_with_their_options() {
+        let c = config(&[
+            "--socket-path",
+            "/s",
+            "--socket-count",
+            "2",
+            "--export",
+            "cam=/dev/fd/5,dynamic,read-only,guests=1",
+            "--export",
+            "gpu=/tmp/buf",
+        ])
+        .expect("valid");
+        assert_eq!(c.exports.len(), 2);
+        assert_eq!(
+            c.exports[0],
+            ExportConfig {
+                spec: ExportSpec {
+                    name: "cam".into(),
+                    dynamic: true,
+                    read_only: true,
+                    guests: Some(vec![1]),
+                },
+                path: PathBuf::from("/dev/fd/5"),
+            }
+        );
+        assert_eq!(c.exports[1].spec.guests, None);
+        assert!(!c.exports[1].spec.dynamic);
+
+        let bad = |e: &str| config(&["--socket-path", "/s", "--export", e]);
+        assert!(matches!(bad("nopath"), Err(ArgsError::Export(..))));
+        assert!(matches!(bad("=/x"), Err(ArgsError::Export(..))));
+        assert!(matches!(bad("a=/x,guests=1"), Err(ArgsError::Export(..))));
+        assert!(matches!(
+            bad("a=/x,guests=zero"),
+            Err(ArgsError::Export(..))
+        ));
+        assert!(matches!(bad("a=/x,fast"), Err(ArgsError::Export(..))));
+        assert!(matches!(
+            bad(&format!("{}=/x", "n".repeat(32))),
+            Err(ArgsError::Export(..))
+        ));
+        assert_eq!(
+            config(&[
+                "--socket-path",
+                "/s",
+                "--export",
+                "a=/x",
+                "--export",
+                "a=/y"
+            ]),
+            Err(ArgsError::DuplicateExport("a".into()))
+        );
+    }
+
+    #[test]
+    fn sizes_and_durations_parse() {
+        assert_eq!(parse_size("0"), Ok(0));
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert_eq!(parse_size("4k"), Ok(4096));
+        assert_eq!(parse_size("256M"), Ok(256 << 20));
+        assert_eq!(parse_size("2GiB"), Ok(2 << 30));
+        assert!(parse_size("").is_err());
+        assert!(parse_size("M").is_err());
+        assert!(parse_size("99999999999T").is_err());
+        assert_eq!(parse_duration("10s"), Ok(Duration::from_secs(10)));
+        assert_eq!(parse_duration("1500"), Ok(Duration::from_millis(1500)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert!(parse_duration("1h").is_err());
+        assert!(parse_duration("s").is_err());
+    }
+
+    #[test]
+    fn help_explains_every_option() {
+        let help = Cli::command().render_long_help().to_string();
+        for opt in [
+            "--socket-path",
+            "--socket-count",
+            "--provider",
+            "--shm-size",
+            "--queues",
+            "--max-objects",
+            "--max-bytes",
+            "--fence-timeout",
+            "--control-socket",
+            "--export",
+            "--allow-memfd-shared-objects",
+            "RUST_LOG",
+            "ctl",
+        ] {
+            assert!(help.contains(opt), "--help lacks {opt}");
+        }
+    }
+}

@@ -1,0 +1,582 @@
+//! The vhost-user back-end of one connection: a [`VhostUserBackend`] that
+//! turns descriptor chains into typed requests for the model and writes
+//! the responses back (contract sections 1 to 4, 6 and 8).
+//!
+//! - this file: features, config space, the vhost-user hooks (memory table,
+//!   back-end channel, vring stop, device reset, shared objects)
+//! - `requests.rs`: the request queues, parked chains and their completions
+//! - `events.rs`: the eventq
+//! - `channel.rs`: the back-end channel (messages to the front-end)
+//! - `relay.rs`: the message relay that sees acked protocol features and
+//!   the back-end channel socket
+//!
+//! One [`DmabufBackend`] serves one front-end connection of one guest (the
+//! daemon builds a fresh one, with a fresh `VhostUserDaemon`, for every
+//! connection). All guests share the model through [`DeviceState`].
+
+pub mod channel;
+mod events;
+pub mod relay;
+mod requests;
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::os::fd::{FromRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
+
+use vhost::vhost_user::message::{
+    VhostUserProtocolFeatures, VhostUserShMemConfig, VhostUserSharedMsg, VhostUserVirtioFeatures,
+};
+use vhost::vhost_user::Backend;
+use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
+use virtio_bindings::bindings::virtio_config::VIRTIO_F_VERSION_1;
+use virtio_bindings::bindings::virtio_ring::{
+    VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
+};
+use virtio_dmabuf_protocol::Config as ConfigSpace;
+use vm_memory::GuestAddressSpace;
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::event::{
+    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
+};
+
+use crate::exporter::{Frontend, GuestCaps, GuestId};
+use crate::guest_memory::{overlaps, region_keys, removed_regions, GuestRamHandle, RegionKey};
+use crate::provider::UdmabufProvider;
+use crate::state::DeviceState;
+use crate::vhost_frontend::{Link, VhostFrontend};
+
+use channel::Channel;
+use relay::ConnectionInfo;
+use requests::ParkedChain;
+
+/// Largest `TRANSFER_TO_HOST`/`TRANSFER_FROM_HOST` length a chain may carry
+/// (section 7.5 leaves the bound to the device): 16 MiB. Longer is `EINVAL`;
+/// a guest copies more in several requests, or maps the object.
+pub const TRANSFER_MAX: u64 = 16 << 20;
+
+/// Default (and largest) ring size offered to the front-end.
+pub const DEFAULT_MAX_QUEUE_SIZE: u16 = 1024;
+
+/// How long a vring worker waits for the front-end to act on the back-end
+/// channel messages of one request before it answers the guest anyway.
+pub const CHANNEL_WAIT: Duration = Duration::from_secs(15);
+
+/// The virtio features offered (section 1).
+pub const VIRTIO_FEATURES: u64 = (1 << VIRTIO_F_VERSION_1)
+    | (1 << VIRTIO_RING_F_EVENT_IDX)
+    | (1 << VIRTIO_RING_F_INDIRECT_DESC)
+    | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
+
+/// The vhost-user protocol features offered (section 1); `SHMEM` only with
+/// a window (`--shm-size` above 0).
+pub fn protocol_features(shm_size: u64) -> VhostUserProtocolFeatures {
+    let mut f = VhostUserProtocolFeatures::MQ
+        | VhostUserProtocolFeatures::CONFIG
+        | VhostUserProtocolFeatures::REPLY_ACK
+        | VhostUserProtocolFeatures::BACKEND_REQ
+        | VhostUserProtocolFeatures::BACKEND_SEND_FD
+        | VhostUserProtocolFeatures::RESET_DEVICE
+        | VhostUserProtocolFeatures::SHARED_OBJECT;
+    if shm_size > 0 {
+        f |= VhostUserProtocolFeatures::SHMEM;
+    }
+    f
+}
+
+/// What every connection of the daemon is configured with.
+#[derive(Debug, Clone)]
+pub struct BackendSettings {
+    /// Request queues (`--queues`): the device has this many plus the eventq.
+    pub request_queues: u16,
+    /// Largest ring size the front-end may set (a power of two).
+    pub max_queue_size: u16,
+    /// Size of shared memory region 0 (`--shm-size`); 0: no `SHMEM`.
+    pub shm_size: u64,
+    /// `config.page_size` (section 3).
+    pub page_size: u32,
+    /// `config.max_segments` (section 3).
+    pub max_segments: u32,
+    /// `/dev/udmabuf`, when the host has it: guest pages become dma-bufs.
+    pub udmabuf: Option<Arc<UdmabufProvider>>,
+    /// How long a worker waits for the front-end on the back-end channel.
+    pub channel_wait: Duration,
+}
+
+impl BackendSettings {
+    /// Every queue, eventq included (`config.num_queues`).
+    pub fn num_queues(&self) -> usize {
+        usize::from(self.request_queues) + 1
+    }
+}
+
+fn locked<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// The back-end of one front-end connection for guest `guest`.
+pub struct DmabufBackend {
+    guest: GuestId,
+    state: Arc<DeviceState>,
+    settings: Arc<BackendSettings>,
+    link: Arc<Link>,
+    /// What the relay saw: acked protocol features, the channel socket.
+    info: Arc<ConnectionInfo>,
+    /// The vrings, as the first `handle_event` showed them (the vring stop
+    /// hook runs on another thread and needs them to return chains).
+    vrings: Mutex<Vec<VringRwLock>>,
+    /// Chains whose request is parked in the model, by token.
+    parked: Mutex<HashMap<u64, ParkedChain>>,
+    next_token: AtomicU64,
+    /// Bumped by every stop of a vring (see `requests.rs`).
+    stop_generation: Vec<AtomicU64>,
+    /// Serializes deliveries of completions, so they keep their order.
+    delivery: Mutex<()>,
+    /// The memory table as last seen, to tell which regions went away.
+    regions: Mutex<Vec<RegionKey>>,
+    /// Exit eventfds handed to the vring workers (closed after they stop).
+    exit_consumers: Mutex<Vec<RawFd>>,
+}
+
+impl std::fmt::Debug for DmabufBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DmabufBackend")
+            .field("guest", &self.guest)
+            .field("settings", &self.settings)
+            .field("link", &self.link)
+            .field("parked", &locked(&self.parked).len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl DmabufBackend {
+    pub fn new(
+        guest: GuestId,
+        state: Arc<DeviceState>,
+        settings: Arc<BackendSettings>,
+        info: Arc<ConnectionInfo>,
+    ) -> Self {
+        let queues = settings.num_queues();
+        DmabufBackend {
+            guest,
+            state,
+            link: Arc::new(Link::new(settings.udmabuf.clone())),
+            settings,
+            info,
+            vrings: Mutex::new(Vec::new()),
+            parked: Mutex::new(HashMap::new()),
+            next_token: AtomicU64::new(1),
+            stop_generation: (0..queues).map(|_| AtomicU64::new(0)).collect(),
+            delivery: Mutex::new(()),
+            regions: Mutex::new(Vec::new()),
+            exit_consumers: Mutex::new(Vec::new()),
+        }
+    }
+
+    pub fn guest(&self) -> GuestId {
+        self.guest
+    }
+
+    /// The device event id of the guest's wake-up eventfd (registered with
+    /// the vring worker): past the queues and vhost-user-backend's own id.
+    pub fn wake_event(&self) -> u16 {
+        // At most 64 queues, so this fits.
+        u16::try_from(self.settings.num_queues() + 1).unwrap_or(u16::MAX)
+    }
+
+    /// A [`Frontend`] for the model, over this connection.
+    pub fn frontend(&self) -> Box<dyn Frontend> {
+        Box::new(VhostFrontend::new(self.guest, Arc::clone(&self.link)))
+    }
+
+    /// What is live on this connection (section 7.1 `GET_INFO` caps).
+    pub fn caps(&self) -> GuestCaps {
+        let channel = self.link.channel().is_some_and(|c| !c.is_closed());
+        let acked = self.info.acked_protocol_features();
+        GuestCaps {
+            shm_size: if channel && acked.contains(VhostUserProtocolFeatures::SHMEM) {
+                self.settings.shm_size
+            } else {
+                0
+            },
+            shared_objects: channel && acked.contains(VhostUserProtocolFeatures::SHARED_OBJECT),
+            guest_pages: !locked(&self.regions).is_empty(),
+        }
+    }
+
+    fn update_caps(&self) {
+        let caps = self.caps();
+        let mut ex = self.state.lock();
+        ex.set_caps(self.guest, caps);
+        self.state.changed(&ex);
+    }
+
+    /// The front-end went away (or the daemon stops): the back-end channel
+    /// closes, so no worker keeps waiting on it. Call before the
+    /// connection's `VhostUserDaemon` is dropped (which joins the workers).
+    pub fn connection_ended(&self) {
+        self.link.mark_gone();
+    }
+
+    /// After the connection's workers stopped: everything the guest held is
+    /// released (section 6) and this back-end's leftovers are dropped.
+    pub fn disconnected(&self) {
+        self.link.mark_gone();
+        {
+            let mut ex = self.state.lock();
+            ex.disconnect(self.guest, Instant::now());
+            // Nobody is left to return these chains to.
+            let dropped = ex.take_completions_for(self.guest).len();
+            if dropped > 0 {
+                log::debug!("guest {}: {dropped} completions dropped", self.guest);
+            }
+            self.state.changed(&ex);
+        }
+        locked(&self.parked).clear();
+        locked(&self.vrings).clear();
+        self.close_exit_events();
+    }
+
+    /// Closes the exit eventfds handed to the vring workers. vhost-user-backend
+    /// registers them with `into_raw_fd` and never closes them; call this
+    /// only once the `VhostUserDaemon` (and so its workers) is gone.
+    fn close_exit_events(&self) {
+        for fd in locked(&self.exit_consumers).drain(..) {
+            // SAFETY: `fd` came from an `EventConsumer` we created in
+            // `exit_event`; vhost-user-backend took it with `into_raw_fd`,
+            // registered it with its epoll and never closes it. Its workers
+            // are joined (the daemon was dropped), so nothing uses the
+            // number any more and we are its only owner.
+            drop(unsafe { OwnedFd::from_raw_fd(fd) });
+        }
+    }
+
+    fn config_space(&self) -> ConfigSpace {
+        ConfigSpace {
+            num_queues: u32::try_from(self.settings.num_queues()).unwrap_or(u32::MAX),
+            page_size: self.settings.page_size,
+            shm_size: self.caps().shm_size,
+            max_segments: self.settings.max_segments,
+        }
+    }
+
+    fn memory(&self) -> Option<GuestRamHandle> {
+        self.link.memory()
+    }
+}
+
+impl VhostUserBackend for DmabufBackend {
+    type Bitmap = ();
+    type Vring = VringRwLock;
+
+    fn num_queues(&self) -> usize {
+        self.settings.num_queues()
+    }
+
+    fn max_queue_size(&self) -> usize {
+        usize::from(self.settings.max_queue_size)
+    }
+
+    fn features(&self) -> u64 {
+        VIRTIO_FEATURES
+    }
+
+    fn acked_features(&self, features: u64) {
+        log::debug!("guest {}: virtio features acked {features:#x}", self.guest);
+    }
+
+    fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        protocol_features(self.settings.shm_size)
+    }
+
+    /// `RESET_DEVICE` (section 6): everything the guest held is released;
+    /// the connection, its memory table and its back-end channel stay.
+    fn reset_device(&self) {
+        let caps = self.caps();
+        {
+            let mut ex = self.state.lock();
+            let now = Instant::now();
+            ex.disconnect(self.guest, now);
+            // The rings are being reset: the chains are the driver's again.
+            ex.take_completions_for(self.guest);
+            ex.connect(self.guest, caps, self.frontend());
+            self.state.changed(&ex);
+        }
+        for g in &self.stop_generation {
+            g.fetch_add(1, Ordering::AcqRel);
+        }
+        locked(&self.parked).clear();
+        log::info!("guest {}: device reset", self.guest);
+    }
+
+    fn set_event_idx(&self, enabled: bool) {
+        // vhost-user-backend sets it on the queues; the drain loop and the
+        // signal decisions go through them.
+        log::debug!("guest {}: EVENT_IDX {enabled}", self.guest);
+    }
+
+    /// Section 3: always `size` bytes (zero past the structure), nothing for
+    /// an offset/size that overflows or is absurd.
+    fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
+        self.config_space().read(offset, size).unwrap_or_default()
+    }
+
+    fn set_config(&self, _offset: u32, _buf: &[u8]) -> std::io::Result<()> {
+        // Section 3: writes are ignored.
+        Ok(())
+    }
+
+    /// A new memory table (`SET_MEM_TABLE`, `ADD_MEM_REG`, `REM_MEM_REG`).
+    /// Guest-placed objects over a region that is gone are revoked before
+    /// the front-end gets its answer (section 10).
+    fn update_memory(&self, mem: GuestRamHandle) -> std::io::Result<()> {
+        self.link.set_memory(mem.clone());
+        let keys = region_keys(&mem.memory());
+        let removed = {
+            let mut regions = locked(&self.regions);
+            let removed = removed_regions(&regions, &keys);
+            *regions = keys;
+            removed
+        };
+        let caps = self.caps();
+        let mut ex = self.state.lock();
+        if !removed.is_empty() {
+            let n = ex.revoke_guest_pages(
+                self.guest,
+                |gpa, len| overlaps(&removed, gpa, len),
+                Instant::now(),
+            );
+            if n > 0 {
+                log::info!(
+                    "guest {}: {n} guest-placed objects revoked (memory region removed)",
+                    self.guest
+                );
+            }
+        }
+        ex.set_caps(self.guest, caps);
+        self.state.changed(&ex);
+        Ok(())
+    }
+
+    /// The back-end channel arrived. vhost-user-backend wraps it in a
+    /// `vhost::Backend`, which cannot do `SHARED_OBJECT_LOOKUP`; the relay
+    /// kept the socket, and this back-end speaks the channel itself.
+    fn set_backend_req_fd(&self, backend: Backend) {
+        drop(backend);
+        let acked = self.info.acked_protocol_features();
+        match self.info.take_channel_socket() {
+            Some(sock) => {
+                let name = format!("dmabuf-chan{}", self.guest);
+                let reply_ack = acked.contains(VhostUserProtocolFeatures::REPLY_ACK);
+                match Channel::start(sock, reply_ack, &name) {
+                    Ok(channel) => {
+                        if let Some(old) = self.link.set_channel(Some(channel)) {
+                            old.close();
+                        }
+                    }
+                    Err(e) => log::error!("guest {}: back-end channel thread: {e}", self.guest),
+                }
+            }
+            None => log::error!(
+                "guest {}: SET_BACKEND_REQ_FD without a socket; no back-end channel",
+                self.guest
+            ),
+        }
+        log::debug!(
+            "guest {}: back-end channel (protocol features {:#x})",
+            self.guest,
+            acked.bits()
+        );
+        self.update_caps();
+    }
+
+    /// `GET_SHARED_OBJECT` (41): the fd of an object this guest published
+    /// with `EXPORT_UUID` (section 7.2). Never waits for the front-end.
+    fn get_shared_object(&self, uuid: VhostUserSharedMsg) -> std::io::Result<File> {
+        let uuid = *uuid.uuid.as_bytes();
+        let fd = self.state.lock().shared_object_fd(self.guest, &uuid);
+        fd.map(File::from).ok_or_else(|| {
+            std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                format!(
+                    "no object {} published by this guest",
+                    uuid::Uuid::from_bytes(uuid)
+                ),
+            )
+        })
+    }
+
+    fn queues_per_thread(&self) -> Vec<u64> {
+        let n = self.settings.num_queues();
+        vec![if n >= 64 { u64::MAX } else { (1u64 << n) - 1 }]
+    }
+
+    fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
+        match new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC) {
+            Ok((consumer, notifier)) => {
+                use std::os::fd::AsRawFd;
+                locked(&self.exit_consumers).push(consumer.as_raw_fd());
+                Some((consumer, notifier))
+            }
+            Err(e) => {
+                log::error!("guest {}: exit eventfd: {e}", self.guest);
+                None
+            }
+        }
+    }
+
+    /// `GET_VRING_BASE` (section 6): the ring's waiting chains complete with
+    /// `ECANCELED` now, so the front-end has them back before its answer;
+    /// the guest's state stays.
+    fn stop_vring(&self, queue_index: u32) -> std::io::Result<()> {
+        let Ok(queue) = u16::try_from(queue_index) else {
+            return Ok(());
+        };
+        if let Some(g) = self.stop_generation.get(usize::from(queue)) {
+            g.fetch_add(1, Ordering::AcqRel);
+        }
+        {
+            let mut ex = self.state.lock();
+            ex.cancel_queue(self.guest, queue, Instant::now());
+            self.state.changed(&ex);
+        }
+        self.deliver_completions();
+        Ok(())
+    }
+
+    fn handle_event(
+        &self,
+        device_event: u16,
+        _evset: EventSet,
+        vrings: &[VringRwLock],
+        _thread_id: usize,
+    ) -> std::io::Result<()> {
+        self.remember_vrings(vrings);
+        let queues = self.settings.num_queues();
+        let event = usize::from(device_event);
+        if device_event == self.wake_event() {
+            if let Some(wake) = self.state.guest_wake(self.guest) {
+                // Drains the counter; a spurious wake-up only costs a look.
+                let _ = wake.read();
+            }
+        } else if event < queues && event != usize::from(virtio_dmabuf_protocol::EVENTQ) {
+            self.serve_queue(device_event, vrings);
+        }
+        self.deliver_completions();
+        self.deliver_events(vrings);
+        Ok(())
+    }
+
+    /// `GET_SHMEM_CONFIG` (44): one region, id 0, of `--shm-size` bytes.
+    fn get_shmem_config(&self) -> std::io::Result<VhostUserShMemConfig> {
+        if self.settings.shm_size == 0 {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::Unsupported,
+                "no shared memory window (--shm-size 0)",
+            ));
+        }
+        Ok(VhostUserShMemConfig::new(1, &[self.settings.shm_size]))
+    }
+}
+
+impl DmabufBackend {
+    fn remember_vrings(&self, vrings: &[VringRwLock]) {
+        let mut mine = locked(&self.vrings);
+        if mine.len() != vrings.len() {
+            *mine = vrings.to_vec();
+        }
+    }
+
+    /// Signals a queue once per batch, if the driver wants it (EVENT_IDX).
+    fn signal(&self, vring: &VringRwLock) {
+        match vring.needs_notification() {
+            Ok(true) => {
+                if let Err(e) = vring.signal_used_queue() {
+                    log::debug!("guest {}: signal used queue: {e}", self.guest);
+                }
+            }
+            Ok(false) => {}
+            Err(e) => log::debug!("guest {}: needs_notification: {e}", self.guest),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn backend() -> DmabufBackend {
+        use crate::exporter::{Exporter, ExporterConfig};
+        use crate::provider::MemfdProvider;
+        let ex = Exporter::new(
+            ExporterConfig::default(),
+            Box::new(MemfdProvider::new(1 << 20)),
+            1,
+        );
+        let state = DeviceState::new(ex).expect("state");
+        let settings = Arc::new(BackendSettings {
+            request_queues: 1,
+            max_queue_size: DEFAULT_MAX_QUEUE_SIZE,
+            shm_size: 1 << 20,
+            page_size: 4096,
+            max_segments: 1024,
+            udmabuf: None,
+            channel_wait: CHANNEL_WAIT,
+        });
+        DmabufBackend::new(0, state, settings, Arc::default())
+    }
+
+    #[test]
+    fn config_reads_are_bounded_and_never_panic() {
+        let b = backend();
+        let c = b.get_config(0, 24);
+        assert_eq!(c.len(), 24);
+        assert_eq!(u32::from_le_bytes(c[0..4].try_into().expect("4")), 2);
+        assert_eq!(
+            u64::from_le_bytes(c[8..16].try_into().expect("8")),
+            0,
+            "no window live"
+        );
+        assert_eq!(b.get_config(20, 12), vec![0; 12]);
+        assert!(b.get_config(u32::MAX - 2, 8).is_empty(), "overflow");
+        assert!(b.get_config(0, u32::MAX).is_empty(), "absurd size");
+        assert!(
+            b.get_config(4000, 200).is_empty(),
+            "past the readable bound"
+        );
+    }
+
+    #[test]
+    fn nothing_is_live_without_a_channel_and_memory() {
+        let b = backend();
+        assert_eq!(b.caps(), GuestCaps::default());
+        assert!(b.get_shmem_config().is_ok());
+        assert_eq!(b.queues_per_thread(), vec![0b11]);
+        assert_eq!(b.wake_event(), 3);
+    }
+
+    #[test]
+    fn offered_features_match_the_contract() {
+        assert_eq!(VIRTIO_FEATURES, 1 << 32 | 1 << 29 | 1 << 28 | 1 << 30);
+        let pf = protocol_features(1 << 20);
+        for f in [
+            VhostUserProtocolFeatures::MQ,
+            VhostUserProtocolFeatures::CONFIG,
+            VhostUserProtocolFeatures::REPLY_ACK,
+            VhostUserProtocolFeatures::BACKEND_REQ,
+            VhostUserProtocolFeatures::BACKEND_SEND_FD,
+            VhostUserProtocolFeatures::RESET_DEVICE,
+            VhostUserProtocolFeatures::SHARED_OBJECT,
+            VhostUserProtocolFeatures::SHMEM,
+        ] {
+            assert!(pf.contains(f), "{f:?}");
+        }
+        assert_eq!(pf.bits() & (1 << 18), 1 << 18);
+        assert_eq!(pf.bits() & (1 << 22), 1 << 22);
+        assert!(!pf.contains(VhostUserProtocolFeatures::STATUS));
+        assert!(!pf.contains(VhostUserProtocolFeatures::INFLIGHT_SHMFD));
+        assert!(!protocol_features(0).contains(VhostUserProtocolFeatures::SHMEM));
+    }
+}

@@ -1,0 +1,609 @@
+//! Running the daemon: the shared model, one listener thread per guest
+//! socket, a fresh vhost-user back-end for every connection, the timer
+//! thread and the control plane.
+//!
+//! [`start`] runs everything on background threads and returns a
+//! [`DaemonHandle`]; [`DaemonHandle::stop`] stops it and removes the
+//! sockets. [`run`] is what the binary does: start, wait for SIGINT or
+//! SIGTERM, stop. Tests (and the guest-tests crate) start the real daemon
+//! in-process against real Unix sockets.
+//!
+//! Lifecycle of one socket (section 6): the listener waits for a front-end;
+//! each connection gets its own `VhostUserDaemon` (vhost-user-backend
+//! serves one connection per daemon) and [`DmabufBackend`]; when the
+//! front-end hangs up, everything the guest held is released and the same
+//! socket accepts the next front-end.
+
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use rustix::event::{poll, PollFd, PollFlags};
+use vhost::vhost_user::Listener;
+use vhost_user_backend::{ShutdownHandle, VhostUserDaemon};
+use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use crate::backend::relay::{ConnectionInfo, InternalListener, Relay};
+use crate::backend::{BackendSettings, DmabufBackend, CHANNEL_WAIT, DEFAULT_MAX_QUEUE_SIZE};
+use crate::control::{spawn_control_plane, ControlHandle};
+use crate::exporter::{ExportSpec, Exporter, ExporterConfig, GuestId, HostError, Limits};
+use crate::provider::{self, ProviderChoice, ProviderError, UdmabufProvider};
+use crate::state::DeviceState;
+
+/// Default size of shared memory region 0 (`--shm-size`): 256 MiB.
+pub const DEFAULT_SHM_SIZE: u64 = 256 << 20;
+/// Default fence timeout (`--fence-timeout`, section 7.6).
+pub const DEFAULT_FENCE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Most guest sockets one daemon serves (`--socket-count`).
+pub const MAX_SOCKETS: usize = 64;
+/// Most request queues (`--queues`): with the eventq, 64 queues.
+pub const MAX_REQUEST_QUEUES: u16 = 63;
+
+/// A host export to register at start (`--export`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExportConfig {
+    pub spec: ExportSpec,
+    /// The buffer: a dma-buf (or, for tests, any sized file) opened by path.
+    pub path: PathBuf,
+}
+
+/// Everything the daemon needs; built from the command line by
+/// `TryFrom<Args>` (`args.rs`), or directly by tests.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    /// One socket per guest; guest `i` is `socket_paths[i]`.
+    pub socket_paths: Vec<PathBuf>,
+    pub provider: ProviderChoice,
+    /// Shared memory region 0 in bytes; 0: `SHMEM` is not offered.
+    pub shm_size: u64,
+    /// Request queues; the device has one more (the eventq).
+    pub request_queues: u16,
+    /// Per-guest quotas (`--max-objects`, `--max-bytes`, the rest default).
+    pub limits: Limits,
+    /// Largest memfd or dma-heap object (udmabuf has its own cap).
+    pub max_object_size: u64,
+    pub fence_timeout: Duration,
+    pub control_socket: Option<PathBuf>,
+    pub exports: Vec<ExportConfig>,
+    /// Tests only: `EXPORT_UUID` of memfd objects.
+    pub allow_memfd_shared_objects: bool,
+    /// Largest ring size (a power of two).
+    pub max_queue_size: u16,
+}
+
+impl Config {
+    /// The defaults for one guest on `socket_path`.
+    pub fn new(socket_path: impl Into<PathBuf>) -> Config {
+        let limits = Limits::default();
+        Config {
+            socket_paths: vec![socket_path.into()],
+            provider: ProviderChoice::Memfd,
+            shm_size: DEFAULT_SHM_SIZE,
+            request_queues: 1,
+            max_object_size: limits.max_bytes,
+            limits,
+            fence_timeout: DEFAULT_FENCE_TIMEOUT,
+            control_socket: None,
+            exports: Vec::new(),
+            allow_memfd_shared_objects: false,
+            max_queue_size: DEFAULT_MAX_QUEUE_SIZE,
+        }
+    }
+}
+
+/// Why the daemon could not start or stop cleanly.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error("opening the {choice} provider: {source}")]
+    Provider {
+        choice: ProviderChoice,
+        #[source]
+        source: ProviderError,
+    },
+    #[error("listening on {path}: {source}")]
+    Listen {
+        path: PathBuf,
+        #[source]
+        source: vhost::vhost_user::Error,
+    },
+    #[error("export {name:?}: opening {path}: {source}")]
+    ExportOpen {
+        name: String,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("export {name:?}: {source}")]
+    ExportImport {
+        name: String,
+        #[source]
+        source: ProviderError,
+    },
+    #[error("export {name:?}: {source}")]
+    ExportRegister {
+        name: String,
+        #[source]
+        source: HostError,
+    },
+    #[error("control socket {path}: {source}")]
+    Control {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{what}: {source}")]
+    Io {
+        what: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+fn io_error(what: &'static str) -> impl FnOnce(std::io::Error) -> DaemonError {
+    move |source| DaemonError::Io { what, source }
+}
+
+/// What the listener threads share with the handle.
+struct Shared {
+    stopping: AtomicBool,
+    /// Readable once stopping: wakes the listeners' poll.
+    stop_event: EventFd,
+    /// The live connection of each guest, to hang it up on stop.
+    connections: Mutex<Vec<Option<ShutdownHandle>>>,
+}
+
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shared")
+            .field("stopping", &self.stopping)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Shared {
+    fn stopping(&self) -> bool {
+        self.stopping.load(Ordering::Acquire)
+    }
+}
+
+/// The running daemon. [`DaemonHandle::stop`] (or dropping it) ends every
+/// connection and thread and removes the sockets.
+#[derive(Debug)]
+pub struct DaemonHandle {
+    state: Arc<DeviceState>,
+    shared: Arc<Shared>,
+    socket_paths: Vec<PathBuf>,
+    listeners: Vec<JoinHandle<()>>,
+    timer: Option<JoinHandle<()>>,
+    control: Option<ControlHandle>,
+}
+
+impl DaemonHandle {
+    /// The model and its wake-ups, shared by every guest.
+    pub fn state(&self) -> &Arc<DeviceState> {
+        &self.state
+    }
+
+    /// The guest sockets, guest `i` at index `i`.
+    pub fn socket_paths(&self) -> &[PathBuf] {
+        &self.socket_paths
+    }
+
+    /// The control socket, when one was asked for.
+    pub fn control_socket(&self) -> Option<&Path> {
+        self.control.as_ref().map(ControlHandle::path)
+    }
+
+    /// Stops everything: live connections are hung up (their guests'
+    /// state released), threads joined, sockets removed.
+    pub fn stop(mut self) {
+        self.shutdown();
+    }
+
+    fn shutdown(&mut self) {
+        if self.listeners.is_empty() && self.timer.is_none() && self.control.is_none() {
+            return;
+        }
+        self.shared.stopping.store(true, Ordering::Release);
+        if let Err(e) = self.shared.stop_event.write(1) {
+            log::error!("waking the listeners: {e}");
+        }
+        for handle in self
+            .shared
+            .connections
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+            .flatten()
+        {
+            handle.shutdown();
+        }
+        for t in self.listeners.drain(..) {
+            if t.join().is_err() {
+                log::error!("a listener thread panicked");
+            }
+        }
+        if let Some(control) = self.control.take() {
+            control.stop();
+        }
+        self.state.stop_timer();
+        if let Some(t) = self.timer.take() {
+            if t.join().is_err() {
+                log::error!("the timer thread panicked");
+            }
+        }
+        log::info!("stopped");
+    }
+}
+
+impl Drop for DaemonHandle {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+/// Starts the daemon: binds every socket, registers the `--export`s,
+/// starts the timer and the control plane, and serves front-ends on
+/// background threads.
+pub fn start(config: Config) -> Result<DaemonHandle, DaemonError> {
+    let provider =
+        provider::open_provider(config.provider, config.max_object_size).map_err(|source| {
+            DaemonError::Provider {
+                choice: config.provider,
+                source,
+            }
+        })?;
+    let host_exports = config.control_socket.is_some() || !config.exports.is_empty();
+    let exporter_config = ExporterConfig {
+        limits: config.limits,
+        fence_timeout: config.fence_timeout,
+        num_queues: u32::from(config.request_queues) + 1,
+        host_exports,
+        allow_memfd_shared_objects: config.allow_memfd_shared_objects,
+        ..ExporterConfig::default()
+    };
+    let page_size = exporter_config.page_size;
+    let mut exporter = Exporter::new(exporter_config, provider, config.socket_paths.len());
+    for export in &config.exports {
+        register_export(&mut exporter, export)?;
+    }
+    let state = DeviceState::new(exporter).map_err(io_error("creating the wake-up eventfds"))?;
+
+    let udmabuf = match UdmabufProvider::open() {
+        Ok(dev) => Some(Arc::new(dev)),
+        Err(e) => {
+            log::info!("guest pages are emulated (no REAL_DMABUF): {e}");
+            None
+        }
+    };
+    let settings = Arc::new(BackendSettings {
+        request_queues: config.request_queues,
+        max_queue_size: config.max_queue_size,
+        shm_size: config.shm_size,
+        page_size: u32::try_from(page_size).unwrap_or(u32::MAX),
+        max_segments: config.limits.max_segments,
+        udmabuf,
+        channel_wait: CHANNEL_WAIT,
+    });
+
+    // Bind every socket before anything runs, so a bad path fails the start.
+    let mut listeners = Vec::with_capacity(config.socket_paths.len());
+    for path in &config.socket_paths {
+        let listener = Listener::new(path, true).map_err(|source| DaemonError::Listen {
+            path: path.clone(),
+            source,
+        })?;
+        listeners.push(listener);
+    }
+
+    let shared = Arc::new(Shared {
+        stopping: AtomicBool::new(false),
+        stop_event: EventFd::new(EFD_NONBLOCK).map_err(io_error("creating the stop eventfd"))?,
+        connections: Mutex::new(vec![None; config.socket_paths.len()]),
+    });
+    let mut handle = DaemonHandle {
+        state: Arc::clone(&state),
+        shared: Arc::clone(&shared),
+        socket_paths: config.socket_paths.clone(),
+        listeners: Vec::new(),
+        timer: None,
+        control: None,
+    };
+    handle.timer = Some(
+        state
+            .spawn_timer()
+            .map_err(io_error("starting the timer"))?,
+    );
+    if let Some(path) = &config.control_socket {
+        let control = spawn_control_plane(path, Arc::clone(&state)).map_err(|source| {
+            DaemonError::Control {
+                path: path.clone(),
+                source,
+            }
+        })?;
+        handle.control = Some(control);
+    }
+    for (guest, listener) in listeners.into_iter().enumerate() {
+        let ctx = Socket {
+            guest,
+            state: Arc::clone(&state),
+            settings: Arc::clone(&settings),
+            shared: Arc::clone(&shared),
+        };
+        let thread = std::thread::Builder::new()
+            .name(format!("dmabuf-listen{guest}"))
+            .spawn(move || ctx.serve(listener))
+            .map_err(io_error("starting a listener thread"))?;
+        handle.listeners.push(thread);
+    }
+    for path in &config.socket_paths {
+        log::info!("listening on {}", path.display());
+    }
+    Ok(handle)
+}
+
+/// Starts the daemon and serves until SIGINT or SIGTERM, then stops it
+/// (sockets removed).
+pub fn run(config: Config) -> Result<(), DaemonError> {
+    // Blocked before any thread starts, so every thread inherits the mask
+    // and the signals wait for `sigwait` here.
+    let signals = block_stop_signals().map_err(io_error("blocking SIGINT/SIGTERM"))?;
+    let handle = start(config)?;
+    let signal = wait_for_signal(&signals).map_err(io_error("waiting for a signal"))?;
+    log::info!("signal {signal}: stopping");
+    handle.stop();
+    Ok(())
+}
+
+fn register_export(exporter: &mut Exporter, export: &ExportConfig) -> Result<(), DaemonError> {
+    let name = export.spec.name.clone();
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(!export.spec.read_only)
+        .open(&export.path)
+        .map_err(|source| DaemonError::ExportOpen {
+            name: name.clone(),
+            path: export.path.clone(),
+            source,
+        })?;
+    let fd = OwnedFd::from(file);
+    if !provider::is_dmabuf_fd(&fd) {
+        log::info!(
+            "export {name:?}: {} is not a dma-buf; its syncs are emulated",
+            export.path.display()
+        );
+    }
+    let backing = provider::import_host_fd(fd).map_err(|source| DaemonError::ExportImport {
+        name: name.clone(),
+        source,
+    })?;
+    let uuid = exporter
+        .host_export(export.spec.clone(), backing)
+        .map_err(|source| DaemonError::ExportRegister {
+            name: name.clone(),
+            source,
+        })?;
+    log::info!("export {name:?}: {uuid} ({})", export.path.display());
+    Ok(())
+}
+
+/// One guest socket's listener thread.
+struct Socket {
+    guest: GuestId,
+    state: Arc<DeviceState>,
+    settings: Arc<BackendSettings>,
+    shared: Arc<Shared>,
+}
+
+/// What [`Socket::wait_for_front_end`] saw.
+enum Wake {
+    Connection,
+    Stop,
+}
+
+impl Socket {
+    fn serve(self, mut listener: Listener) {
+        loop {
+            match self.wait_for_front_end(&listener) {
+                Ok(Wake::Connection) => {}
+                Ok(Wake::Stop) => break,
+                Err(e) => {
+                    log::error!("guest {}: polling the socket: {e}", self.guest);
+                    break;
+                }
+            }
+            if let Err(e) = self.serve_connection(&mut listener) {
+                log::error!("guest {}: {e}", self.guest);
+                // Do not spin on a persistent failure (e.g. out of fds).
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            if self.shared.stopping() {
+                break;
+            }
+        }
+        // Dropping the listener removes the socket file.
+        drop(listener);
+    }
+
+    /// Blocks until a front-end connects or the daemon stops.
+    fn wait_for_front_end(&self, listener: &Listener) -> std::io::Result<Wake> {
+        loop {
+            if self.shared.stopping() {
+                return Ok(Wake::Stop);
+            }
+            // SAFETY: both fds belong to objects (`listener`, `self.shared`)
+            // that outlive these borrows, which end with this iteration.
+            let (listen_fd, stop_fd) = unsafe {
+                (
+                    std::os::fd::BorrowedFd::borrow_raw(listener.as_raw_fd()),
+                    std::os::fd::BorrowedFd::borrow_raw(self.shared.stop_event.as_raw_fd()),
+                )
+            };
+            let mut fds = [
+                PollFd::new(&listen_fd, PollFlags::IN),
+                PollFd::new(&stop_fd, PollFlags::IN),
+            ];
+            match poll(&mut fds, None) {
+                Ok(_) => {}
+                Err(rustix::io::Errno::INTR) => continue,
+                Err(e) => return Err(e.into()),
+            }
+            if !fds[1].revents().is_empty() || self.shared.stopping() {
+                return Ok(Wake::Stop);
+            }
+            if !fds[0].revents().is_empty() {
+                return Ok(Wake::Connection);
+            }
+        }
+    }
+
+    fn serve_connection(&self, listener: &mut Listener) -> Result<(), String> {
+        let guest = self.guest;
+        let front = match listener.accept() {
+            Ok(Some(front)) => front,
+            // The front-end went away before we took it.
+            Ok(None) => return Ok(()),
+            Err(e) => return Err(format!("accepting a front-end: {e}")),
+        };
+        let info = Arc::new(ConnectionInfo::default());
+        let backend = Arc::new(DmabufBackend::new(
+            guest,
+            Arc::clone(&self.state),
+            Arc::clone(&self.settings),
+            Arc::clone(&info),
+        ));
+        let memory = GuestMemoryAtomic::new(GuestMemoryMmap::new());
+        let mut daemon =
+            VhostUserDaemon::new(format!("dmabuf-vhost{guest}"), Arc::clone(&backend), memory)
+                .map_err(|e| format!("creating the vhost-user daemon: {e}"))?;
+        if let Some(wake) = self.state.guest_wake(guest) {
+            for handler in daemon.get_epoll_handlers() {
+                handler
+                    .register_listener(
+                        wake.as_raw_fd(),
+                        EventSet::IN,
+                        u64::from(backend.wake_event()),
+                    )
+                    .map_err(|e| format!("registering the wake-up eventfd: {e}"))?;
+            }
+        }
+        {
+            let mut ex = self.state.lock();
+            ex.connect(guest, backend.caps(), backend.frontend());
+            self.state.changed(&ex);
+        }
+        let relay = Self::attach(&mut daemon, front, &info, guest);
+        let result = match relay {
+            Ok(relay) => {
+                log::info!("guest {guest}: front-end connected");
+                self.publish(daemon.shutdown_handle());
+                let waited = daemon.wait();
+                self.publish(None);
+                relay.stop();
+                match waited {
+                    Ok(()) => Ok(()),
+                    Err(vhost_user_backend::Error::HandleRequest(
+                        vhost::vhost_user::Error::Disconnected
+                        | vhost::vhost_user::Error::PartialMessage,
+                    )) => Ok(()),
+                    Err(e) => Err(format!("connection ended: {e}")),
+                }
+            }
+            Err(e) => {
+                daemon.request_shutdown();
+                let _ = daemon.wait();
+                Err(e)
+            }
+        };
+        // Workers may wait on the back-end channel: release them, then stop
+        // them (dropping the daemon joins them), then release the guest.
+        backend.connection_ended();
+        drop(daemon);
+        backend.disconnected();
+        log::info!("guest {guest}: front-end disconnected; state released");
+        result
+    }
+
+    /// Hands the connection to `daemon` through the relay.
+    fn attach(
+        daemon: &mut VhostUserDaemon<Arc<DmabufBackend>>,
+        front: std::os::unix::net::UnixStream,
+        info: &Arc<ConnectionInfo>,
+        guest: GuestId,
+    ) -> Result<Relay, String> {
+        let (mut internal, back) =
+            InternalListener::connected().map_err(|e| format!("internal socket: {e}"))?;
+        daemon
+            .start(internal.listener())
+            .map_err(|e| format!("starting the connection: {e}"))?;
+        if !internal.verify() {
+            return Err("someone else connected to the internal socket; connection dropped".into());
+        }
+        drop(internal);
+        Relay::start(
+            front,
+            back,
+            Arc::clone(info),
+            &format!("dmabuf-relay{guest}"),
+        )
+        .map_err(|e| format!("starting the relay: {e}"))
+    }
+
+    /// Records (or clears) the live connection's shutdown handle; hangs it
+    /// up at once if the daemon is already stopping.
+    fn publish(&self, handle: Option<ShutdownHandle>) {
+        let mut connections = self
+            .shared
+            .connections
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if let Some(slot) = connections.get_mut(self.guest) {
+            if self.shared.stopping() {
+                if let Some(h) = &handle {
+                    h.shutdown();
+                }
+            }
+            *slot = handle;
+        }
+    }
+}
+
+/// The signals that stop [`run`], blocked in the calling thread.
+struct StopSignals {
+    set: libc::sigset_t,
+}
+
+fn block_stop_signals() -> std::io::Result<StopSignals> {
+    let mut set = std::mem::MaybeUninit::<libc::sigset_t>::uninit();
+    // SAFETY: sigemptyset initializes the set it is given; sigaddset and
+    // pthread_sigmask only read the initialized set (and write nothing but
+    // the thread's mask); the null old-mask pointer is allowed.
+    let set = unsafe {
+        libc::sigemptyset(set.as_mut_ptr());
+        let mut set = set.assume_init();
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        let rc = libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        if rc != 0 {
+            return Err(std::io::Error::from_raw_os_error(rc));
+        }
+        set
+    };
+    Ok(StopSignals { set })
+}
+
+fn wait_for_signal(signals: &StopSignals) -> std::io::Result<i32> {
+    let mut signal = 0;
+    // SAFETY: `signals.set` is an initialized signal set and `signal` a
+    // valid place for the result.
+    let rc = unsafe { libc::sigwait(&signals.set, &mut signal) };
+    if rc != 0 {
+        return Err(std::io::Error::from_raw_os_error(rc));
+    }
+    Ok(signal)
+}

@@ -1,0 +1,131 @@
+//! A front-end that disconnects in the middle of parked requests, and the
+//! next one on the same socket (contract section 6). The only test in this
+//! binary, so the process's fd count is the daemon's and this test's.
+
+mod vhost_harness;
+
+use vhost_harness::*;
+use virtio_dmabuf_protocol::*;
+
+const PAGE: u64 = 4096;
+
+/// One connection that leaves as much behind as it can: objects, a window
+/// placement, a published shared object, an attachment with a mapping, a
+/// held lock, a parked LOCK and a parked WAIT-free fence.
+fn busy_connection(d: &TestDaemon) -> u64 {
+    let mut vm = Vm::connect_with(
+        &d.socket(0),
+        Options {
+            queues: 3,
+            ..Options::default()
+        },
+    );
+    let obj = vm.create(2 * PAGE).object;
+    let other = vm.create(PAGE).object;
+    assert!(matches!(
+        vm.call(
+            0,
+            &Request::MapShm {
+                object: obj,
+                writable: true
+            }
+        ),
+        Ok(Reply::Shm { .. })
+    ));
+    assert!(matches!(
+        vm.call(0, &Request::ExportUuid { object: other }),
+        Ok(Reply::Uuid(_))
+    ));
+    let att = match vm.call(
+        0,
+        &Request::Attach {
+            object: other,
+            dynamic_importer: false,
+            peer2peer: false,
+        },
+    ) {
+        Ok(Reply::Attachment(a)) => a,
+        r => panic!("ATTACH: {r:?}"),
+    };
+    assert!(matches!(
+        vm.call(
+            0,
+            &Request::Map {
+                attachment: att,
+                dir: Direction::ToDevice,
+                max_entries: 4,
+                ctx: 0
+            }
+        ),
+        Ok(Reply::Map(_))
+    ));
+    let (a, b) = (vm.acquire(), vm.acquire());
+    assert_eq!(vm.call(0, &Vm::lock_request(a, obj)), Ok(Reply::Empty));
+    let fence = match vm.call(
+        0,
+        &Request::FenceAttach {
+            ctx: a,
+            object: obj,
+            usage: FenceUsage::Write,
+        },
+    ) {
+        Ok(Reply::Fence(f)) => f,
+        r => panic!("FENCE_ATTACH: {r:?}"),
+    };
+    assert_ne!(fence, 0);
+    // Parked: a LOCK on controlq2 and a WAIT on the controlq.
+    let lock = vm.send(2, &Vm::lock_request(b, obj));
+    let wait = vm.send(
+        0,
+        &Request::Wait {
+            object: obj,
+            usage: FenceUsage::Write,
+            timeout_ns: 60_000_000_000,
+        },
+    );
+    vm.queues[2].wait_taken(&vm.ram);
+    vm.queues[0].wait_taken(&vm.ram);
+    assert!(vm.try_wait(lock).is_none());
+    assert!(vm.try_wait(wait).is_none());
+    assert_eq!(d.objects(), 2);
+    obj
+    // The front-end goes away here, with all of it outstanding.
+}
+
+#[test]
+fn disconnect_with_parked_requests_then_reconnect_finds_nothing_and_leaks_no_fds() {
+    let d = TestDaemon::start(|c| {
+        c.request_queues = 2;
+        c.allow_memfd_shared_objects = true;
+    });
+    let baseline = open_fds();
+
+    for round in 0..3 {
+        let old = busy_connection(&d);
+        poll_until("the guest to be released", || {
+            (d.objects() == 0).then_some(())
+        });
+
+        // The next front-end on the same socket finds nothing left.
+        let mut vm = Vm::connect(&d.socket(0));
+        assert_eq!(
+            vm.call(0, &Request::Release { object: old }),
+            Err(Status::NoEnt),
+            "round {round}"
+        );
+        let info = vm.info();
+        assert_eq!(info.version, 1);
+        let fresh = vm.create(PAGE).object;
+        assert!(fresh > old, "handles are never reused");
+        drop(vm);
+        poll_until("the guest to be released", || {
+            (d.objects() == 0).then_some(())
+        });
+
+        // Every fd the connections used is closed again.
+        poll_until(&format!("fds back to {baseline} (round {round})"), || {
+            (open_fds() == baseline).then_some(())
+        });
+    }
+    d.stop();
+}

@@ -1,0 +1,464 @@
+//! Requests through real descriptor chains on the daemon's socket: the
+//! object life cycle, request framing, bad chains, parked requests, the
+//! copy path and guest pages (contract sections 2, 4, 7 and 10).
+
+mod vhost_harness;
+
+use vhost::VhostBackend;
+use vhost_harness::*;
+use virtio_dmabuf_protocol::*;
+
+const PAGE: u64 = 4096;
+
+#[test]
+fn create_attach_map_unmap_detach_release_through_chains() {
+    let d = TestDaemon::start(|_| {});
+    let mut vm = Vm::connect(&d.socket(0));
+    let obj = vm.create(2 * PAGE);
+    assert_ne!(obj.object, 0);
+    assert_eq!(obj.size, 2 * PAGE);
+    assert_eq!(obj.obj_flags & obj_flags::WRITABLE, obj_flags::WRITABLE);
+    assert_eq!(obj.obj_flags & obj_flags::REAL_DMABUF, 0);
+
+    let att = match vm.call(
+        0,
+        &Request::Attach {
+            object: obj.object,
+            dynamic_importer: false,
+            peer2peer: false,
+        },
+    ) {
+        Ok(Reply::Attachment(a)) => a,
+        other => panic!("ATTACH: {other:?}"),
+    };
+    let map = match vm.call(
+        0,
+        &Request::Map {
+            attachment: att,
+            dir: Direction::ToDevice,
+            max_entries: 4,
+            ctx: 0,
+        },
+    ) {
+        Ok(Reply::Map(m)) => m,
+        other => panic!("MAP: {other:?}"),
+    };
+    assert_eq!(
+        map.space,
+        AddressSpace::Object,
+        "not in the window: offsets"
+    );
+    assert_eq!(
+        map.entries.iter().map(|e| e.len).sum::<u64>(),
+        2 * PAGE,
+        "{map:?}"
+    );
+    // Still mapped: DETACH is EBUSY, RELEASE too.
+    assert_eq!(
+        vm.call(0, &Request::Detach { attachment: att }),
+        Err(Status::Busy)
+    );
+    assert_eq!(
+        vm.call(0, &Request::Release { object: obj.object }),
+        Err(Status::Busy)
+    );
+    assert_eq!(
+        vm.call(
+            0,
+            &Request::Unmap {
+                mapping: map.mapping,
+                ctx: 0
+            }
+        ),
+        Ok(Reply::Empty)
+    );
+    assert_eq!(
+        vm.call(0, &Request::Detach { attachment: att }),
+        Ok(Reply::Empty)
+    );
+    assert_eq!(
+        vm.call(0, &Request::Release { object: obj.object }),
+        Ok(Reply::Empty)
+    );
+    assert_eq!(
+        vm.call(0, &Request::Release { object: obj.object }),
+        Err(Status::NoEnt)
+    );
+    assert_eq!(d.objects(), 0);
+    d.stop();
+}
+
+#[test]
+fn a_header_may_span_descriptors_and_indirect_tables_work() {
+    let d = TestDaemon::start(|_| {});
+    let mut vm = Vm::connect(&d.socket(0));
+    let bytes = encode_request(0x77, &Request::GetInfo);
+    // The 16-byte header in 3-byte pieces; the reply in 5-byte pieces.
+    let mut bufs = Vec::new();
+    for chunk in bytes.chunks(3) {
+        let gpa = vm.ram.alloc(chunk.len() as u64, false);
+        vm.ram.write(gpa, chunk);
+        bufs.push(Buf {
+            gpa,
+            len: chunk.len() as u32,
+            writable: false,
+        });
+    }
+    let reply_len = RESP_HDR_SIZE + INFO_SIZE;
+    let mut reply_parts = Vec::new();
+    for _ in 0..reply_len.div_ceil(5) {
+        let gpa = vm.ram.alloc(5, false);
+        reply_parts.push(gpa);
+        bufs.push(Buf {
+            gpa,
+            len: 5,
+            writable: true,
+        });
+    }
+    let head = vm.queues[0].add(&vm.ram, &bufs);
+    vm.queues[0].notify();
+    let used = vm.queues[0].wait_used(&vm.ram, head) as usize;
+    assert_eq!(used, reply_len);
+    let mut reply = Vec::new();
+    for gpa in reply_parts {
+        reply.extend(vm.ram.read(gpa, 5));
+    }
+    let (tag, response) = decode_response(Opcode::GetInfo, &reply[..used]).expect("decodes");
+    assert_eq!(tag, 0x77);
+    assert!(matches!(response, Ok(Reply::Info(i)) if i.version == 1));
+
+    // The same request through one indirect descriptor.
+    let req = vm.ram.alloc(16, false);
+    vm.ram.write(req, &encode_request(0x78, &Request::GetInfo));
+    let out = vm.ram.alloc(reply_len as u64, false);
+    let head = vm.queues[0].add_indirect(
+        &mut vm.ram,
+        &[
+            Buf {
+                gpa: req,
+                len: 16,
+                writable: false,
+            },
+            Buf {
+                gpa: out,
+                len: reply_len as u32,
+                writable: true,
+            },
+        ],
+    );
+    vm.queues[0].notify();
+    assert_eq!(vm.queues[0].wait_used(&vm.ram, head) as usize, reply_len);
+    let (tag, _) = decode_response(Opcode::GetInfo, &vm.ram.read(out, reply_len)).expect("decodes");
+    assert_eq!(tag, 0x78);
+    d.stop();
+}
+
+#[test]
+fn every_bad_chain_comes_back_and_the_batch_goes_on() {
+    let d = TestDaemon::start(|_| {});
+    let mut vm = Vm::connect(&d.socket(0));
+    let ram_end = 32 << 20;
+    let buf = |vm: &mut Vm, bytes: &[u8]| {
+        let gpa = vm.ram.alloc(bytes.len().max(1) as u64, false);
+        vm.ram.write(gpa, bytes);
+        Buf {
+            gpa,
+            len: bytes.len() as u32,
+            writable: false,
+        }
+    };
+    let out = |vm: &mut Vm, len: u32| Buf {
+        gpa: vm.ram.alloc(u64::from(len), false),
+        len,
+        writable: true,
+    };
+    let info = encode_request(5, &Request::GetInfo);
+
+    // 1. A writable part too short for the response header: used.len 0.
+    let b1 = [buf(&mut vm, &info), out(&mut vm, 8)];
+    // 2. An unknown opcode: ENOSYS, tag echoed.
+    let mut unknown = info.clone();
+    unknown[0..4].copy_from_slice(&0xbeefu32.to_le_bytes());
+    unknown[8..16].copy_from_slice(&0x1234u64.to_le_bytes());
+    let b2 = [buf(&mut vm, &unknown), out(&mut vm, 16)];
+    // 3. A readable part outside guest memory: EFAULT.
+    let b3 = [
+        Buf {
+            gpa: ram_end + PAGE,
+            len: 16,
+            writable: false,
+        },
+        out(&mut vm, 16),
+    ];
+    // 4. A writable part outside guest memory: used.len 0.
+    let b4 = [
+        buf(&mut vm, &info),
+        Buf {
+            gpa: ram_end + PAGE,
+            len: 96,
+            writable: true,
+        },
+    ];
+    // 5. A readable part too short for its opcode: EINVAL.
+    let short = encode_request(6, &Request::Release { object: 1 });
+    let b5 = [buf(&mut vm, &short[..20]), out(&mut vm, 16)];
+    // 6. A good request after all of them.
+    let b6 = [buf(&mut vm, &info), out(&mut vm, 96)];
+    let batch = [&b1[..], &b2, &b3, &b4, &b5, &b6];
+    let heads: Vec<u16> = batch
+        .iter()
+        .map(|bufs| vm.queues[0].add(&vm.ram, bufs))
+        .collect();
+    vm.queues[0].notify();
+    let used: Vec<u32> = heads
+        .iter()
+        .map(|h| vm.queues[0].wait_used(&vm.ram, *h))
+        .collect();
+    assert_eq!(used[0], 0);
+    assert_eq!(used[3], 0);
+    let status = |b: &Buf| {
+        let r = vm.ram.read(b.gpa, 16);
+        (
+            u32::from_le_bytes(r[0..4].try_into().expect("4")),
+            u64::from_le_bytes(r[8..16].try_into().expect("8")),
+        )
+    };
+    assert_eq!(used[1], 16);
+    assert_eq!(status(&b2[1]), (Status::NoSys as u32, 0x1234));
+    assert_eq!(used[2], 16);
+    assert_eq!(status(&b3[1]).0, Status::Fault as u32);
+    assert_eq!(used[4], 16);
+    assert_eq!(status(&b5[1]), (Status::Inval as u32, 6));
+    assert_eq!(used[5] as usize, RESP_HDR_SIZE + INFO_SIZE);
+    assert_eq!(status(&b6[1]), (0, 5));
+    assert_eq!(
+        vm.queues[0].returned(&vm.ram),
+        0,
+        "each chain came back once"
+    );
+    d.stop();
+}
+
+#[test]
+fn lock_contention_parks_on_one_queue_while_another_serves() {
+    let d = TestDaemon::start(|c| c.request_queues = 2);
+    let mut vm = Vm::connect_with(
+        &d.socket(0),
+        Options {
+            queues: 3,
+            ..Options::default()
+        },
+    );
+    let obj = vm.create(PAGE).object;
+    let (a, b) = (vm.acquire(), vm.acquire());
+    assert_eq!(vm.call(0, &Vm::lock_request(a, obj)), Ok(Reply::Empty));
+    // b waits for the lock on controlq2 (queue 2).
+    let parked = vm.send(2, &Vm::lock_request(b, obj));
+    // The controlq keeps serving meanwhile, and TRY is EBUSY at once.
+    assert_eq!(
+        vm.call(
+            0,
+            &Request::Lock {
+                ctx: b,
+                object: obj,
+                try_lock: true,
+                slow: false
+            }
+        ),
+        Err(Status::Busy),
+        "the context already has a waiting request"
+    );
+    assert!(vm.info().version == 1);
+    assert!(vm.try_wait(parked).is_none(), "still parked");
+    // Unlocking on the controlq completes the parked chain on queue 2.
+    assert_eq!(
+        vm.call(
+            0,
+            &Request::Unlock {
+                ctx: a,
+                object: obj
+            }
+        ),
+        Ok(Reply::Empty)
+    );
+    assert_eq!(vm.wait(parked), Ok(Reply::Empty));
+    assert_eq!(
+        vm.call(
+            0,
+            &Request::Unlock {
+                ctx: b,
+                object: obj
+            }
+        ),
+        Ok(Reply::Empty)
+    );
+    d.stop();
+}
+
+#[test]
+fn transfers_copy_through_the_chain_and_are_bounded() {
+    let d = TestDaemon::start(|_| {});
+    let mut vm = Vm::connect_with(
+        &d.socket(0),
+        Options {
+            regions: vec![(0, 48 << 20)],
+            ..Options::default()
+        },
+    );
+    let obj = vm.create(4 * PAGE).object;
+    let data: Vec<u8> = (0..5000u32).map(|i| (i % 251) as u8).collect();
+    assert_eq!(vm.transfer_to(obj, 100, &data), Ok(Reply::Empty));
+    assert_eq!(vm.transfer_from(obj, 100, data.len() as u64), data);
+    // Beyond the object: EINVAL.
+    assert_eq!(
+        vm.transfer_to(obj, 4 * PAGE - 1, &[1, 2]),
+        Err(Status::Inval)
+    );
+    // Longer than the daemon's 16 MiB limit, even with room for it.
+    let limit = vhost_device_dmabuf::backend::TRANSFER_MAX;
+    let big = vm.send_sized(
+        0,
+        &Request::TransferFromHost {
+            object: obj,
+            offset: 0,
+            len: limit + 1,
+        },
+        (RESP_HDR_SIZE as u64 + limit + 1) as u32,
+    );
+    assert_eq!(vm.wait(big), Err(Status::Inval));
+    d.stop();
+}
+
+#[test]
+fn guest_pages_objects_live_in_guest_ram() {
+    let d = TestDaemon::start(|_| {});
+    let mut vm = Vm::connect(&d.socket(0));
+    let pages = [vm.ram.alloc(PAGE, true), vm.ram.alloc(2 * PAGE, true)];
+    let entries = vec![
+        Segment {
+            addr: pages[1],
+            len: 2 * PAGE,
+        },
+        Segment {
+            addr: pages[0],
+            len: PAGE,
+        },
+    ];
+    let obj = match vm.call(
+        0,
+        &Request::Create {
+            size: 3 * PAGE,
+            dynamic: false,
+            cache_mapping: false,
+            guest_pages: Some(entries.clone()),
+        },
+    ) {
+        Ok(Reply::Object(o)) => o,
+        other => panic!("CREATE GUEST_PAGES: {other:?}"),
+    };
+    assert_ne!(obj.obj_flags & obj_flags::GUEST_PAGES, 0);
+    // The copy path writes guest RAM: object offset 2 pages is pages[0].
+    assert_eq!(
+        vm.transfer_to(obj.object, 2 * PAGE + 8, b"guest!"),
+        Ok(Reply::Empty)
+    );
+    assert_eq!(vm.ram.read(pages[0] + 8, 6), b"guest!");
+    vm.ram.write(pages[1], b"from the guest");
+    assert_eq!(vm.transfer_from(obj.object, 0, 14), b"from the guest");
+
+    let att = match vm.call(
+        0,
+        &Request::Attach {
+            object: obj.object,
+            dynamic_importer: false,
+            peer2peer: false,
+        },
+    ) {
+        Ok(Reply::Attachment(a)) => a,
+        other => panic!("ATTACH: {other:?}"),
+    };
+    match vm.call(
+        0,
+        &Request::Map {
+            attachment: att,
+            dir: Direction::Bidirectional,
+            max_entries: 8,
+            ctx: 0,
+        },
+    ) {
+        Ok(Reply::Map(m)) => {
+            assert_eq!(m.space, AddressSpace::GuestPhys);
+            assert_eq!(m.entries, entries);
+        }
+        other => panic!("MAP: {other:?}"),
+    }
+
+    // Entries outside guest RAM: EFAULT.
+    assert_eq!(
+        vm.call(
+            0,
+            &Request::Create {
+                size: PAGE,
+                dynamic: false,
+                cache_mapping: false,
+                guest_pages: Some(vec![Segment {
+                    addr: 64 << 20,
+                    len: PAGE
+                }]),
+            }
+        ),
+        Err(Status::Fault)
+    );
+    d.stop();
+}
+
+#[test]
+fn removing_guest_memory_revokes_objects_over_it() {
+    let d = TestDaemon::start(|_| {});
+    // Region 0 holds the rings; region 1 the object's pages.
+    let mut vm = Vm::connect_with(
+        &d.socket(0),
+        Options {
+            regions: vec![(0, 16 << 20), (1 << 30, 1 << 20)],
+            ..Options::default()
+        },
+    );
+    let obj = match vm.call(
+        0,
+        &Request::Create {
+            size: PAGE,
+            dynamic: false,
+            cache_mapping: false,
+            guest_pages: Some(vec![Segment {
+                addr: 1 << 30,
+                len: PAGE,
+            }]),
+        },
+    ) {
+        Ok(Reply::Object(o)) => o.object,
+        other => panic!("CREATE: {other:?}"),
+    };
+    // A buffer too short for an event comes back empty and unused.
+    let (short, _) = vm.post_event_buffer(16);
+    let (head, gpa) = vm.post_event_buffer(32);
+    assert_eq!(vm.queues[EVENTQ as usize].try_used(&vm.ram, head), None);
+
+    // A new memory table without region 1.
+    let keep = vm.ram.region_infos()[..1].to_vec();
+    vm.fe.set_mem_table(&keep).expect("SET_MEM_TABLE");
+
+    let event = vm.wait_event(head, gpa);
+    assert_eq!(event.kind, EventType::Revoked);
+    assert_eq!(event.object, obj);
+    assert_eq!(vm.queues[EVENTQ as usize].wait_used(&vm.ram, short), 0);
+    assert_eq!(
+        vm.transfer_to(obj, 0, b"x"),
+        Err(Status::NoEnt),
+        "a revoked handle is ENOENT"
+    );
+    assert_eq!(
+        vm.call(0, &Request::Release { object: obj }),
+        Ok(Reply::Empty)
+    );
+    d.stop();
+}

@@ -1,0 +1,1233 @@
+//! The typed client of the device contract on top of the split rings.
+//!
+//! Every request is one descriptor chain: a device-readable part (request
+//! header, payload, data) and a device-writable part (response header,
+//! reply, data), section 4. [`Driver::submit`] makes the chain available and
+//! returns a [`Ticket`]; completions are collected from the used ring in
+//! whatever order the device returns them (a parked request completes
+//! later, section 2) and kept until the ticket's owner asks for them with
+//! [`Driver::complete`] or [`Driver::poll`]. The blocking methods named
+//! after the opcodes (`create`, `map`, `lock`, ...) submit on the controlq
+//! and wait.
+//!
+//! Results nest: the outer `Result` is the transport (memory, ring,
+//! timeout, a response that breaks the framing rules), the inner
+//! [`Outcome`] is the device's status.
+//!
+//! [`Driver::submit_raw`] sends any bytes with any descriptor split, for
+//! framing tests; its [`RawCompletion`] is the bare `used.len` and bytes.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
+
+use virtio_dmabuf_protocol::{
+    decode_response, encode_request, DecodeError, Direction, Event, FenceUsage, Info, MapReply,
+    ObjectReply, Opcode, Reply, Request, Response, Segment, Status, CONTROLQ, EVENTQ, EVENT_SIZE,
+    MAP_REPLY_FIXED_SIZE, RESP_HDR_SIZE, SEGMENT_SIZE,
+};
+
+use super::memory::{Buffer, BufferPool, GuestMemory, MemError, PoolError};
+use super::notify::Notifier;
+use super::split::{Desc, QueueError, RingLayout, SplitQueue, DESC_SIZE};
+
+/// The device's answer to one request: a reply or its status.
+pub type Outcome<T> = Result<T, Status>;
+
+/// Transport failures, and responses that break the framing rules. The
+/// device's own statuses are not errors here: they are the inner
+/// [`Outcome`].
+#[derive(Debug, thiserror::Error)]
+pub enum DriverError {
+    #[error(transparent)]
+    Memory(#[from] MemError),
+    #[error(transparent)]
+    Pool(#[from] PoolError),
+    #[error("queue {queue}: {source}")]
+    Queue {
+        queue: u16,
+        #[source]
+        source: QueueError,
+    },
+    #[error("queue {0} does not exist or does not take requests")]
+    NoSuchQueue(u16),
+    #[error("notification on queue {queue}: {source}")]
+    Notify {
+        queue: u16,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("no completion on queue {queue} within {timeout:?} ({what})")]
+    Timeout {
+        queue: u16,
+        timeout: Duration,
+        what: String,
+    },
+    #[error("ticket {0} was submitted raw and has no opcode to decode with")]
+    NotTyped(u64),
+    #[error("undecodable response to {opcode}: {source}")]
+    Decode {
+        opcode: Opcode,
+        #[source]
+        source: DecodeError,
+    },
+    #[error("response to {opcode} echoes tag {got:#x}, the request had {expected:#x}")]
+    TagMismatch {
+        opcode: Opcode,
+        expected: u64,
+        got: u64,
+    },
+    #[error("response to {opcode} breaks the contract: {why}")]
+    Nonconforming { opcode: Opcode, why: String },
+    #[error("{opcode} answered with a reply of the wrong kind: {reply:?}")]
+    UnexpectedReply { opcode: Opcode, reply: Box<Reply> },
+}
+
+impl DriverError {
+    fn queue(queue: u16) -> impl FnOnce(QueueError) -> DriverError {
+        move |source| DriverError::Queue { queue, source }
+    }
+}
+
+/// Geometry of the driver's queues.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DriverConfig {
+    /// Every queue, eventq included (`config.num_queues`, at least 2).
+    pub num_queues: u16,
+    /// Ring size of every queue (a power of two).
+    pub queue_size: u16,
+    /// `VIRTIO_RING_F_EVENT_IDX` was negotiated.
+    pub event_idx: bool,
+    /// `VIRTIO_RING_F_INDIRECT_DESC` was negotiated.
+    pub indirect: bool,
+    /// How long the blocking calls wait for a completion.
+    pub timeout: Duration,
+}
+
+impl Default for DriverConfig {
+    fn default() -> Self {
+        DriverConfig {
+            num_queues: 2,
+            queue_size: 256,
+            event_idx: true,
+            indirect: false,
+            timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// How typed requests are cut into descriptors.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ChainLayout {
+    /// Largest descriptor; `None` = one descriptor per part.
+    pub max_desc_len: Option<u32>,
+    /// Largest first descriptor of each part (cuts the request and response
+    /// headers, say with 5); `None` = like the others.
+    pub first_desc_len: Option<u32>,
+    /// Put the chain in an indirect table (needs `DriverConfig::indirect`).
+    pub indirect: bool,
+}
+
+impl ChainLayout {
+    /// Descriptor lengths for a part of `len` bytes (none for 0 bytes).
+    pub fn pieces(&self, len: usize) -> Vec<usize> {
+        let max = self
+            .max_desc_len
+            .map_or(u32::MAX as usize, |m| m.max(1) as usize);
+        let first = self
+            .first_desc_len
+            .map_or(max, |f| (f.max(1) as usize).min(max));
+        let mut out = Vec::new();
+        let mut left = len;
+        let mut limit = first;
+        while left > 0 {
+            let n = left.min(limit);
+            out.push(n);
+            left -= n;
+            limit = max;
+        }
+        out
+    }
+}
+
+/// One descriptor of a raw chain.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RawDesc {
+    /// Device-readable, over a fresh driver buffer holding these bytes.
+    Readable(Vec<u8>),
+    /// Device-writable, over a fresh zeroed driver buffer of this length.
+    Writable(u32),
+    /// A descriptor used as given (an address outside guest memory, say).
+    /// The driver does not read its contents back.
+    At(Desc),
+}
+
+/// Any chain: for framing tests and for requests the typed API cannot say.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct RawChain {
+    pub descs: Vec<RawDesc>,
+    pub indirect: bool,
+}
+
+impl RawChain {
+    pub fn new() -> Self {
+        RawChain::default()
+    }
+
+    pub fn readable(mut self, bytes: impl Into<Vec<u8>>) -> Self {
+        self.descs.push(RawDesc::Readable(bytes.into()));
+        self
+    }
+
+    pub fn writable(mut self, len: u32) -> Self {
+        self.descs.push(RawDesc::Writable(len));
+        self
+    }
+
+    pub fn at(mut self, desc: Desc) -> Self {
+        self.descs.push(RawDesc::At(desc));
+        self
+    }
+
+    pub fn indirect(mut self, on: bool) -> Self {
+        self.indirect = on;
+        self
+    }
+
+    /// `bytes` as readable descriptors cut before each offset in `cuts`
+    /// (ascending; empty pieces allowed), then one writable descriptor of
+    /// each length in `writable`.
+    pub fn split(bytes: &[u8], cuts: &[usize], writable: &[u32]) -> Self {
+        let mut chain = RawChain::new();
+        let mut start = 0;
+        for &cut in cuts.iter().chain(std::iter::once(&bytes.len())) {
+            let cut = cut.clamp(start, bytes.len());
+            chain = chain.readable(&bytes[start..cut]);
+            start = cut;
+        }
+        for &len in writable {
+            chain = chain.writable(len);
+        }
+        chain
+    }
+
+    /// `readable` bytes and `writable_len` writable bytes cut per `layout`:
+    /// in each part the first descriptor holds at most
+    /// `layout.first_desc_len` bytes and the others `layout.max_desc_len`.
+    pub fn chunked(readable: &[u8], writable_len: usize, layout: &ChainLayout) -> Self {
+        let mut chain = RawChain::new().indirect(layout.indirect);
+        let mut at = 0;
+        for n in layout.pieces(readable.len()) {
+            chain = chain.readable(&readable[at..at + n]);
+            at += n;
+        }
+        for n in layout.pieces(writable_len) {
+            chain = chain.writable(u32::try_from(n).unwrap_or(u32::MAX));
+        }
+        chain
+    }
+}
+
+/// What came back for a chain: `used.len` and the bytes of the writable
+/// part it covers (at most what the driver's writable buffers hold).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RawCompletion {
+    pub used_len: u32,
+    pub written: Vec<u8>,
+    /// Total bytes of the chain's driver-readable writable buffers.
+    pub capacity: usize,
+}
+
+/// One used eventq buffer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EventRecord {
+    pub used_len: u32,
+    /// The decoded event, if `used_len` covers one and its type is known.
+    pub event: Option<Event>,
+    pub bytes: Vec<u8>,
+}
+
+/// A request in flight. Give it back to [`Driver::complete`] (typed) or
+/// [`Driver::complete_raw`]; dropping it abandons the completion.
+#[derive(Debug, PartialEq, Eq)]
+#[must_use = "a ticket is how the completion is collected"]
+pub struct Ticket {
+    queue: u16,
+    seq: u64,
+    tag: u64,
+    opcode: Option<Opcode>,
+}
+
+impl Ticket {
+    pub fn queue(&self) -> u16 {
+        self.queue
+    }
+    /// The tag of the request header (what `CANCEL` names).
+    pub fn tag(&self) -> u64 {
+        self.tag
+    }
+    pub fn opcode(&self) -> Option<Opcode> {
+        self.opcode
+    }
+}
+
+/// A chain's driver-side resources while the device owns it.
+#[derive(Debug)]
+struct Inflight {
+    seq: u64,
+    buffers: Vec<Buffer>,
+    /// `(gpa, len)` of the writable buffers to read back, in chain order.
+    writable: Vec<(u64, u32)>,
+    is_event: bool,
+}
+
+#[derive(Debug)]
+struct QueueState {
+    ring: SplitQueue,
+    ring_buffers: [Buffer; 3],
+    inflight: HashMap<u16, Inflight>,
+    done: HashMap<u64, RawCompletion>,
+    abandoned: HashSet<u64>,
+    events: VecDeque<RawCompletion>,
+}
+
+/// The guest driver: split rings on every queue plus the typed client.
+pub struct Driver {
+    mem: Arc<dyn GuestMemory>,
+    notifier: Arc<dyn Notifier>,
+    pool: Arc<BufferPool>,
+    config: DriverConfig,
+    queues: Vec<Mutex<QueueState>>,
+    layout: Mutex<ChainLayout>,
+    next_tag: AtomicU64,
+    next_seq: AtomicU64,
+}
+
+impl std::fmt::Debug for Driver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Driver")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Room for the fixed reply and the variable part of `request`'s reply.
+/// `MAP` gets room for `min(max_entries, 1024)` entries; ask for more with
+/// [`Driver::submit_sized`].
+pub fn reply_capacity(request: &Request) -> usize {
+    let fixed = RESP_HDR_SIZE + request.opcode().fixed_reply_size();
+    match request {
+        Request::Map { max_entries, .. } => {
+            fixed + (*max_entries).min(1024) as usize * SEGMENT_SIZE
+        }
+        Request::TransferFromHost { len, .. } => {
+            fixed.saturating_add(usize::try_from(*len).unwrap_or(usize::MAX))
+        }
+        _ => fixed,
+    }
+}
+
+impl Driver {
+    /// Sets up every queue's rings in guest memory (from `pool`). The
+    /// transport then tells the device where they are
+    /// ([`ring_layouts`](Self::ring_layouts)) and starts it.
+    pub fn new(
+        mem: Arc<dyn GuestMemory>,
+        notifier: Arc<dyn Notifier>,
+        pool: Arc<BufferPool>,
+        config: DriverConfig,
+    ) -> Result<Self, DriverError> {
+        let mut queues = Vec::with_capacity(usize::from(config.num_queues));
+        for q in 0..config.num_queues {
+            let (layout, ring_buffers) = RingLayout::allocate(&pool, config.queue_size)?;
+            let ring =
+                SplitQueue::new(&*mem, layout, config.event_idx).map_err(DriverError::queue(q))?;
+            queues.push(Mutex::new(QueueState {
+                ring,
+                ring_buffers,
+                inflight: HashMap::new(),
+                done: HashMap::new(),
+                abandoned: HashSet::new(),
+                events: VecDeque::new(),
+            }));
+        }
+        Ok(Driver {
+            mem,
+            notifier,
+            pool,
+            config,
+            queues,
+            layout: Mutex::new(ChainLayout::default()),
+            next_tag: AtomicU64::new(1),
+            next_seq: AtomicU64::new(1),
+        })
+    }
+
+    pub fn config(&self) -> DriverConfig {
+        self.config
+    }
+
+    /// The guest memory the driver works in.
+    pub fn memory(&self) -> &Arc<dyn GuestMemory> {
+        &self.mem
+    }
+
+    /// The pool buffers come from (guest-placed objects allocate here too).
+    pub fn pool(&self) -> &Arc<BufferPool> {
+        &self.pool
+    }
+
+    /// Where each queue's rings are, by queue index.
+    pub fn ring_layouts(&self) -> Vec<RingLayout> {
+        self.queues.iter().map(|q| lock(q).ring.layout()).collect()
+    }
+
+    /// The request queues: controlq (0), then 2.. (section 2).
+    pub fn request_queues(&self) -> Vec<u16> {
+        (0..self.config.num_queues)
+            .filter(|&q| q != EVENTQ)
+            .collect()
+    }
+
+    /// Cut typed requests into descriptors this way from now on.
+    pub fn set_chain_layout(&self, layout: ChainLayout) {
+        *lock(&self.layout) = layout;
+    }
+
+    pub fn chain_layout(&self) -> ChainLayout {
+        *lock(&self.layout)
+    }
+
+    /// Chains in flight on `queue` (a parked request counts).
+    pub fn in_flight(&self, queue: u16) -> usize {
+        self.queues
+            .get(usize::from(queue))
+            .map_or(0, |q| lock(q).inflight.len())
+    }
+
+    fn queue(&self, queue: u16) -> Result<&Mutex<QueueState>, DriverError> {
+        self.queues
+            .get(usize::from(queue))
+            .ok_or(DriverError::NoSuchQueue(queue))
+    }
+
+    /// A fresh tag (never 0).
+    pub fn next_tag(&self) -> u64 {
+        self.next_tag.fetch_add(1, Ordering::Relaxed)
+    }
+
+    // ---- submission ----
+
+    /// Submits `request` on `queue` with a fresh tag.
+    pub fn submit(&self, queue: u16, request: &Request) -> Result<Ticket, DriverError> {
+        self.submit_sized(queue, self.next_tag(), request, reply_capacity(request))
+    }
+
+    /// Submits `request` with the given tag and `writable_len` bytes of
+    /// writable part (response header included).
+    pub fn submit_sized(
+        &self,
+        queue: u16,
+        tag: u64,
+        request: &Request,
+        writable_len: usize,
+    ) -> Result<Ticket, DriverError> {
+        let mut tickets =
+            self.submit_batch(queue, &[self.typed_item(tag, request, writable_len)])?;
+        tickets.pop().ok_or(DriverError::NoSuchQueue(queue))
+    }
+
+    /// A typed request as a batch item, cut by the current [`ChainLayout`].
+    pub fn typed_item(&self, tag: u64, request: &Request, writable_len: usize) -> BatchItem {
+        let layout = self.chain_layout();
+        let bytes = encode_request(tag, request);
+        let chain = RawChain::chunked(&bytes, writable_len, &layout);
+        BatchItem {
+            chain,
+            tag,
+            opcode: Some(request.opcode()),
+        }
+    }
+
+    /// Submits a raw chain. The ticket's tag is read from the first 16
+    /// readable bytes when they form a header, else 0.
+    pub fn submit_raw(&self, queue: u16, chain: RawChain) -> Result<Ticket, DriverError> {
+        let mut tickets = self.submit_batch(queue, &[BatchItem::raw(chain)])?;
+        tickets.pop().ok_or(DriverError::NoSuchQueue(queue))
+    }
+
+    /// Makes every item available at once: one `avail.idx` update and at
+    /// most one kick for the whole batch.
+    pub fn submit_batch(
+        &self,
+        queue: u16,
+        items: &[BatchItem],
+    ) -> Result<Vec<Ticket>, DriverError> {
+        let qm = self.queue(queue)?;
+        let mut prepared = Vec::with_capacity(items.len());
+        for item in items {
+            match self.prepare(&item.chain) {
+                Ok(p) => prepared.push(p),
+                Err(e) => {
+                    prepared
+                        .into_iter()
+                        .for_each(|p: Prepared| self.free_buffers(p.buffers));
+                    return Err(e);
+                }
+            }
+        }
+        let size = self.config.queue_size;
+        if let Some(p) = prepared.iter().find(|p| p.descs.len() > usize::from(size)) {
+            let len = p.descs.len();
+            prepared
+                .into_iter()
+                .for_each(|p| self.free_buffers(p.buffers));
+            return Err(DriverError::Queue {
+                queue,
+                source: QueueError::ChainTooLong { len, size },
+            });
+        }
+        let mut q = lock(qm);
+        // Room first, so a batch goes in whole or not at all.
+        let needed: usize = prepared.iter().map(|p| p.ring_slots()).sum();
+        if q.ring.num_free() < needed {
+            self.drain(&mut q, queue)?;
+        }
+        if q.ring.num_free() < needed {
+            let free = q.ring.num_free();
+            drop(q);
+            prepared
+                .into_iter()
+                .for_each(|p| self.free_buffers(p.buffers));
+            return Err(DriverError::Queue {
+                queue,
+                source: QueueError::Full { needed, free },
+            });
+        }
+        let mut tickets = Vec::with_capacity(items.len());
+        let mut prepared = prepared.into_iter();
+        for item in items {
+            let Some(p) = prepared.next() else { break };
+            let head = match q.ring.add(&*self.mem, &p.descs, p.table.map(|t| t.gpa)) {
+                Ok(head) => head,
+                Err(e) => {
+                    self.free_buffers(p.buffers);
+                    prepared.for_each(|p| self.free_buffers(p.buffers));
+                    // What was added so far still goes to the device.
+                    self.publish(&mut q, queue)?;
+                    return Err(DriverError::Queue { queue, source: e });
+                }
+            };
+            let seq = self.next_seq.fetch_add(1, Ordering::Relaxed);
+            q.inflight.insert(
+                head,
+                Inflight {
+                    seq,
+                    buffers: p.buffers,
+                    writable: p.writable,
+                    is_event: false,
+                },
+            );
+            tickets.push(Ticket {
+                queue,
+                seq,
+                tag: item.tag,
+                opcode: item.opcode,
+            });
+        }
+        self.publish(&mut q, queue)?;
+        Ok(tickets)
+    }
+
+    fn publish(&self, q: &mut QueueState, queue: u16) -> Result<(), DriverError> {
+        if q.ring
+            .publish(&*self.mem)
+            .map_err(DriverError::queue(queue))?
+        {
+            self.notifier
+                .kick(queue)
+                .map_err(|source| DriverError::Notify { queue, source })?;
+        }
+        Ok(())
+    }
+
+    /// Allocates and fills the buffers of a chain.
+    fn prepare(&self, chain: &RawChain) -> Result<Prepared, DriverError> {
+        let mut p = Prepared::default();
+        let result = (|| {
+            for d in &chain.descs {
+                match d {
+                    RawDesc::Readable(bytes) => {
+                        let b = self.pool.alloc(bytes.len() as u64, 8)?;
+                        p.buffers.push(b);
+                        self.mem.write(b.gpa, bytes)?;
+                        p.descs.push(Desc {
+                            addr: b.gpa,
+                            len: len_u32(bytes.len()),
+                            write: false,
+                        });
+                    }
+                    RawDesc::Writable(len) => {
+                        let b = self.pool.alloc(u64::from(*len), 8)?;
+                        p.buffers.push(b);
+                        self.mem.write(b.gpa, &vec![0u8; *len as usize])?;
+                        p.descs.push(Desc {
+                            addr: b.gpa,
+                            len: *len,
+                            write: true,
+                        });
+                        p.writable.push((b.gpa, *len));
+                    }
+                    RawDesc::At(desc) => p.descs.push(*desc),
+                }
+            }
+            if chain.indirect {
+                let table = self.pool.alloc(DESC_SIZE * p.descs.len() as u64, 16)?;
+                p.buffers.push(table);
+                p.table = Some(table);
+            }
+            Ok::<(), DriverError>(())
+        })();
+        match result {
+            Ok(()) => Ok(p),
+            Err(e) => {
+                self.free_buffers(p.buffers);
+                Err(e)
+            }
+        }
+    }
+
+    fn free_buffers(&self, buffers: Vec<Buffer>) {
+        for b in buffers {
+            self.pool.free(b);
+        }
+    }
+
+    // ---- completion ----
+
+    /// Moves every used entry of `queue` into the completion table.
+    fn drain(&self, q: &mut QueueState, queue: u16) -> Result<(), DriverError> {
+        while let Some((head, used_len)) = q
+            .ring
+            .pop_used(&*self.mem)
+            .map_err(DriverError::queue(queue))?
+        {
+            // `pop_used` only returns heads of chains it handed out, and
+            // every such chain has an entry here.
+            let Some(inflight) = q.inflight.remove(&head) else {
+                continue;
+            };
+            let capacity: usize = inflight.writable.iter().map(|&(_, l)| l as usize).sum();
+            let mut left = (used_len as usize).min(capacity);
+            let mut written = Vec::with_capacity(left);
+            for &(gpa, len) in &inflight.writable {
+                if left == 0 {
+                    break;
+                }
+                let n = left.min(len as usize);
+                let mut buf = vec![0u8; n];
+                self.mem.read(gpa, &mut buf)?;
+                written.extend_from_slice(&buf);
+                left -= n;
+            }
+            self.free_buffers(inflight.buffers);
+            let completion = RawCompletion {
+                used_len,
+                written,
+                capacity,
+            };
+            if inflight.is_event {
+                q.events.push_back(completion);
+            } else if !q.abandoned.remove(&inflight.seq) {
+                q.done.insert(inflight.seq, completion);
+            }
+        }
+        Ok(())
+    }
+
+    /// Waits until `pred` holds for the queue state, draining completions
+    /// and sleeping on the queue's interrupt in between.
+    fn wait_until<T>(
+        &self,
+        queue: u16,
+        timeout: Duration,
+        mut pred: impl FnMut(&mut QueueState) -> Option<T>,
+    ) -> Result<Option<T>, DriverError> {
+        let qm = self.queue(queue)?;
+        let deadline = Instant::now() + timeout;
+        loop {
+            {
+                let mut q = lock(qm);
+                self.drain(&mut q, queue)?;
+                if let Some(v) = pred(&mut q) {
+                    return Ok(Some(v));
+                }
+                if q.ring
+                    .enable_interrupts(&*self.mem)
+                    .map_err(DriverError::queue(queue))?
+                {
+                    continue;
+                }
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Ok(None);
+            }
+            // Short slices: another thread waiting on the same queue may
+            // consume the interrupt meant for this completion.
+            let slice = (deadline - now).min(Duration::from_millis(20));
+            self.notifier
+                .wait(queue, slice)
+                .map_err(|source| DriverError::Notify { queue, source })?;
+        }
+    }
+
+    /// Waits for a ticket's raw completion (default timeout).
+    pub fn complete_raw(&self, ticket: Ticket) -> Result<RawCompletion, DriverError> {
+        self.complete_raw_within(ticket, self.config.timeout)
+    }
+
+    /// Waits at most `timeout` for a ticket's raw completion. On timeout
+    /// the chain is abandoned: its completion, if it ever comes, is dropped.
+    pub fn complete_raw_within(
+        &self,
+        ticket: Ticket,
+        timeout: Duration,
+    ) -> Result<RawCompletion, DriverError> {
+        let seq = ticket.seq;
+        let found = self.wait_until(ticket.queue, timeout, |q| q.done.remove(&seq))?;
+        match found {
+            Some(c) => Ok(c),
+            None => {
+                if let Ok(qm) = self.queue(ticket.queue) {
+                    lock(qm).abandoned.insert(seq);
+                }
+                Err(DriverError::Timeout {
+                    queue: ticket.queue,
+                    timeout,
+                    what: ticket
+                        .opcode
+                        .map_or_else(|| "raw chain".to_string(), |o| o.to_string()),
+                })
+            }
+        }
+    }
+
+    /// Whether the ticket's chain has come back (without waiting).
+    pub fn poll(&self, ticket: &Ticket) -> Result<bool, DriverError> {
+        let qm = self.queue(ticket.queue)?;
+        let mut q = lock(qm);
+        self.drain(&mut q, ticket.queue)?;
+        Ok(q.done.contains_key(&ticket.seq))
+    }
+
+    /// Waits up to `within` for the ticket's chain to come back, without
+    /// taking the completion: `false` means it is still with the device
+    /// (a parked request, say).
+    pub fn settle(&self, ticket: &Ticket, within: Duration) -> Result<bool, DriverError> {
+        let seq = ticket.seq;
+        Ok(self
+            .wait_until(ticket.queue, within, |q| {
+                q.done.contains_key(&seq).then_some(())
+            })?
+            .is_some())
+    }
+
+    /// Waits for a typed ticket and decodes its response (default timeout).
+    pub fn complete(&self, ticket: Ticket) -> Result<Response, DriverError> {
+        self.complete_within(ticket, self.config.timeout)
+    }
+
+    /// Like [`complete`](Self::complete) with its own timeout.
+    pub fn complete_within(
+        &self,
+        ticket: Ticket,
+        timeout: Duration,
+    ) -> Result<Response, DriverError> {
+        let (tag, opcode) = (ticket.tag, ticket.opcode);
+        let opcode = opcode.ok_or(DriverError::NotTyped(ticket.seq))?;
+        let c = self.complete_raw_within(ticket, timeout)?;
+        check_response(opcode, tag, &c)
+    }
+
+    /// Submits on the controlq and waits.
+    pub fn call(&self, request: &Request) -> Result<Response, DriverError> {
+        self.call_on(CONTROLQ, request)
+    }
+
+    /// Submits on `queue` and waits.
+    pub fn call_on(&self, queue: u16, request: &Request) -> Result<Response, DriverError> {
+        let t = self.submit(queue, request)?;
+        self.complete(t)
+    }
+
+    // ---- eventq ----
+
+    /// Posts `count` device-writable buffers of `len` bytes on the eventq.
+    pub fn post_event_buffers(&self, count: usize, len: u32) -> Result<(), DriverError> {
+        let qm = self.queue(EVENTQ)?;
+        let mut q = lock(qm);
+        for _ in 0..count {
+            let p = self.prepare(&RawChain::new().writable(len))?;
+            let head = match q.ring.add(&*self.mem, &p.descs, None) {
+                Ok(head) => head,
+                Err(e) => {
+                    self.free_buffers(p.buffers);
+                    self.publish(&mut q, EVENTQ)?;
+                    return Err(DriverError::Queue {
+                        queue: EVENTQ,
+                        source: e,
+                    });
+                }
+            };
+            let seq = self.next_seq.fetch_add(1, Ordering::Relaxed);
+            q.inflight.insert(
+                head,
+                Inflight {
+                    seq,
+                    buffers: p.buffers,
+                    writable: p.writable,
+                    is_event: true,
+                },
+            );
+        }
+        self.publish(&mut q, EVENTQ)
+    }
+
+    /// Event buffers the device still holds.
+    pub fn posted_event_buffers(&self) -> usize {
+        self.queues.get(usize::from(EVENTQ)).map_or(0, |q| {
+            lock(q).inflight.values().filter(|i| i.is_event).count()
+        })
+    }
+
+    /// Every event buffer returned so far, in used-ring order.
+    pub fn poll_events(&self) -> Result<Vec<EventRecord>, DriverError> {
+        let qm = self.queue(EVENTQ)?;
+        let mut q = lock(qm);
+        self.drain(&mut q, EVENTQ)?;
+        Ok(q.events.drain(..).map(event_record).collect())
+    }
+
+    /// Waits up to `timeout` for the next returned event buffer.
+    pub fn next_event(&self, timeout: Duration) -> Result<Option<EventRecord>, DriverError> {
+        Ok(self
+            .wait_until(EVENTQ, timeout, |q| q.events.pop_front())?
+            .map(event_record))
+    }
+
+    // ---- typed operations (section 7), on the controlq ----
+
+    fn typed<T>(
+        &self,
+        request: Request,
+        pick: impl FnOnce(Reply) -> Result<T, Reply>,
+    ) -> Result<Outcome<T>, DriverError> {
+        let opcode = request.opcode();
+        match self.call(&request)? {
+            Ok(reply) => pick(reply)
+                .map(Ok)
+                .map_err(|reply| DriverError::UnexpectedReply {
+                    opcode,
+                    reply: Box::new(reply),
+                }),
+            Err(status) => Ok(Err(status)),
+        }
+    }
+
+    fn empty(&self, request: Request) -> Result<Outcome<()>, DriverError> {
+        self.typed(request, |r| match r {
+            Reply::Empty => Ok(()),
+            other => Err(other),
+        })
+    }
+
+    pub fn get_info(&self) -> Result<Outcome<Info>, DriverError> {
+        self.typed(Request::GetInfo, |r| match r {
+            Reply::Info(i) => Ok(i),
+            other => Err(other),
+        })
+    }
+
+    pub fn reset_session(&self) -> Result<Outcome<()>, DriverError> {
+        self.empty(Request::ResetSession)
+    }
+
+    pub fn cancel(&self, tag: u64) -> Result<Outcome<()>, DriverError> {
+        self.empty(Request::Cancel { tag })
+    }
+
+    fn object(&self, request: Request) -> Result<Outcome<ObjectReply>, DriverError> {
+        self.typed(request, |r| match r {
+            Reply::Object(o) => Ok(o),
+            other => Err(other),
+        })
+    }
+
+    /// `CREATE` of a host-placed object; `flags` from `create_flags`
+    /// (`GUEST_PAGES` sends an empty entry list: use
+    /// [`create_guest`](Self::create_guest) for real entries).
+    pub fn create(&self, size: u64, flags: u32) -> Result<Outcome<ObjectReply>, DriverError> {
+        use virtio_dmabuf_protocol::create_flags as f;
+        self.object(Request::Create {
+            size,
+            dynamic: flags & f::DYNAMIC != 0,
+            cache_mapping: flags & f::CACHE_MAPPING != 0,
+            guest_pages: (flags & f::GUEST_PAGES != 0).then(Vec::new),
+        })
+    }
+
+    /// `CREATE` with `GUEST_PAGES` over `entries` of guest memory.
+    pub fn create_guest(
+        &self,
+        size: u64,
+        cache_mapping: bool,
+        entries: &[Segment],
+    ) -> Result<Outcome<ObjectReply>, DriverError> {
+        self.object(Request::Create {
+            size,
+            dynamic: false,
+            cache_mapping,
+            guest_pages: Some(entries.to_vec()),
+        })
+    }
+
+    pub fn open_by_name(&self, name: &str) -> Result<Outcome<ObjectReply>, DriverError> {
+        self.object(Request::Open {
+            uuid: None,
+            name: name.as_bytes().to_vec(),
+        })
+    }
+
+    pub fn open_by_uuid(&self, uuid: [u8; 16]) -> Result<Outcome<ObjectReply>, DriverError> {
+        self.object(Request::Open {
+            uuid: Some(uuid),
+            name: Vec::new(),
+        })
+    }
+
+    pub fn release(&self, object: u64) -> Result<Outcome<()>, DriverError> {
+        self.empty(Request::Release { object })
+    }
+
+    pub fn export_uuid(&self, object: u64) -> Result<Outcome<[u8; 16]>, DriverError> {
+        self.typed(Request::ExportUuid { object }, |r| match r {
+            Reply::Uuid(u) => Ok(u),
+            other => Err(other),
+        })
+    }
+
+    /// `ATTACH`; `flags` from `attach_flags`.
+    pub fn attach(&self, object: u64, flags: u32) -> Result<Outcome<u64>, DriverError> {
+        use virtio_dmabuf_protocol::attach_flags as f;
+        self.typed(
+            Request::Attach {
+                object,
+                dynamic_importer: flags & f::DYNAMIC_IMPORTER != 0,
+                peer2peer: flags & f::PEER2PEER != 0,
+            },
+            |r| match r {
+                Reply::Attachment(a) => Ok(a),
+                other => Err(other),
+            },
+        )
+    }
+
+    pub fn detach(&self, attachment: u64) -> Result<Outcome<()>, DriverError> {
+        self.empty(Request::Detach { attachment })
+    }
+
+    /// `MAP`; `EOVERFLOW` is `Err(Status::Overflow)` here (use
+    /// [`call`](Self::call) to see the count it carries).
+    pub fn map(
+        &self,
+        attachment: u64,
+        dir: Direction,
+        max_entries: u32,
+        ctx: u64,
+    ) -> Result<Outcome<MapReply>, DriverError> {
+        let request = Request::Map {
+            attachment,
+            dir,
+            max_entries,
+            ctx,
+        };
+        self.typed(request, |r| match r {
+            Reply::Map(m) => Ok(Ok(m)),
+            Reply::MapOverflow { .. } => Ok(Err(Status::Overflow)),
+            other => Err(other),
+        })
+        .map(|o| o.and_then(|inner| inner))
+    }
+
+    pub fn unmap(&self, mapping: u64, ctx: u64) -> Result<Outcome<()>, DriverError> {
+        self.empty(Request::Unmap { mapping, ctx })
+    }
+
+    pub fn pin(&self, attachment: u64, ctx: u64) -> Result<Outcome<()>, DriverError> {
+        self.empty(Request::Pin { attachment, ctx })
+    }
+
+    pub fn unpin(&self, attachment: u64, ctx: u64) -> Result<Outcome<()>, DriverError> {
+        self.empty(Request::Unpin { attachment, ctx })
+    }
+
+    /// `ACQUIRE_INIT`: `(ctx, stamp)`.
+    pub fn acquire_init(&self) -> Result<Outcome<(u64, u64)>, DriverError> {
+        self.typed(Request::AcquireInit, |r| match r {
+            Reply::Acquire { ctx, stamp } => Ok((ctx, stamp)),
+            other => Err(other),
+        })
+    }
+
+    pub fn acquire_fini(&self, ctx: u64) -> Result<Outcome<()>, DriverError> {
+        self.empty(Request::AcquireFini { ctx })
+    }
+
+    /// `LOCK`; `flags` from `lock_flags`. Blocks while the request parks:
+    /// use [`submit`](Self::submit) to keep it in flight instead.
+    pub fn lock(&self, ctx: u64, object: u64, flags: u32) -> Result<Outcome<()>, DriverError> {
+        self.empty(lock_request(ctx, object, flags))
+    }
+
+    pub fn unlock(&self, ctx: u64, object: u64) -> Result<Outcome<()>, DriverError> {
+        self.empty(Request::Unlock { ctx, object })
+    }
+
+    pub fn begin_cpu_access(
+        &self,
+        object: u64,
+        dir: Direction,
+    ) -> Result<Outcome<()>, DriverError> {
+        self.empty(Request::BeginCpuAccess { object, dir })
+    }
+
+    pub fn end_cpu_access(&self, object: u64, dir: Direction) -> Result<Outcome<()>, DriverError> {
+        self.empty(Request::EndCpuAccess { object, dir })
+    }
+
+    /// `MAP_SHM`: `(shm_offset, len)`.
+    pub fn map_shm(&self, object: u64, writable: bool) -> Result<Outcome<(u64, u64)>, DriverError> {
+        self.typed(Request::MapShm { object, writable }, |r| match r {
+            Reply::Shm { shm_offset, len } => Ok((shm_offset, len)),
+            other => Err(other),
+        })
+    }
+
+    pub fn unmap_shm(&self, object: u64) -> Result<Outcome<()>, DriverError> {
+        self.empty(Request::UnmapShm { object })
+    }
+
+    pub fn transfer_to_host(
+        &self,
+        object: u64,
+        offset: u64,
+        data: &[u8],
+    ) -> Result<Outcome<()>, DriverError> {
+        self.empty(Request::TransferToHost {
+            object,
+            offset,
+            data: data.to_vec(),
+        })
+    }
+
+    pub fn transfer_from_host(
+        &self,
+        object: u64,
+        offset: u64,
+        len: u64,
+    ) -> Result<Outcome<Vec<u8>>, DriverError> {
+        let request = Request::TransferFromHost {
+            object,
+            offset,
+            len,
+        };
+        self.typed(request, |r| match r {
+            Reply::Data(d) => Ok(d),
+            other => Err(other),
+        })
+    }
+
+    pub fn fence_attach(
+        &self,
+        ctx: u64,
+        object: u64,
+        usage: FenceUsage,
+    ) -> Result<Outcome<u64>, DriverError> {
+        self.typed(Request::FenceAttach { ctx, object, usage }, |r| match r {
+            Reply::Fence(f) => Ok(f),
+            other => Err(other),
+        })
+    }
+
+    pub fn fence_signal(&self, fence: u64, error: u32) -> Result<Outcome<()>, DriverError> {
+        self.empty(Request::FenceSignal { fence, error })
+    }
+
+    /// `WAIT`. Blocks while the request parks (bounded by the driver
+    /// timeout, so keep `timeout_ns` below it or use `submit`).
+    pub fn wait(
+        &self,
+        object: u64,
+        usage: FenceUsage,
+        timeout_ns: u64,
+    ) -> Result<Outcome<()>, DriverError> {
+        self.empty(Request::Wait {
+            object,
+            usage,
+            timeout_ns,
+        })
+    }
+}
+
+/// A `LOCK` request from `lock_flags` bits.
+pub fn lock_request(ctx: u64, object: u64, flags: u32) -> Request {
+    use virtio_dmabuf_protocol::lock_flags as f;
+    Request::Lock {
+        ctx,
+        object,
+        try_lock: flags & f::TRY != 0,
+        slow: flags & f::SLOW != 0,
+    }
+}
+
+impl Drop for Driver {
+    /// Gives the rings and in-flight buffers back to the pool. The
+    /// transport must have stopped the device first (vring stop, reset or
+    /// disconnect): nothing may still write them.
+    fn drop(&mut self) {
+        for qm in &self.queues {
+            let mut q = lock(qm);
+            let inflight: Vec<Inflight> = q.inflight.drain().map(|(_, i)| i).collect();
+            for i in inflight {
+                self.free_buffers(i.buffers);
+            }
+            for b in q.ring_buffers {
+                self.pool.free(b);
+            }
+        }
+    }
+}
+
+/// One item of [`Driver::submit_batch`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BatchItem {
+    pub chain: RawChain,
+    pub tag: u64,
+    pub opcode: Option<Opcode>,
+}
+
+impl BatchItem {
+    /// A raw chain; its tag is read from the first 16 readable bytes if they
+    /// hold a request header (informational only).
+    pub fn raw(chain: RawChain) -> Self {
+        let mut head = Vec::new();
+        for d in &chain.descs {
+            if let RawDesc::Readable(b) = d {
+                head.extend_from_slice(b);
+                if head.len() >= 16 {
+                    break;
+                }
+            } else {
+                break;
+            }
+        }
+        let tag = virtio_dmabuf_protocol::RequestHeader::from_bytes(&head).map_or(0, |h| h.tag);
+        BatchItem {
+            chain,
+            tag,
+            opcode: None,
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+struct Prepared {
+    descs: Vec<Desc>,
+    buffers: Vec<Buffer>,
+    writable: Vec<(u64, u32)>,
+    table: Option<Buffer>,
+}
+
+impl Prepared {
+    fn ring_slots(&self) -> usize {
+        if self.table.is_some() {
+            1
+        } else {
+            self.descs.len()
+        }
+    }
+}
+
+fn len_u32(len: usize) -> u32 {
+    u32::try_from(len).unwrap_or(u32::MAX)
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn event_record(c: RawCompletion) -> EventRecord {
+    let event = if c.used_len as usize >= EVENT_SIZE {
+        Event::from_bytes(&c.written)
+    } else {
+        None
+    };
+    EventRecord {
+        used_len: c.used_len,
+        event,
+        bytes: c.written,
+    }
+}
+
+/// Decodes a typed completion and checks the framing rules of section 4
+/// that the driver can see: `used.len` within the writable part, the tag
+/// echoed, a failure carrying the header alone (`EOVERFLOW` from `MAP` the
+/// header and the fixed reply), and a success exactly as long as its reply.
+pub fn check_response(
+    opcode: Opcode,
+    tag: u64,
+    c: &RawCompletion,
+) -> Result<Response, DriverError> {
+    let bad = |why: String| DriverError::Nonconforming { opcode, why };
+    let used = c.used_len as usize;
+    if used > c.capacity {
+        return Err(bad(format!(
+            "used.len {used} exceeds the writable part ({} bytes)",
+            c.capacity
+        )));
+    }
+    if used < RESP_HDR_SIZE {
+        return Err(bad(format!(
+            "used.len {used} is shorter than the response header"
+        )));
+    }
+    let (got, response) = decode_response(opcode, &c.written)
+        .map_err(|source| DriverError::Decode { opcode, source })?;
+    if got != tag {
+        return Err(DriverError::TagMismatch {
+            opcode,
+            expected: tag,
+            got,
+        });
+    }
+    let expected = match &response {
+        Err(_) => Some(RESP_HDR_SIZE),
+        Ok(Reply::MapOverflow { .. }) => Some(RESP_HDR_SIZE + MAP_REPLY_FIXED_SIZE),
+        Ok(Reply::Map(m)) => {
+            Some(RESP_HDR_SIZE + MAP_REPLY_FIXED_SIZE + m.entries.len() * SEGMENT_SIZE)
+        }
+        Ok(Reply::Data(_)) => None,
+        Ok(_) => Some(RESP_HDR_SIZE + opcode.fixed_reply_size()),
+    };
+    if let Some(expected) = expected {
+        if used != expected {
+            return Err(bad(format!(
+                "used.len {used}, the contract says {expected} for {:?}",
+                virtio_dmabuf_protocol::response_status(&response)
+            )));
+        }
+    }
+    Ok(response)
+}
