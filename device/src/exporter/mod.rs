@@ -540,31 +540,13 @@ impl Exporter {
             }
         }
         let mut ctx_slot = None;
-        let object = match step {
+        let (object, waiter) = match step {
             Step::Done => return Ok(()),
-            Step::Lock(object) => {
-                self.objects
-                    .get_mut(&object)
-                    .ok_or(Status::NoEnt)?
-                    .resv
-                    .enqueue(resv::Waiter {
-                        pending: pid,
-                        locker: Locker::Anon(pid),
-                    });
-                object
-            }
+            Step::Lock(object) => (object, Some(Locker::Anon(pid))),
             Step::QueueCtx { object, ctx } => {
                 let stamp = self.contexts.get(&ctx).ok_or(Status::NoEnt)?.stamp;
-                self.objects
-                    .get_mut(&object)
-                    .ok_or(Status::NoEnt)?
-                    .resv
-                    .enqueue(resv::Waiter {
-                        pending: pid,
-                        locker: Locker::Ctx { ctx, stamp },
-                    });
                 ctx_slot = Some(ctx);
-                object
+                (object, Some(Locker::Ctx { ctx, stamp }))
             }
             Step::Fences { object, locked, .. } => {
                 if locked {
@@ -573,9 +555,16 @@ impl Exporter {
                         o.resv.take(Locker::Anon(pid));
                     }
                 }
-                object
+                (object, None)
             }
         };
+        if let Some(locker) = waiter {
+            let o = self.objects.get_mut(&object).ok_or(Status::NoEnt)?;
+            o.resv.enqueue(resv::Waiter {
+                pending: pid,
+                locker,
+            });
+        }
         if let Some(ctx) = ctx_slot {
             if let Some(c) = self.contexts.get_mut(&ctx) {
                 c.waiting = Some(pid);
