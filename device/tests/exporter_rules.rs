@@ -678,11 +678,7 @@ fn attach_static_importer_to_dynamic_exporter_caches_bidirectional_and_pins() {
     let info = &d.ex.list()[0].attachments[0];
     assert_eq!((info.cached_dir, info.pins), (Some(0), 1));
     let u = uuid_of(&d, 0);
-    let now = d.now;
-    assert_eq!(
-        d.ex.host_evict(u, 1, Duration::from_secs(1), now),
-        Some(Err(HostError::Pinned))
-    );
+    assert_eq!(d.evict(u, 1), Some(Err(HostError::Pinned)));
 }
 
 #[test]
@@ -954,11 +950,7 @@ fn detach_drops_the_cached_mapping_and_its_pin() {
     d.ok(0, Request::Detach { attachment: a });
     assert_eq!(d.syncs_since(mark), vec![START_RW]);
     let u = uuid_of(&d, 0);
-    let now = d.now;
-    assert_eq!(
-        d.ex.host_evict(u, 1, Duration::from_secs(1), now),
-        Some(Ok(()))
-    );
+    assert_eq!(d.evict(u, 1), Some(Ok(())));
 }
 
 #[test]
@@ -966,16 +958,7 @@ fn pin_by_static_importer_is_einval() {
     let mut d = Dev::new();
     let o = d.create(0, 1, true, false);
     let a = d.attach(0, o, false);
-    assert_eq!(
-        d.err(
-            0,
-            Request::Pin {
-                attachment: a,
-                ctx: 0
-            }
-        ),
-        Status::Inval
-    );
+    assert_eq!(d.err(0, Dev::pin_req(a, 0, true)), Status::Inval);
 }
 
 #[test]
@@ -983,20 +966,8 @@ fn pin_on_static_exporter_is_a_noop_that_never_fails() {
     let mut d = Dev::new();
     let o = d.create(0, 1, false, false);
     let a = d.attach(0, o, true);
-    d.ok(
-        0,
-        Request::Unpin {
-            attachment: a,
-            ctx: 0,
-        },
-    );
-    d.ok(
-        0,
-        Request::Pin {
-            attachment: a,
-            ctx: 0,
-        },
-    );
+    d.ok(0, Dev::pin_req(a, 0, false));
+    d.ok(0, Dev::pin_req(a, 0, true));
     assert_eq!(d.ex.list()[0].attachments[0].pins, 0);
 }
 
@@ -1005,16 +976,7 @@ fn unpin_below_zero_is_einval() {
     let mut d = Dev::new();
     let o = d.create(0, 1, true, false);
     let a = d.attach(0, o, true);
-    assert_eq!(
-        d.err(
-            0,
-            Request::Unpin {
-                attachment: a,
-                ctx: 0
-            }
-        ),
-        Status::Inval
-    );
+    assert_eq!(d.err(0, Dev::pin_req(a, 0, false)), Status::Inval);
 }
 
 #[test]
@@ -1030,33 +992,11 @@ fn pins_count_per_attachment_and_block_moves() {
     assert_eq!(m.map_flags & map_flags::PINNED, map_flags::PINNED);
     d.unlock(0, ctx, o);
     let u = uuid_of(&d, 0);
-    let now = d.now;
-    assert_eq!(
-        d.ex.host_evict(u, 1, Duration::from_secs(1), now),
-        Some(Err(HostError::Pinned))
-    );
-    d.ok(
-        0,
-        Request::Unpin {
-            attachment: a,
-            ctx: 0,
-        },
-    );
-    assert_eq!(
-        d.ex.host_evict(u, 2, Duration::from_secs(1), now),
-        Some(Err(HostError::Pinned))
-    );
-    d.ok(
-        0,
-        Request::Unpin {
-            attachment: a,
-            ctx: 0,
-        },
-    );
-    assert_eq!(
-        d.ex.host_evict(u, 3, Duration::from_secs(1), now),
-        Some(Ok(()))
-    );
+    assert_eq!(d.evict(u, 1), Some(Err(HostError::Pinned)));
+    d.ok(0, Dev::pin_req(a, 0, false));
+    assert_eq!(d.evict(u, 2), Some(Err(HostError::Pinned)));
+    d.ok(0, Dev::pin_req(a, 0, false));
+    assert_eq!(d.evict(u, 3), Some(Ok(())));
 }
 
 #[test]
@@ -1851,11 +1791,7 @@ fn evict_moves_bytes_bumps_generation_and_notifies_dynamic_importers() {
     assert_eq!((m.generation, m.map_flags & map_flags::PINNED), (0, 0));
     d.unlock(0, ctx, o);
     let u = uuid_of(&d, 0);
-    let now = d.now;
-    assert_eq!(
-        d.ex.host_evict(u, 1, Duration::from_secs(1), now),
-        Some(Ok(()))
-    );
+    assert_eq!(d.evict(u, 1), Some(Ok(())));
     let e = d.ex.pop_event(0).unwrap();
     assert_eq!(
         (e.kind, e.object, e.attachment, e.data),
@@ -1909,11 +1845,7 @@ fn evict_keeps_the_window_offset() {
         panic!()
     };
     let u = uuid_of(&d, 1);
-    let now = d.now;
-    assert_eq!(
-        d.ex.host_evict(u, 1, Duration::from_secs(1), now),
-        Some(Ok(()))
-    );
+    assert_eq!(d.evict(u, 1), Some(Ok(())));
     let log = d.fe[0].lock().unwrap();
     assert_eq!(log.shm_unmaps.last(), Some(&(shm_offset, PAGE)));
     assert_eq!(log.shm_maps.last(), Some(&(shm_offset, PAGE, true)));
@@ -1924,11 +1856,7 @@ fn evict_of_static_exporter_is_refused() {
     let mut d = Dev::new();
     d.create(0, 1, false, false);
     let u = uuid_of(&d, 0);
-    let now = d.now;
-    assert_eq!(
-        d.ex.host_evict(u, 1, Duration::from_secs(1), now),
-        Some(Err(HostError::NotDynamic))
-    );
+    assert_eq!(d.evict(u, 1), Some(Err(HostError::NotDynamic)));
 }
 
 #[test]
@@ -1946,8 +1874,7 @@ fn evict_waits_for_the_lock_and_gives_up_after_its_timeout() {
         vec![(7, Err(HostError::LockTimeout))]
     );
     // A second try gets the lock once it is released, as a context-less waiter.
-    let now = d.now;
-    assert_eq!(d.ex.host_evict(u, 8, Duration::from_secs(1), now), None);
+    assert_eq!(d.evict(u, 8), None);
     d.unlock(0, ctx, o);
     assert_eq!(d.ex.take_host_completions(), vec![(8, Ok(()))]);
 }
@@ -1961,8 +1888,7 @@ fn evict_waits_for_every_fence_before_moving() {
     let f = d.fence(0, ctx, o, FenceUsage::Bookkeep);
     d.unlock(0, ctx, o);
     let u = uuid_of(&d, 0);
-    let now = d.now;
-    assert_eq!(d.ex.host_evict(u, 1, Duration::from_secs(1), now), None);
+    assert_eq!(d.evict(u, 1), None);
     assert!(
         d.ex.list()[0].lock_holder.is_some(),
         "the mover holds the lock while it waits"

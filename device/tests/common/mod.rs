@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use vhost_device_dmabuf::exporter::{
-    Completion, Exporter, ExporterConfig, Frontend, GuestCaps, Limits, Origin,
+    Completion, Exporter, ExporterConfig, Frontend, GuestCaps, HostError, Limits, Origin,
 };
 use vhost_device_dmabuf::provider::{Backing, MemfdProvider, Provider, SyncRecord};
 use virtio_dmabuf_protocol::*;
@@ -250,6 +250,20 @@ impl Dev {
             Reply::Map(m) => m,
             r => panic!("{r:?}"),
         }
+    }
+
+    pub fn pin_req(attachment: u64, ctx: u64, pin: bool) -> Request {
+        if pin {
+            Request::Pin { attachment, ctx }
+        } else {
+            Request::Unpin { attachment, ctx }
+        }
+    }
+
+    /// A host eviction with a 1 s lock timeout, as host operation `op`.
+    pub fn evict(&mut self, uuid: uuid::Uuid, op: u64) -> Option<Result<(), HostError>> {
+        let now = self.now;
+        self.ex.host_evict(uuid, op, Duration::from_secs(1), now)
     }
 
     pub fn ctx(&mut self, guest: usize) -> (u64, u64) {
