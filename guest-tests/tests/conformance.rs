@@ -10,78 +10,166 @@
 //! - `split`: every typed request cut into descriptors of 5 bytes, then
 //!   61 (headers split, odd lengths everywhere).
 //! - `no-shm-daemon`: a daemon started with `shm_size` 0 (SHMEM not
-//!   offered): the shared-memory scenarios must skip, not pass.
+//!   offered): the shared-memory scenarios must skip, not pass, and the
+//!   importer programs must carry their data through the copy path.
+//! - `small-quotas`: a daemon with a handful of everything per guest: the
+//!   quota and OVERFLOW scenarios.
+//! - `short-fence-timeout`: a daemon with `--fence-timeout 200ms`.
 //!
-//! Arguments other than flags filter scenarios by substring.
+//! Arguments are read as libtest reads them (`RunArgs`): bare words filter
+//! scenarios by substring, `--skip`, `--exact` and `--list` work, other
+//! flags and their values are ignored.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::os::fd::BorrowedFd;
+use std::os::fd::{AsRawFd, BorrowedFd};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::time::Duration;
 
 use dmabuf_guest_tests::driver::ChainLayout;
-use dmabuf_guest_tests::suite::scenarios::{all, HostControl, Target};
-use dmabuf_guest_tests::suite::{Stop, Suite};
-use vhost_device_dmabuf::control::{call, Request};
+use dmabuf_guest_tests::host::{
+    ExportOptions, HostAttachment, HostControl, HostLockHolder, HostObject, HostSync,
+};
+use dmabuf_guest_tests::suite::scenarios::{
+    all, with_short_fence_timeout, with_small_quotas, DaemonSettings, Quotas, Scenario, Target,
+};
+use dmabuf_guest_tests::suite::{RunArgs, Stop, Suite};
+use serde_json::Value;
+use vhost_device_dmabuf::control::{call, execute, CtlArgs, CtlCommand, Request};
 use vhost_device_dmabuf::daemon::{start, Config, DaemonHandle};
+use vhost_device_dmabuf::exporter::Limits;
 
 /// The daemon's control socket, through its own `ctl` client.
 #[derive(Debug)]
 struct Ctl(PathBuf);
 
 impl Ctl {
-    fn call(&self, req: &Request, fd: Option<BorrowedFd<'_>>) -> Result<(), String> {
-        call(&self.0, req, fd)
-            .map(|_| ())
-            .map_err(|e| e.to_string())
+    fn call(&self, req: &Request) -> Result<Value, String> {
+        call(&self.0, req, None).map_err(|e| e.to_string())
     }
+}
+
+fn uuid_field(v: &Value) -> Result<[u8; 16], String> {
+    v.get("uuid")
+        .and_then(Value::as_str)
+        .and_then(|s| uuid::Uuid::parse_str(s).ok())
+        .map(|u| *u.as_bytes())
+        .ok_or_else(|| format!("no uuid in {v}"))
+}
+
+fn u64_field(v: &Value, key: &str) -> Result<u64, String> {
+    v.get(key)
+        .and_then(Value::as_u64)
+        .ok_or_else(|| format!("no {key} in {v}"))
+}
+
+fn array<'a>(v: &'a Value, key: &str) -> Result<&'a Vec<Value>, String> {
+    v.get(key)
+        .and_then(Value::as_array)
+        .ok_or_else(|| format!("no {key} array in {v}"))
+}
+
+fn host_object(o: &Value) -> Result<HostObject, String> {
+    let attachments = array(o, "attachments")?
+        .iter()
+        .map(|a| {
+            Ok(HostAttachment {
+                guest: u64_field(a, "guest")? as usize,
+                dynamic_importer: a.get("importer").and_then(Value::as_str) == Some("dynamic"),
+                pins: u64_field(a, "pins")? as u32,
+                mappings: u64_field(a, "mappings")?,
+            })
+        })
+        .collect::<Result<Vec<_>, String>>()?;
+    let lock_holder = match o.get("lock_holder") {
+        Some(Value::Null) | None => None,
+        Some(h) => Some(HostLockHolder {
+            guest: h.get("guest").and_then(Value::as_u64).map(|g| g as usize),
+            stamp: h.get("stamp").and_then(Value::as_u64),
+        }),
+    };
+    Ok(HostObject {
+        uuid: uuid_field(o)?,
+        generation: u64_field(o, "generation")?,
+        dynamic: o.get("exporter").and_then(Value::as_str) == Some("dynamic"),
+        guests: array(o, "guests")?
+            .iter()
+            .filter_map(Value::as_u64)
+            .map(|g| g as usize)
+            .collect(),
+        attachments,
+        lock_holder,
+        fences_pending: u64_field(o, "fences_pending")?,
+    })
 }
 
 impl HostControl for Ctl {
     fn evict(&self, uuid: [u8; 16]) -> Result<(), String> {
-        self.call(
-            &Request::Evict {
-                uuid: uuid::Uuid::from_bytes(uuid),
-                timeout_ms: 1000,
-            },
-            None,
-        )
+        self.call(&Request::Evict {
+            uuid: uuid::Uuid::from_bytes(uuid),
+            timeout_ms: 1000,
+        })
+        .map(|_| ())
     }
 
+    /// As `ctl export NAME --fd-from /proc/self/fd/N [--dynamic]
+    /// [--read-only] [--guests ...]` does it: the path is opened again and
+    /// that fd travels to the daemon.
     fn export(
         &self,
         name: &str,
         fd: BorrowedFd<'_>,
-        dynamic: bool,
-        read_only: bool,
+        options: &ExportOptions,
     ) -> Result<(), String> {
-        let req = Request::Export {
-            name: name.to_string(),
-            dynamic,
-            read_only,
-            guests: None,
+        let args = CtlArgs {
+            control_socket: self.0.clone(),
+            json: true,
+            command: CtlCommand::Export {
+                name: name.to_string(),
+                fd_from: PathBuf::from(format!("/proc/self/fd/{}", fd.as_raw_fd())),
+                dynamic: options.dynamic,
+                read_only: options.read_only,
+                guests: options.guests.clone(),
+            },
         };
-        self.call(&req, Some(fd))
+        execute(&args).map(|_| ()).map_err(|e| e.to_string())
     }
 
     fn revoke(&self, name: &str) -> Result<(), String> {
-        self.call(
-            &Request::Revoke {
-                name: name.to_string(),
-            },
-            None,
-        )
+        self.call(&Request::Revoke {
+            name: name.to_string(),
+        })
+        .map(|_| ())
+    }
+
+    fn recent_syncs(&self) -> Result<Vec<HostSync>, String> {
+        let stats = self.call(&Request::Stats {})?;
+        array(&stats, "recent_syncs")?
+            .iter()
+            .map(|s| {
+                Ok(HostSync {
+                    uuid: uuid_field(s)?,
+                    flags: u64_field(s, "flags")?,
+                })
+            })
+            .collect()
+    }
+
+    fn objects(&self) -> Result<Vec<HostObject>, String> {
+        let list = self.call(&Request::List {})?;
+        array(&list, "objects")?.iter().map(host_object).collect()
     }
 }
 
-fn target(d: &DaemonHandle) -> Target {
+fn target(d: &DaemonHandle, daemon: DaemonSettings) -> Target {
     Target {
         sockets: d.socket_paths().to_vec(),
         options: Default::default(),
         host: d
             .control_socket()
             .map(|p| Arc::new(Ctl(p.to_path_buf())) as Arc<dyn HostControl>),
+        daemon,
     }
 }
 
@@ -100,51 +188,179 @@ fn daemon(
     start(cfg).map_err(|e| format!("starting the daemon ({name}): {e}"))
 }
 
-fn run_mode(suite: &mut Suite, mode: &str, target: &Target) {
-    for (name, scenario) in all() {
-        suite.run(&format!("{mode}/{name}"), || scenario(target));
+/// One daemon configuration and the front-end variants run against it.
+struct Mode {
+    daemon: &'static str,
+    configure: fn(&mut Config),
+    settings: DaemonSettings,
+    runs: Vec<Run>,
+}
+
+/// One mode: a front-end variant against a mode's daemon.
+struct Run {
+    name: &'static str,
+    /// How the front-end differs from the default.
+    adjust: fn(&mut Target),
+    scenarios: Vec<Scenario>,
+}
+
+impl Run {
+    fn new(name: &'static str, adjust: fn(&mut Target), scenarios: Vec<Scenario>) -> Self {
+        Run {
+            name,
+            adjust,
+            scenarios,
+        }
     }
+}
+
+/// `max(host page size, 4096)`, as the daemon's page size.
+fn page_size() -> u64 {
+    // SAFETY: sysconf reads a constant of the system; no memory is involved.
+    let host = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    u64::try_from(host).unwrap_or(4096).max(4096)
+}
+
+const FENCE_TIMEOUT: Duration = Duration::from_millis(200);
+
+fn small_limits() -> Limits {
+    Limits {
+        max_objects: 2,
+        max_bytes: 8 * page_size(),
+        max_attachments: 4,
+        max_contexts: 1,
+        max_fences: 1,
+        max_waiting: 1,
+        max_pending_events: 2,
+        ..Limits::default()
+    }
+}
+
+fn quotas(l: &Limits) -> Quotas {
+    Quotas {
+        max_objects: l.max_objects,
+        max_bytes: l.max_bytes,
+        max_attachments: l.max_attachments,
+        max_contexts: l.max_contexts,
+        max_fences: l.max_fences,
+        max_waiting: l.max_waiting,
+        max_pending_events: l.max_pending_events,
+    }
+}
+
+fn modes() -> Vec<Mode> {
+    let no_shm_subset = all()
+        .into_iter()
+        .filter(|(name, _)| {
+            name.starts_with("importer_")
+                || ["shm", "config", "reset"].iter().any(|k| name.contains(k))
+        })
+        .collect();
+    vec![
+        Mode {
+            daemon: "full",
+            configure: |_| {},
+            settings: DaemonSettings::default(),
+            runs: vec![
+                Run::new("full", |_| {}, all()),
+                Run::new(
+                    "no-event-idx",
+                    |t| {
+                        t.options.event_idx = false;
+                        t.options.indirect = false;
+                    },
+                    all(),
+                ),
+                Run::new(
+                    "split",
+                    |t| {
+                        t.options.chain_layout = ChainLayout {
+                            max_desc_len: Some(61),
+                            first_desc_len: Some(5),
+                            indirect: false,
+                        }
+                    },
+                    all(),
+                ),
+            ],
+        },
+        Mode {
+            daemon: "noshm",
+            configure: |c| c.shm_size = 0,
+            settings: DaemonSettings::default(),
+            runs: vec![Run::new("no-shm-daemon", |_| {}, no_shm_subset)],
+        },
+        Mode {
+            daemon: "quotas",
+            configure: |c| c.limits = small_limits(),
+            settings: DaemonSettings {
+                quotas: Some(quotas(&small_limits())),
+                ..DaemonSettings::default()
+            },
+            runs: vec![Run::new("small-quotas", |_| {}, with_small_quotas())],
+        },
+        Mode {
+            daemon: "fences",
+            configure: |c| c.fence_timeout = FENCE_TIMEOUT,
+            settings: DaemonSettings {
+                fence_timeout: Some(FENCE_TIMEOUT),
+                ..DaemonSettings::default()
+            },
+            runs: vec![Run::new(
+                "short-fence-timeout",
+                |_| {},
+                with_short_fence_timeout(),
+            )],
+        },
+    ]
 }
 
 fn main() -> ExitCode {
     // RUST_LOG=debug shows the daemon's side of each scenario.
     let _ = env_logger::builder().is_test(true).try_init();
-    let filters: Vec<String> = std::env::args().skip(1).collect();
-    let mut suite = Suite::new().with_filters(filters).verbose(true);
-    let dir = tempfile::tempdir().expect("temporary directory");
-
-    match daemon(dir.path(), "full", |_| {}) {
-        Ok(d) => {
-            let target = target(&d);
-            run_mode(&mut suite, "full", &target);
-            let mut legacy = target.clone();
-            legacy.options.event_idx = false;
-            legacy.options.indirect = false;
-            run_mode(&mut suite, "no-event-idx", &legacy);
-            let split = ChainLayout {
-                max_desc_len: Some(61),
-                first_desc_len: Some(5),
-                indirect: false,
-            };
-            let mut cut = target.clone();
-            cut.options.chain_layout = split;
-            run_mode(&mut suite, "split", &cut);
-            d.stop();
-        }
-        Err(e) => suite.run("full/daemon_starts", || Err(Stop::Fail(e))),
-    }
-
-    match daemon(dir.path(), "noshm", |c| c.shm_size = 0) {
-        Ok(d) => {
-            let target = target(&d);
-            for (name, scenario) in all() {
-                if name.contains("shm") || name.contains("config") || name.contains("reset") {
-                    suite.run(&format!("no-shm-daemon/{name}"), || scenario(&target));
+    let args = RunArgs::parse(std::env::args().skip(1));
+    let modes = modes();
+    if args.list {
+        for mode in &modes {
+            for run in &mode.runs {
+                for (name, _) in &run.scenarios {
+                    let full = format!("{}/{name}", run.name);
+                    if args.selects(&full) {
+                        println!("{full}: test");
+                    }
                 }
             }
-            d.stop();
         }
-        Err(e) => suite.run("no-shm-daemon/daemon_starts", || Err(Stop::Fail(e))),
+        return ExitCode::SUCCESS;
+    }
+    let mut suite = Suite::new().with_args(args).verbose(true);
+    let dir = tempfile::tempdir().expect("temporary directory");
+
+    for mode in modes {
+        let selected = mode.runs.iter().any(|run| {
+            run.scenarios
+                .iter()
+                .any(|(name, _)| suite.selects(&format!("{}/{name}", run.name)))
+        });
+        if !selected {
+            continue;
+        }
+        let d = match daemon(dir.path(), mode.daemon, mode.configure) {
+            Ok(d) => d,
+            Err(e) => {
+                let first = mode.runs.first().map_or(mode.daemon, |r| r.name);
+                suite.run(&format!("{first}/daemon_starts"), || Err(Stop::Fail(e)));
+                continue;
+            }
+        };
+        for run in &mode.runs {
+            let mut t = target(&d, mode.settings.clone());
+            (run.adjust)(&mut t);
+            for (name, scenario) in &run.scenarios {
+                suite.run(&format!("{}/{name}", run.name), || scenario(&t));
+            }
+        }
+        d.stop();
     }
 
     let summary = suite.finish();

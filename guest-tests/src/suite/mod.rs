@@ -130,12 +130,84 @@ impl fmt::Display for Summary {
     }
 }
 
+/// The suite binary's command line, read the way libtest reads a test
+/// binary's, so `cargo test -- ARGS` means the same here: bare words are
+/// name filters (substrings), `--skip NAME` leaves scenarios out, `--exact`
+/// matches whole names, `--list` names the scenarios without running them.
+/// Every other flag is accepted and ignored, and the value of a flag that
+/// takes one (`--test-threads 2`, `--color never`, ...) is never taken for
+/// a filter. `--ignored` runs nothing: no scenario is ignored.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RunArgs {
+    pub filters: Vec<String>,
+    pub skip: Vec<String>,
+    pub exact: bool,
+    pub list: bool,
+    pub ignored_only: bool,
+}
+
+/// libtest options that take a value as the next argument.
+const FLAGS_WITH_VALUE: &[&str] = &[
+    "--test-threads",
+    "--skip",
+    "--color",
+    "--format",
+    "--logfile",
+    "--shuffle-seed",
+    "-Z",
+];
+
+impl RunArgs {
+    pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Self {
+        let mut out = RunArgs::default();
+        let mut args = args.into_iter();
+        while let Some(arg) = args.next() {
+            if !arg.starts_with('-') {
+                out.filters.push(arg);
+                continue;
+            }
+            let (flag, inline) = match arg.split_once('=') {
+                Some((f, v)) => (f.to_string(), Some(v.to_string())),
+                None => (arg.clone(), None),
+            };
+            let value = if FLAGS_WITH_VALUE.contains(&flag.as_str()) {
+                inline.or_else(|| args.next())
+            } else {
+                None
+            };
+            match flag.as_str() {
+                "--skip" => out.skip.extend(value),
+                "--exact" => out.exact = true,
+                "--list" => out.list = true,
+                "--ignored" => out.ignored_only = true,
+                _ => {}
+            }
+        }
+        out
+    }
+
+    /// Whether the scenario called `name` runs.
+    pub fn selects(&self, name: &str) -> bool {
+        if self.ignored_only {
+            return false;
+        }
+        let hit = |f: &String| {
+            if self.exact {
+                name == f
+            } else {
+                name.contains(f.as_str())
+            }
+        };
+        (self.filters.is_empty() || self.filters.iter().any(hit)) && !self.skip.iter().any(hit)
+    }
+}
+
 /// Runs scenarios and keeps their results.
 #[derive(Debug, Default)]
 pub struct Suite {
     records: Vec<Record>,
-    /// Only scenarios whose name contains one of these run (all if empty).
-    filters: Vec<String>,
+    /// Which scenarios run.
+    args: RunArgs,
     /// Print each record as it completes.
     verbose: bool,
 }
@@ -145,10 +217,19 @@ impl Suite {
         Suite::default()
     }
 
-    /// Name filters, as `cargo test -- NAME` passes them (flags ignored).
-    pub fn with_filters<I: IntoIterator<Item = String>>(mut self, args: I) -> Self {
-        self.filters = args.into_iter().filter(|a| !a.starts_with('-')).collect();
+    /// The command line after `cargo test --`, as [`RunArgs::parse`] reads it.
+    pub fn with_filters<I: IntoIterator<Item = String>>(self, args: I) -> Self {
+        self.with_args(RunArgs::parse(args))
+    }
+
+    pub fn with_args(mut self, args: RunArgs) -> Self {
+        self.args = args;
         self
+    }
+
+    /// Whether `run(name, ..)` would run the scenario.
+    pub fn selects(&self, name: &str) -> bool {
+        self.args.selects(name)
     }
 
     pub fn verbose(mut self, on: bool) -> Self {
@@ -158,7 +239,7 @@ impl Suite {
 
     /// Runs one scenario (unless filtered out).
     pub fn run(&mut self, name: &str, scenario: impl FnOnce() -> Check) {
-        if !self.filters.is_empty() && !self.filters.iter().any(|f| name.contains(f.as_str())) {
+        if !self.selects(name) {
             return;
         }
         let start = Instant::now();
@@ -254,5 +335,37 @@ mod tests {
         f.run("passes", || Ok(()));
         f.run("skips", || skip!("x"));
         assert_eq!(f.records().len(), 1);
+    }
+
+    fn args(line: &str) -> RunArgs {
+        RunArgs::parse(line.split_whitespace().map(str::to_string))
+    }
+
+    #[test]
+    fn values_of_libtest_flags_are_not_filters() {
+        let a = args("--test-threads 2 --nocapture --color never -q --format=terse");
+        assert!(a.filters.is_empty(), "{a:?}");
+        assert!(a.selects("full/anything"));
+        let a = args("--test-threads=2 lock -Z unstable-options --show-output");
+        assert_eq!(a.filters, vec!["lock".to_string()]);
+        assert!(a.selects("full/lock_contention"));
+        assert!(!a.selects("full/framing"));
+    }
+
+    #[test]
+    fn skip_exact_list_and_ignored() {
+        let a = args("lock --skip wait_die --skip=split/");
+        assert!(a.selects("full/lock_contention"));
+        assert!(!a.selects("full/lock_wait_die_three"));
+        assert!(!a.selects("split/lock_contention"));
+        let a = args("--exact full/lock");
+        assert!(a.selects("full/lock"));
+        assert!(!a.selects("full/lock_contention"));
+        let a = args("--list");
+        assert!(a.list && a.selects("x"));
+        assert!(!args("--ignored").selects("x"));
+        let mut s = Suite::new().with_filters(["--test-threads", "1"].map(String::from));
+        s.run("runs", || Ok(()));
+        assert_eq!(s.summary().passed, 1);
     }
 }

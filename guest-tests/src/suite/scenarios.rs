@@ -6,14 +6,14 @@
 //! capability the target does not have (no shared memory, no shared
 //! objects, no fences) skips with the reason.
 
-use std::os::fd::{AsFd, BorrowedFd};
+use std::os::fd::AsFd;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use virtio_dmabuf_protocol::{
     attach_flags, caps, create_flags, encode_request, lock_flags, map_flags, AddressSpace,
-    Direction, EventType, FenceUsage, Info, MapReply, Opcode, Reply, Request, RequestHeader,
+    Direction, Event, EventType, FenceUsage, Info, MapReply, Opcode, Reply, Request, RequestHeader,
     Segment, Status, CONTROLQ, INFO_SIZE, REQ_HDR_SIZE, RESP_HDR_SIZE,
 };
 
@@ -23,21 +23,48 @@ use crate::vmm::{LoopbackVmm, VmmOptions};
 use crate::{ensure, ensure_eq, skip};
 use vhost::vhost_user::VhostUserProtocolFeatures;
 
-/// The host side of the daemon (its control socket, section 11): what a
-/// scenario needs to make the host act (move, export, revoke).
-pub trait HostControl: std::fmt::Debug + Send + Sync {
-    /// `evict UUID`: moves a dynamic object.
-    fn evict(&self, uuid: [u8; 16]) -> Result<(), String>;
-    /// `export NAME`: registers `fd` as a host export visible to every guest.
-    fn export(
-        &self,
-        name: &str,
-        fd: BorrowedFd<'_>,
-        dynamic: bool,
-        read_only: bool,
-    ) -> Result<(), String>;
-    /// `revoke NAME`.
-    fn revoke(&self, name: &str) -> Result<(), String>;
+pub use crate::host::{ExportOptions, HostControl};
+
+mod guests;
+mod host_side;
+mod limits;
+mod locking;
+mod programs;
+
+/// Per-guest quotas as `GET_INFO` reports them (section 7.1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Quotas {
+    pub max_objects: u32,
+    pub max_bytes: u64,
+    pub max_attachments: u32,
+    pub max_contexts: u32,
+    pub max_fences: u32,
+    pub max_waiting: u32,
+    pub max_pending_events: u32,
+}
+
+impl Quotas {
+    pub fn of(info: &Info) -> Self {
+        Quotas {
+            max_objects: info.max_objects,
+            max_bytes: info.max_bytes,
+            max_attachments: info.max_attachments,
+            max_contexts: info.max_contexts,
+            max_fences: info.max_fences,
+            max_waiting: info.max_waiting,
+            max_pending_events: info.max_pending_events,
+        }
+    }
+}
+
+/// What the daemon under test was started with, where a scenario depends
+/// on settings the wire does not report (or must report as configured).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DaemonSettings {
+    /// `--fence-timeout`.
+    pub fence_timeout: Option<Duration>,
+    /// The quotas `GET_INFO` must report.
+    pub quotas: Option<Quotas>,
 }
 
 /// Where the daemon under test listens.
@@ -49,6 +76,8 @@ pub struct Target {
     pub options: VmmOptions,
     /// The daemon's control plane, if the scenarios may use it.
     pub host: Option<Arc<dyn HostControl>>,
+    /// What the daemon was started with, as far as the runner knows.
+    pub daemon: DaemonSettings,
 }
 
 impl Target {
@@ -57,6 +86,7 @@ impl Target {
             sockets: vec![socket.into()],
             options: VmmOptions::default(),
             host: None,
+            daemon: DaemonSettings::default(),
         }
     }
 
@@ -219,6 +249,66 @@ pub fn all() -> Vec<Scenario> {
         ),
         ("host_export_open_and_revoke", host_export_open_and_revoke),
         (
+            "two_guests_cannot_name_each_others_handles",
+            guests::two_guests_cannot_name_each_others_handles,
+        ),
+        (
+            "two_guests_export_for_one_guest_is_enoent_for_the_other",
+            guests::two_guests_export_for_one_guest_is_enoent_for_the_other,
+        ),
+        (
+            "two_guests_lock_contention_on_a_shared_export",
+            guests::two_guests_lock_contention_on_a_shared_export,
+        ),
+        (
+            "two_guests_disconnect_releases_the_lock",
+            guests::two_guests_disconnect_releases_the_lock,
+        ),
+        (
+            "lock_wait_die_three_context_cycle",
+            locking::lock_wait_die_three_context_cycle,
+        ),
+        (
+            "lock_waiter_dies_when_an_older_context_queues_ahead",
+            locking::lock_waiter_dies_when_an_older_context_queues_ahead,
+        ),
+        (
+            "lock_waiters_are_granted_oldest_first",
+            locking::lock_waiters_are_granted_oldest_first,
+        ),
+        (
+            "sync_table_in_the_daemon_record",
+            host_side::sync_table_in_the_daemon_record,
+        ),
+        (
+            "pin_blocks_eviction_until_unpin",
+            host_side::pin_blocks_eviction_until_unpin,
+        ),
+        (
+            "static_importer_pins_a_dynamic_exporter_until_detach",
+            host_side::static_importer_pins_a_dynamic_exporter_until_detach,
+        ),
+        (
+            "fence_wait_timeout_and_poll",
+            limits::fence_wait_timeout_and_poll,
+        ),
+        (
+            "importer_display_scans_out_frames",
+            programs::importer_display_scans_out_frames,
+        ),
+        (
+            "importer_gpu_renders_and_remaps_after_eviction",
+            programs::importer_gpu_renders_and_remaps_after_eviction,
+        ),
+        (
+            "importer_camera_reads_a_host_export",
+            programs::importer_camera_reads_a_host_export,
+        ),
+        (
+            "importer_blob_shared_by_uuid",
+            programs::importer_blob_shared_by_uuid,
+        ),
+        (
             "vring_stop_cancels_waiting_and_keeps_state",
             vring_stop_cancels_waiting_and_keeps_state,
         ),
@@ -235,6 +325,31 @@ pub fn all() -> Vec<Scenario> {
             reconnect_leaves_nothing_behind,
         ),
     ]
+}
+
+/// Scenarios for a daemon started with small quotas (a handful of objects,
+/// attachments, contexts, fences, waiting requests and pending events):
+/// they exhaust each quota. Against larger quotas they skip.
+pub fn with_small_quotas() -> Vec<Scenario> {
+    vec![
+        (
+            "quotas_are_enospc_and_reported_by_get_info",
+            limits::quotas_are_enospc_and_reported_by_get_info,
+        ),
+        (
+            "eventq_overflow_reports_dropped_events",
+            host_side::eventq_overflow_reports_dropped_events,
+        ),
+    ]
+}
+
+/// Scenarios for a daemon started with a short `--fence-timeout`
+/// ([`DaemonSettings::fence_timeout`], at most 2 s).
+pub fn with_short_fence_timeout() -> Vec<Scenario> {
+    vec![(
+        "fence_timeout_signals_a_hung_fence",
+        limits::fence_timeout_signals_a_hung_fence,
+    )]
 }
 
 /// Runs every scenario (subject to the suite's filters) against `target`.
@@ -297,6 +412,35 @@ fn raw_status(bytes: &[u8]) -> Option<(u32, u64)> {
 
 fn total_len(m: &MapReply) -> u64 {
     m.entries.iter().map(|e| e.len).sum()
+}
+
+/// The next event on the eventq within `within`, decoded.
+fn next_event(d: &Driver, within: Duration, what: &str) -> Result<Event, Stop> {
+    let r = d
+        .next_event(within)?
+        .ok_or_else(|| Stop::Fail(format!("no event within {within:?}: expected {what}")))?;
+    r.event.ok_or_else(|| {
+        Stop::Fail(format!(
+            "undecodable event {:?} (used.len {})",
+            r.bytes, r.used_len
+        ))
+    })
+}
+
+/// The object with `uuid` as the host lists it (`ctl list`).
+fn listed(host: &dyn HostControl, uuid: [u8; 16]) -> Result<crate::host::HostObject, Stop> {
+    host.objects()
+        .map_err(Stop::Fail)?
+        .into_iter()
+        .find(|o| o.uuid == uuid)
+        .ok_or_else(|| Stop::Fail("the object is not in ctl list".into()))
+}
+
+/// A name for a host export no earlier run left behind.
+fn export_name(prefix: &str) -> String {
+    let mut name = format!("{prefix}-{}", uuid::Uuid::new_v4().simple());
+    name.truncate(virtio_dmabuf_protocol::NAME_LEN - 1);
+    name
 }
 
 // ---- section 3, 7.1 ----
@@ -1337,7 +1481,11 @@ fn host_export_open_and_revoke(t: &Target) -> Check {
     let content = pattern(2 * pg as usize, 11);
     let file =
         crate::vmm::shm::memfd_with("export", &content).map_err(|e| Stop::Fail(e.to_string()))?;
-    host.export(name, file.as_fd(), false, true)
+    let options = ExportOptions {
+        read_only: true,
+        ..ExportOptions::default()
+    };
+    host.export(name, file.as_fd(), &options)
         .map_err(Stop::Fail)?;
     d.post_event_buffers(1, 32)?;
     let o = d.open_by_name(name)??;

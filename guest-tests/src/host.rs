@@ -1,0 +1,105 @@
+//! The host side of the daemon as the guest-side programs need it
+//! (contract sections 10 and 11): make the host act (evict, export,
+//! revoke) and read what it recorded (host syncs, objects).
+//!
+//! The trait keeps the scenarios and the importer programs independent of
+//! how the host is reached; the conformance suite implements it with the
+//! daemon's own `ctl` client on its control socket.
+
+use std::os::fd::BorrowedFd;
+
+/// How a host buffer is registered (`ctl export NAME --fd-from PATH
+/// [--dynamic] [--read-only] [--guests 0,1]`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ExportOptions {
+    /// Dynamic exporter: the host may move it while nothing pins it.
+    pub dynamic: bool,
+    /// Guests may only read it.
+    pub read_only: bool,
+    /// Guests (socket indices) allowed to `OPEN` it; `None`: every guest.
+    pub guests: Option<Vec<usize>>,
+}
+
+/// One host `DMA_BUF_IOCTL_SYNC` call in the daemon's record
+/// (`ctl stats --json`, `recent_syncs`, oldest first).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HostSync {
+    pub uuid: [u8; 16],
+    pub flags: u64,
+}
+
+/// One attachment of an object in `ctl list --json`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HostAttachment {
+    pub guest: usize,
+    pub dynamic_importer: bool,
+    /// Pins, a static importer's lifetime pin included.
+    pub pins: u32,
+    pub mappings: u64,
+}
+
+/// Who holds an object's reservation lock in `ctl list --json`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HostLockHolder {
+    /// The guest, or `None` for the host itself (an eviction).
+    pub guest: Option<usize>,
+    /// The acquire context's stamp, or `None` for a context-less holder.
+    pub stamp: Option<u64>,
+}
+
+/// One object in `ctl list --json`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostObject {
+    pub uuid: [u8; 16],
+    pub generation: u64,
+    pub dynamic: bool,
+    /// Guests holding a handle.
+    pub guests: Vec<usize>,
+    pub attachments: Vec<HostAttachment>,
+    pub lock_holder: Option<HostLockHolder>,
+    pub fences_pending: u64,
+}
+
+/// What a scenario or an importer program needs of the host.
+pub trait HostControl: std::fmt::Debug + Send + Sync {
+    /// `evict UUID`: moves a dynamic object. The error is the daemon's
+    /// message (a pinned object: "... pinned ...").
+    fn evict(&self, uuid: [u8; 16]) -> Result<(), String>;
+    /// `export NAME --fd-from ...`: registers `fd` as a host export.
+    fn export(&self, name: &str, fd: BorrowedFd<'_>, options: &ExportOptions)
+        -> Result<(), String>;
+    /// `revoke NAME`.
+    fn revoke(&self, name: &str) -> Result<(), String>;
+    /// `stats --json`: the last host syncs, oldest first.
+    fn recent_syncs(&self) -> Result<Vec<HostSync>, String>;
+    /// `list --json`: every object.
+    fn objects(&self) -> Result<Vec<HostObject>, String>;
+}
+
+/// The host syncs `host` recorded for `uuid` while `action` ran: the
+/// object's entries after it minus those before it. The object's earlier
+/// entries must still be in the record (it keeps the last 1024 calls of
+/// the whole daemon), which holds when nothing else issues hundreds of
+/// syncs at the same time.
+pub fn syncs_during<T>(
+    host: &dyn HostControl,
+    uuid: [u8; 16],
+    action: impl FnOnce() -> T,
+) -> Result<(T, Vec<u64>), String> {
+    let of_object = |record: Vec<HostSync>| -> Vec<u64> {
+        record
+            .into_iter()
+            .filter(|s| s.uuid == uuid)
+            .map(|s| s.flags)
+            .collect()
+    };
+    let before = of_object(host.recent_syncs()?);
+    let out = action();
+    let after = of_object(host.recent_syncs()?);
+    if !after.starts_with(&before) {
+        return Err(format!(
+            "the sync record of the object changed under the request: before {before:x?}, after {after:x?}"
+        ));
+    }
+    Ok((out, after[before.len()..].to_vec()))
+}
