@@ -60,8 +60,9 @@ pub struct Args {
     #[arg(long, value_name = "PATH", required = true)]
     pub socket_path: Option<PathBuf>,
 
-    /// Number of guests, one socket each. Guests are fully isolated: each
-    /// sees only its own objects and the exports it is allowed to open.
+    /// Number of guests, one socket each (1 to 64). Guests are fully
+    /// isolated: each sees only its own objects and the exports it is
+    /// allowed to open.
     #[arg(long, value_name = "N", default_value_t = 1)]
     pub socket_count: usize,
 
@@ -74,27 +75,29 @@ pub struct Args {
 
     /// Size of shared memory region 0, the window host-placed objects are
     /// mapped into for zero-copy guest access (needs a front-end with
-    /// vhost-user SHMEM). Accepts K, M, G suffixes; a page multiple. 0
+    /// vhost-user SHMEM). K, M, G, T suffixes; a page multiple. 0
     /// disables the window (SHMEM is then not offered).
     #[arg(long, value_name = "BYTES", default_value = "256M", value_parser = parse_size)]
     pub shm_size: u64,
 
-    /// Request queues (controlq, controlq2, ...); the device has one more,
-    /// the eventq. Requests on different queues complete independently.
+    /// Request queues (controlq, controlq2, ...), 1 to 63; the device has
+    /// one more, the eventq. Requests on different queues complete
+    /// independently.
     #[arg(long, value_name = "N", default_value_t = 1)]
     pub queues: u16,
 
-    /// Objects each guest may hold at once (ENOSPC beyond).
-    #[arg(long, value_name = "N")]
-    pub max_objects: Option<u32>,
+    /// Objects each guest may hold at once (ENOSPC beyond); above 0.
+    #[arg(long, value_name = "N", default_value_t = Limits::default().max_objects)]
+    pub max_objects: u32,
 
     /// Bytes of host memory each guest's objects may use (ENOSPC beyond);
-    /// also the largest memfd or dma-heap object. K, M, G suffixes.
-    #[arg(long, value_name = "BYTES", value_parser = parse_size)]
-    pub max_bytes: Option<u64>,
+    /// also the largest memfd or dma-heap object. K, M, G, T suffixes;
+    /// above 0.
+    #[arg(long, value_name = "BYTES", default_value = "4G", value_parser = parse_size)]
+    pub max_bytes: u64,
 
     /// A fence not signalled within this is signalled with ETIMEDOUT by the
-    /// device. Milliseconds, or a number with ms, s or m.
+    /// device. Milliseconds, or a number with ms, s or m; above 0.
     #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
     pub fence_timeout: Duration,
 
@@ -103,8 +106,9 @@ pub struct Args {
     #[arg(long, value_name = "PATH")]
     pub control_socket: Option<PathBuf>,
 
-    /// Register a host buffer at start: NAME=PATH[,dynamic][,read-only]
-    /// [,guests=0:1]. PATH is opened (read-only with read-only): a dma-buf
+    /// Register a host buffer at start:
+    /// NAME=PATH[,dynamic][,read-only][,guests=0:1]. NAME is 1 to 31
+    /// bytes. PATH is opened (read-only with read-only): a dma-buf
     /// (or any mappable file, whose syncs are then emulated) whose size is
     /// a page multiple; dynamic lets the host move it; guests lists the
     /// socket indices allowed to OPEN it (default: every guest).
@@ -155,19 +159,17 @@ impl TryFrom<Args> for Config {
         if args.fence_timeout.is_zero() {
             return Err(ArgsError::Zero("fence-timeout"));
         }
-        let mut limits = Limits::default();
-        if let Some(n) = args.max_objects {
-            if n == 0 {
-                return Err(ArgsError::Zero("max-objects"));
-            }
-            limits.max_objects = n;
+        if args.max_objects == 0 {
+            return Err(ArgsError::Zero("max-objects"));
         }
-        if let Some(n) = args.max_bytes {
-            if n == 0 {
-                return Err(ArgsError::Zero("max-bytes"));
-            }
-            limits.max_bytes = n;
+        if args.max_bytes == 0 {
+            return Err(ArgsError::Zero("max-bytes"));
         }
+        let limits = Limits {
+            max_objects: args.max_objects,
+            max_bytes: args.max_bytes,
+            ..Limits::default()
+        };
         let socket_paths = if args.socket_count == 1 {
             vec![path]
         } else {
@@ -417,6 +419,10 @@ mod tests {
             config(&["--socket-path", "/s", "--max-objects", "0"]),
             Err(ArgsError::Zero("max-objects"))
         );
+        assert_eq!(
+            config(&["--socket-path", "/s", "--max-bytes", "0"]),
+            Err(ArgsError::Zero("max-bytes"))
+        );
         assert!(parse(&["--socket-path", "/s", "--provider", "gpu"]).is_err());
         assert!(parse(&["--socket-path", "/s", "--shm-size", "12X"]).is_err());
     }
@@ -476,6 +482,81 @@ mod tests {
         );
     }
 
+    /// Every check of `TryFrom<Args>`, each on otherwise valid arguments.
+    #[test]
+    fn every_validation_has_its_error() {
+        let valid = parse(&["--socket-path", "/s"]).expect("clap").args;
+        assert!(Config::try_from(valid.clone()).is_ok());
+        let with = |f: &dyn Fn(&mut Args)| {
+            let mut a = valid.clone();
+            f(&mut a);
+            Config::try_from(a)
+        };
+        assert_eq!(
+            with(&|a| a.socket_path = None),
+            Err(ArgsError::NoSocketPath)
+        );
+        assert_eq!(
+            with(&|a| a.socket_count = 0),
+            Err(ArgsError::SocketCount(0))
+        );
+        assert_eq!(
+            with(&|a| a.socket_count = MAX_SOCKETS + 1),
+            Err(ArgsError::SocketCount(MAX_SOCKETS + 1))
+        );
+        assert!(with(&|a| a.socket_count = MAX_SOCKETS).is_ok());
+        assert_eq!(with(&|a| a.queues = 0), Err(ArgsError::Queues(0)));
+        assert_eq!(
+            with(&|a| a.queues = MAX_REQUEST_QUEUES + 1),
+            Err(ArgsError::Queues(MAX_REQUEST_QUEUES + 1))
+        );
+        assert!(with(&|a| a.queues = MAX_REQUEST_QUEUES).is_ok());
+        let page = page_size();
+        assert_eq!(
+            with(&|a| a.shm_size = page + 1),
+            Err(ArgsError::ShmSize(page + 1, page))
+        );
+        assert_eq!(
+            with(&|a| a.fence_timeout = Duration::ZERO),
+            Err(ArgsError::Zero("fence-timeout"))
+        );
+        assert_eq!(
+            with(&|a| a.max_objects = 0),
+            Err(ArgsError::Zero("max-objects"))
+        );
+        assert_eq!(
+            with(&|a| a.max_bytes = 0),
+            Err(ArgsError::Zero("max-bytes"))
+        );
+        let export =
+            |text: &'static str| with(&move |a: &mut Args| a.exports = vec![text.to_owned()]);
+        for bad in [
+            "nopath",
+            "=/x",
+            "a=",
+            "a\0b=/x",
+            "a=/x,guests=1",
+            "a=/x,guests=",
+            "a=/x,guests=zero",
+            "a=/x,fast",
+            "a=/x,dynamic=1",
+        ] {
+            let got = with(&|a| a.exports = vec![bad.to_owned()]);
+            assert!(
+                matches!(got, Err(ArgsError::Export(..))),
+                "{bad:?}: {got:?}"
+            );
+        }
+        assert!(matches!(
+            export("a=/x,guests=0:0"),
+            Ok(c) if c.exports[0].spec.guests == Some(vec![0])
+        ));
+        assert_eq!(
+            with(&|a| a.exports = vec!["a=/x".into(), "a=/y".into()]),
+            Err(ArgsError::DuplicateExport("a".into()))
+        );
+    }
+
     #[test]
     fn sizes_and_durations_parse() {
         assert_eq!(parse_size("0"), Ok(0));
@@ -496,6 +577,9 @@ mod tests {
     #[test]
     fn help_explains_every_option() {
         let help = Cli::command().render_long_help().to_string();
+        for default in ["[default: 4096]", "[default: 4G]", "1 to 64", "1 to 63"] {
+            assert!(help.contains(default), "--help lacks {default}");
+        }
         for opt in [
             "--socket-path",
             "--socket-count",

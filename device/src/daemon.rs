@@ -28,7 +28,7 @@ use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use crate::backend::relay::{ConnectionInfo, InternalListener, Relay};
+use crate::backend::relay::{ConnectionInfo, InternalEndpoint, Relay};
 use crate::backend::{BackendSettings, DmabufBackend, CHANNEL_WAIT, DEFAULT_MAX_QUEUE_SIZE};
 use crate::control::{spawn_control_plane, ControlHandle};
 use crate::exporter::{ExportSpec, Exporter, ExporterConfig, GuestId, HostError, Limits};
@@ -328,9 +328,10 @@ pub fn start(config: Config) -> Result<DaemonHandle, DaemonError> {
         })?;
         handle.control = Some(control);
     }
-    for (guest, listener) in listeners.into_iter().enumerate() {
+    for (guest, (listener, path)) in listeners.into_iter().zip(&config.socket_paths).enumerate() {
         let ctx = Socket {
             guest,
+            socket_dir: path.parent().map(Path::to_path_buf),
             state: Arc::clone(&state),
             settings: Arc::clone(&settings),
             shared: Arc::clone(&shared),
@@ -395,6 +396,9 @@ fn register_export(exporter: &mut Exporter, export: &ExportConfig) -> Result<(),
 /// One guest socket's listener thread.
 struct Socket {
     guest: GuestId,
+    /// The directory of the guest's socket: where the relay's private
+    /// endpoint goes when the temporary directory cannot hold it.
+    socket_dir: Option<PathBuf>,
     state: Arc<DeviceState>,
     settings: Arc<BackendSettings>,
     shared: Arc<Shared>,
@@ -497,7 +501,7 @@ impl Socket {
             ex.connect(guest, backend.caps(), backend.frontend());
             self.state.changed(&ex);
         }
-        let relay = Self::attach(&mut daemon, front, &info, guest);
+        let relay = self.attach(&mut daemon, front, &info);
         let result = match relay {
             Ok(relay) => {
                 log::info!("guest {guest}: front-end connected");
@@ -529,22 +533,34 @@ impl Socket {
         result
     }
 
-    /// Hands the connection to `daemon` through the relay.
+    /// Hands the connection to `daemon` through the relay. The daemon
+    /// connects to a private endpoint, whose accept takes only a connection
+    /// of this process (`relay.rs`).
     fn attach(
+        &self,
         daemon: &mut VhostUserDaemon<Arc<DmabufBackend>>,
         front: std::os::unix::net::UnixStream,
         info: &Arc<ConnectionInfo>,
-        guest: GuestId,
     ) -> Result<Relay, String> {
-        let (mut internal, back) =
-            InternalListener::connected().map_err(|e| format!("internal socket: {e}"))?;
-        daemon
-            .start(internal.listener())
-            .map_err(|e| format!("starting the connection: {e}"))?;
-        if !internal.verify() {
-            return Err("someone else connected to the internal socket; connection dropped".into());
+        let guest = self.guest;
+        let temp = std::env::temp_dir();
+        let mut bases = vec![temp.as_path()];
+        if let Some(dir) = self.socket_dir.as_deref() {
+            bases.push(dir);
         }
-        drop(internal);
+        let endpoint =
+            InternalEndpoint::new(&bases).map_err(|e| format!("internal socket: {e}"))?;
+        let path = endpoint
+            .path()
+            .to_str()
+            .ok_or_else(|| format!("internal socket path {:?}", endpoint.path()))?;
+        daemon
+            .start_client(path)
+            .map_err(|e| format!("starting the connection: {e}"))?;
+        let back = endpoint
+            .accept_own()
+            .map_err(|e| format!("internal socket: {e}"))?;
+        drop(endpoint);
         Relay::start(
             front,
             back,

@@ -4,7 +4,7 @@
 
 mod vhost_harness;
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use vhost::vhost_user::VhostUserFrontend;
 use vhost::VhostBackend;
@@ -66,6 +66,128 @@ fn vring_stop_returns_parked_chains_with_ecanceled_and_keeps_state() {
         Ok(Reply::Empty)
     );
     assert_eq!(vm.wait(parked), Ok(Reply::Empty));
+    d.stop();
+}
+
+/// Makes the test front-end hold its answer to a `LOOKUP` of `uuid`: the
+/// vring worker then sits inside an `OPEN` it took from the controlq, the
+/// moment at which a stop or a reset meets a chain that left the avail ring
+/// and is not back.
+fn hold_lookups_of(vm: &Vm, uuid: [u8; 16]) {
+    let peer = vm.channel.as_ref().expect("channel");
+    peer.with(|st| {
+        st.hold_lookups = true;
+        st.lookups.insert(uuid, LookupAnswer::Refuse);
+    });
+}
+
+fn wait_for_lookup(vm: &Vm, uuid: [u8; 16]) {
+    let peer = vm.channel.as_ref().expect("channel");
+    peer.wait_for("the LOOKUP", |msgs| {
+        msgs.iter()
+            .any(|m| matches!(m, ChannelMsg::Lookup(u) if *u == uuid))
+            .then_some(())
+    });
+}
+
+fn release_lookups(vm: &Vm) {
+    let peer = vm.channel.as_ref().expect("channel");
+    peer.with(|st| st.hold_lookups = false);
+}
+
+fn open_by_uuid(uuid: [u8; 16]) -> Request {
+    Request::Open {
+        uuid: Some(uuid),
+        name: Vec::new(),
+    }
+}
+
+#[test]
+fn vring_stop_returns_a_chain_the_worker_holds_before_its_answer_and_nothing_after() {
+    let _watchdog = Watchdog::arm("the vring stop test", Duration::from_secs(60));
+    let d = TestDaemon::start(|c| c.request_queues = 2);
+    let mut vm = Vm::connect_with(&d.socket(0), two_request_queues());
+    let uuid = [7; 16];
+    hold_lookups_of(&vm, uuid);
+    let open = vm.send(0, &open_by_uuid(uuid));
+    wait_for_lookup(&vm, uuid);
+    // More work on the same ring while the worker is busy: not taken yet.
+    let later = vm.send(0, &Request::GetInfo);
+
+    let base = vm.fe.get_vring_base(0).expect("GET_VRING_BASE");
+    assert_eq!(base, 1, "one chain left the avail ring");
+    // That chain is back before the answer: its request never ran.
+    let len = vm.queues[0]
+        .try_used(&vm.ram, open.head)
+        .expect("the chain is on the used ring when GET_VRING_BASE is answered");
+    let (tag, response) = decode_response(Opcode::Open, &vm.ram.read(open.reply_gpa, len as usize))
+        .expect("a response");
+    assert_eq!((tag, response), (open.tag, Err(Status::Canceled)));
+
+    // The worker comes back from the front-end, finds the chain gone and
+    // leaves the stopped ring alone (no spinning on it): the other request
+    // queue is served, and nothing more reaches the stopped ring.
+    release_lookups(&vm);
+    assert_eq!(vm.call(2, &Request::GetInfo).map(|_| ()), Ok(()));
+    assert_eq!(vm.queues[0].used_idx(&vm.ram), 1, "nothing after the stop");
+    assert!(vm.try_wait(later).is_none());
+    let opens = d
+        .handle()
+        .state()
+        .lock()
+        .stats()
+        .requests
+        .get("OPEN")
+        .map_or(0, |by_status| by_status.values().sum::<u64>());
+    assert_eq!(opens, 0, "the cancelled OPEN never reached the model");
+
+    // The ring restarts and serves again.
+    vm.restart_ring(0);
+    assert_eq!(vm.info().version, 1);
+    d.stop();
+}
+
+#[test]
+fn reset_device_writes_nothing_of_the_old_rings_into_the_new_ones() {
+    let _watchdog = Watchdog::arm("the device reset test", Duration::from_secs(60));
+    let d = TestDaemon::start(|c| c.request_queues = 2);
+    let mut vm = Vm::connect_with(&d.socket(0), two_request_queues());
+    let obj = vm.create(PAGE).object;
+    let (a, b) = (vm.acquire(), vm.acquire());
+    assert_eq!(vm.call(0, &Vm::lock_request(a, obj)), Ok(Reply::Empty));
+    let uuid = [9; 16];
+    hold_lookups_of(&vm, uuid);
+    // One batch: an OPEN the worker asks the front-end about, then a LOCK
+    // that would park behind `a`.
+    let room = (RESP_HDR_SIZE + INFO_SIZE) as u32;
+    vm.post(0, &open_by_uuid(uuid), room);
+    vm.post(0, &Vm::lock_request(b, obj), room);
+    vm.queues[0].notify();
+    wait_for_lookup(&vm, uuid);
+
+    vm.fe.reset_device().expect("RESET_DEVICE");
+    assert_eq!(d.objects(), 0, "released before the answer");
+    // The driver starts again, with new rings, before the worker is back.
+    let features = vm.features();
+    vm.fe.set_features(features).expect("SET_FEATURES");
+    for q in 0..vm.queues.len() {
+        vm.restart_ring(q);
+    }
+    release_lookups(&vm);
+
+    // The first entry of the new controlq's used ring is its first chain.
+    let info = vm.send(0, &Request::GetInfo);
+    let (tag, response) = vm.wait_tagged(info);
+    assert_eq!(tag, info.tag);
+    assert!(matches!(response, Ok(Reply::Info(_))), "{response:?}");
+    assert_eq!(
+        vm.queues[0].used_idx(&vm.ram),
+        1,
+        "nothing of the old rings"
+    );
+    let ctx = vm.acquire();
+    assert_eq!(vm.queues[0].used_idx(&vm.ram), 2);
+    assert_ne!(ctx, 0);
     d.stop();
 }
 

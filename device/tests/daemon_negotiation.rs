@@ -101,6 +101,18 @@ fn config_reads_have_the_requested_size_and_zeros_past_the_struct() {
     // library before it is sent, and the connection goes on.
     assert!(config(&mut vm, 4090, 16).is_err());
     assert_eq!(vm.info().num_queues, 3);
+
+    // Writes are ignored (and acked): the config reads as before.
+    vm.fe
+        .set_config(0, VhostUserConfigFlags::WRITABLE, &[0xff; 24])
+        .expect("SET_CONFIG is accepted");
+    vm.fe
+        .set_config(20, VhostUserConfigFlags::empty(), &[0xff; 64])
+        .expect("SET_CONFIG past the structure");
+    assert_eq!(
+        config(&mut vm, 0, CONFIG_SIZE as u32).expect("config"),
+        full
+    );
     d.stop();
 }
 

@@ -4,14 +4,18 @@
 
 mod vhost_harness;
 
+use vhost::vhost_user::message::VhostUserSharedMsg;
+use vhost::vhost_user::VhostUserFrontend;
 use vhost_harness::*;
 use virtio_dmabuf_protocol::*;
 
 const PAGE: u64 = 4096;
 
 /// One connection that leaves as much behind as it can: objects, a window
-/// placement, a published shared object, an attachment with a mapping, a
-/// held lock, a parked LOCK and a parked WAIT-free fence.
+/// placement, a published shared object (whose fd also went to the
+/// front-end through the relay), an attachment with a mapping, a held lock,
+/// a parked LOCK, a parked WAIT on a fence, and a worker waiting for the
+/// front-end's answer to a LOOKUP.
 fn busy_connection(d: &TestDaemon) -> u64 {
     let mut vm = Vm::connect_with(
         &d.socket(0),
@@ -32,10 +36,18 @@ fn busy_connection(d: &TestDaemon) -> u64 {
         ),
         Ok(Reply::Shm { .. })
     ));
-    assert!(matches!(
-        vm.call(0, &Request::ExportUuid { object: other }),
-        Ok(Reply::Uuid(_))
-    ));
+    let uuid = match vm.call(0, &Request::ExportUuid { object: other }) {
+        Ok(Reply::Uuid(u)) => u,
+        r => panic!("EXPORT_UUID: {r:?}"),
+    };
+    // The object's fd crosses the relay from the daemon to the front-end.
+    let shared = vm
+        .fe
+        .get_shared_object(&VhostUserSharedMsg {
+            uuid: uuid::Uuid::from_bytes(uuid),
+        })
+        .expect("GET_SHARED_OBJECT");
+    drop(shared);
     let att = match vm.call(
         0,
         &Request::Attach {
@@ -87,6 +99,23 @@ fn busy_connection(d: &TestDaemon) -> u64 {
     vm.queues[0].wait_taken(&vm.ram);
     assert!(vm.try_wait(lock).is_none());
     assert!(vm.try_wait(wait).is_none());
+    // The worker asks the front-end about a UUID, which does not answer.
+    let peer = vm.channel.as_ref().expect("channel");
+    peer.with(|st| st.hold_lookups = true);
+    let looking = vm.send(
+        2,
+        &Request::Open {
+            uuid: Some([0x42; 16]),
+            name: Vec::new(),
+        },
+    );
+    let peer = vm.channel.as_ref().expect("channel");
+    peer.wait_for("the LOOKUP", |msgs| {
+        msgs.iter()
+            .any(|m| matches!(m, ChannelMsg::Lookup(_)))
+            .then_some(())
+    });
+    assert!(vm.try_wait(looking).is_none());
     assert_eq!(d.objects(), 2);
     obj
     // The front-end goes away here, with all of it outstanding.

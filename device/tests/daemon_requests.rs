@@ -462,3 +462,144 @@ fn removing_guest_memory_revokes_objects_over_it() {
     );
     d.stop();
 }
+
+#[test]
+fn oversized_undecodable_and_cancelled_chains_come_back_once_and_the_batch_goes_on() {
+    let d = TestDaemon::start(|c| c.request_queues = 1);
+    let mut vm = Vm::connect_with(
+        &d.socket(0),
+        Options {
+            regions: vec![(0, 48 << 20)],
+            ..Options::default()
+        },
+    );
+    let obj = vm.create(PAGE).object;
+    let (a, b) = (vm.acquire(), vm.acquire());
+    assert_eq!(vm.call(0, &Vm::lock_request(a, obj)), Ok(Reply::Empty));
+    let readable = |vm: &mut Vm, bytes: &[u8]| {
+        let gpa = vm.ram.alloc(bytes.len() as u64, false);
+        vm.ram.write(gpa, bytes);
+        Buf {
+            gpa,
+            len: bytes.len() as u32,
+            writable: false,
+        }
+    };
+    let out = |vm: &mut Vm, len: u32| Buf {
+        gpa: vm.ram.alloc(u64::from(len), false),
+        len,
+        writable: true,
+    };
+    let info_len = (RESP_HDR_SIZE + INFO_SIZE) as u32;
+
+    // 1. A GET_INFO with 1 MiB of readable bytes: only its header is used.
+    let mut big = encode_request(11, &Request::GetInfo);
+    big.resize(1 << 20, 0xa5);
+    let c1 = [readable(&mut vm, &big), out(&mut vm, info_len)];
+    // 2. A TRANSFER_TO_HOST carrying more than the daemon's bound: EINVAL.
+    let limit = vhost_device_dmabuf::backend::TRANSFER_MAX;
+    let mut huge = encode_request(
+        12,
+        &Request::TransferToHost {
+            object: obj,
+            offset: 0,
+            data: Vec::new(),
+        },
+    );
+    huge[REQ_HDR_SIZE + 16..REQ_HDR_SIZE + 24].copy_from_slice(&(limit + 1).to_le_bytes());
+    huge.resize(huge.len() + limit as usize + 1, 0);
+    let c2 = [readable(&mut vm, &huge), out(&mut vm, 16)];
+    // 3. A CREATE naming more entries than it carries: EINVAL.
+    let mut create = encode_request(
+        13,
+        &Request::Create {
+            size: PAGE,
+            dynamic: false,
+            cache_mapping: false,
+            guest_pages: Some(vec![Segment {
+                addr: 1 << 20,
+                len: PAGE,
+            }]),
+        },
+    );
+    create[REQ_HDR_SIZE + 8..REQ_HDR_SIZE + 12].copy_from_slice(&100_000u32.to_le_bytes());
+    let c3 = [readable(&mut vm, &create), out(&mut vm, 64)];
+    // 4. A LOCK that parks behind `a`, 5. the CANCEL of its tag.
+    let lock = encode_request(14, &Vm::lock_request(b, obj));
+    let c4 = [readable(&mut vm, &lock), out(&mut vm, 16)];
+    let cancel = encode_request(15, &Request::Cancel { tag: 14 });
+    let c5 = [readable(&mut vm, &cancel), out(&mut vm, 16)];
+    // 6. A good request at the end.
+    let info = encode_request(16, &Request::GetInfo);
+    let c6 = [readable(&mut vm, &info), out(&mut vm, info_len)];
+
+    let before = vm.queues[0].used_idx(&vm.ram);
+    let batch = [&c1[..], &c2, &c3, &c4, &c5, &c6];
+    let heads: Vec<u16> = batch
+        .iter()
+        .map(|bufs| vm.queues[0].add(&vm.ram, bufs))
+        .collect();
+    vm.queues[0].notify();
+    let used: Vec<u32> = heads
+        .iter()
+        .map(|h| vm.queues[0].wait_used(&vm.ram, *h))
+        .collect();
+    let header = |b: &Buf| {
+        let r = vm.ram.read(b.gpa, 16);
+        (
+            u32::from_le_bytes(r[0..4].try_into().expect("4")),
+            u64::from_le_bytes(r[8..16].try_into().expect("8")),
+        )
+    };
+    assert_eq!(used[0], info_len);
+    assert_eq!(header(&c1[1]), (0, 11));
+    assert_eq!((used[1], header(&c2[1])), (16, (Status::Inval as u32, 12)));
+    assert_eq!((used[2], header(&c3[1])), (16, (Status::Inval as u32, 13)));
+    assert_eq!(
+        (used[3], header(&c4[1])),
+        (16, (Status::Canceled as u32, 14))
+    );
+    assert_eq!((used[4], header(&c5[1])), (16, (0, 15)));
+    assert_eq!((used[5], header(&c6[1])), (info_len, (0, 16)));
+    assert_eq!(
+        vm.queues[0].used_idx(&vm.ram).wrapping_sub(before),
+        6,
+        "each chain came back exactly once"
+    );
+    assert_eq!(vm.queues[0].returned(&vm.ram), 0);
+    d.stop();
+}
+
+#[test]
+fn used_queue_signals_follow_the_drivers_used_event() {
+    let d = TestDaemon::start(|c| c.request_queues = 2);
+    let mut vm = Vm::connect_with(
+        &d.socket(0),
+        Options {
+            queues: 3,
+            ..Options::default()
+        },
+    );
+    assert_eq!(vm.info().version, 1);
+    let _ = vm.queues[0].call.read();
+    // The driver wants a call only once the used index passes used + 1.
+    let used = vm.queues[0].used_idx(&vm.ram);
+    vm.queues[0].set_used_event(&vm.ram, used.wrapping_add(1));
+    let first = vm.post(0, &Request::GetInfo, (RESP_HDR_SIZE + INFO_SIZE) as u32);
+    vm.queues[0].notify();
+    poll_until("the first answer", || {
+        (vm.queues[0].used_idx(&vm.ram) == used.wrapping_add(1)).then_some(())
+    });
+    // A round trip on another queue: the worker finished the first batch.
+    assert_eq!(vm.call(2, &Request::GetInfo).map(|_| ()), Ok(()));
+    assert!(
+        vm.queues[0].call.read().is_err(),
+        "no call before the driver's used_event"
+    );
+    let second = vm.post(0, &Request::GetInfo, (RESP_HDR_SIZE + INFO_SIZE) as u32);
+    vm.queues[0].notify();
+    poll_until("the call", || vm.queues[0].call.read().ok());
+    assert!(vm.try_wait(first).is_some());
+    assert!(vm.try_wait(second).is_some());
+    d.stop();
+}

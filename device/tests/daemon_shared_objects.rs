@@ -230,3 +230,64 @@ fn the_vhost_crate_backend_cannot_receive_a_lookup_fd() {
         "a spec reply with an fd is rejected: {result:?}"
     );
 }
+
+/// With `REPLY_ACK` every channel message but `LOOKUP` (which always has a
+/// reply) asks for an ack, and a refusal reaches the guest as `EIO` with
+/// nothing left published; without it nothing is awaited.
+#[test]
+fn channel_messages_ask_for_an_ack_exactly_when_reply_ack_is_live() {
+    use vhost::vhost_user::message::VhostUserProtocolFeatures;
+    const NEED_REPLY: u32 = 0x8;
+    let d = TestDaemon::start(|c| c.allow_memfd_shared_objects = true);
+
+    let mut vm = Vm::connect(&d.socket(0));
+    let obj = vm.create(PAGE).object;
+    assert!(matches!(
+        vm.call(
+            0,
+            &Request::MapShm {
+                object: obj,
+                writable: false
+            }
+        ),
+        Ok(Reply::Shm { .. })
+    ));
+    assert!(matches!(export_uuid(&mut vm, obj), Ok(Reply::Uuid(_))));
+    let other = vm.create(PAGE).object;
+    let peer = vm.channel.as_ref().expect("channel");
+    peer.with(|st| st.refuse.push(6));
+    assert_eq!(export_uuid(&mut vm, other), Err(Status::Io));
+    let uuid = match vm.call(0, &Request::ExportUuid { object: other }) {
+        Err(Status::Io) => None,
+        Ok(Reply::Uuid(u)) => Some(u),
+        r => panic!("EXPORT_UUID: {r:?}"),
+    };
+    assert_eq!(uuid, None, "still refused: nothing was published");
+    let open = open_by_uuid(&mut vm, [5; 16]);
+    assert_eq!(vm.call(0, &open), Err(Status::NoEnt));
+    let peer = vm.channel.as_ref().expect("channel");
+    let headers = peer.with(|st| st.headers.clone());
+    assert_eq!(
+        headers.iter().map(|h| h.0).collect::<Vec<_>>(),
+        [9, 6, 6, 6, 8]
+    );
+    for (request, flags) in headers {
+        let want = if request == 8 { 0 } else { NEED_REPLY };
+        assert_eq!(flags & NEED_REPLY, want, "request {request}");
+    }
+    drop(vm);
+
+    let mut vm = Vm::connect_with(
+        &d.socket(0),
+        Options {
+            protocol: Options::default().protocol - VhostUserProtocolFeatures::REPLY_ACK,
+            ..Options::default()
+        },
+    );
+    let obj = vm.create(PAGE).object;
+    assert!(matches!(export_uuid(&mut vm, obj), Ok(Reply::Uuid(_))));
+    let peer = vm.channel.as_ref().expect("channel");
+    let headers = peer.with(|st| st.headers.clone());
+    assert_eq!(headers, [(6, 0x1)], "no NEED_REPLY without REPLY_ACK");
+    d.stop();
+}

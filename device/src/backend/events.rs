@@ -4,6 +4,10 @@
 //! buffers. A buffer is taken from the avail ring only when an event is
 //! pending; a buffer shorter than an event is returned with `used.len = 0`
 //! and the event stays for the next one.
+//!
+//! Like the request queues, the eventq is written only with the
+//! connection's chain table locked, so a vring stop (`GET_VRING_BASE`)
+//! never sees a buffer taken before it and returned after its answer.
 
 use std::io::Write;
 
@@ -27,6 +31,7 @@ impl DmabufBackend {
             return;
         };
         let mem = memory.memory();
+        let _chains = self.chains();
         let mut used = false;
         loop {
             let chain = {

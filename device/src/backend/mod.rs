@@ -4,7 +4,8 @@
 //!
 //! - this file: features, config space, the vhost-user hooks (memory table,
 //!   back-end channel, vring stop, device reset, shared objects)
-//! - `requests.rs`: the request queues, parked chains and their completions
+//! - `requests.rs`: the request queues, the chains in flight (returned
+//!   exactly once, also across vring stops and resets), completions
 //! - `events.rs`: the eventq
 //! - `channel.rs`: the back-end channel (messages to the front-end)
 //! - `relay.rs`: the message relay that sees acked protocol features and
@@ -19,10 +20,8 @@ mod events;
 pub mod relay;
 mod requests;
 
-use std::collections::HashMap;
 use std::fs::File;
 use std::os::fd::{FromRawFd, OwnedFd, RawFd};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -50,7 +49,7 @@ use crate::vhost_frontend::{Link, VhostFrontend};
 
 use channel::Channel;
 use relay::ConnectionInfo;
-use requests::ParkedChain;
+use requests::Chains;
 
 /// Largest `TRANSFER_TO_HOST`/`TRANSFER_FROM_HOST` length a chain may carry
 /// (section 7.5 leaves the bound to the device): 16 MiB. Longer is `EINVAL`;
@@ -127,13 +126,9 @@ pub struct DmabufBackend {
     /// The vrings, as the first `handle_event` showed them (the vring stop
     /// hook runs on another thread and needs them to return chains).
     vrings: Mutex<Vec<VringRwLock>>,
-    /// Chains whose request is parked in the model, by token.
-    parked: Mutex<HashMap<u64, ParkedChain>>,
-    next_token: AtomicU64,
-    /// Bumped by every stop of a vring (see `requests.rs`).
-    stop_generation: Vec<AtomicU64>,
-    /// Serializes deliveries of completions, so they keep their order.
-    delivery: Mutex<()>,
+    /// Every chain off the avail ring and not yet on the used ring; rings
+    /// are written only with it locked (see `requests.rs`).
+    chains: Mutex<Chains>,
     /// The memory table as last seen, to tell which regions went away.
     regions: Mutex<Vec<RegionKey>>,
     /// Exit eventfds handed to the vring workers (closed after they stop).
@@ -146,7 +141,7 @@ impl std::fmt::Debug for DmabufBackend {
             .field("guest", &self.guest)
             .field("settings", &self.settings)
             .field("link", &self.link)
-            .field("parked", &locked(&self.parked).len())
+            .field("in_flight", &locked(&self.chains).len())
             .finish_non_exhaustive()
     }
 }
@@ -158,7 +153,6 @@ impl DmabufBackend {
         settings: Arc<BackendSettings>,
         info: Arc<ConnectionInfo>,
     ) -> Self {
-        let queues = settings.num_queues();
         DmabufBackend {
             guest,
             state,
@@ -166,10 +160,7 @@ impl DmabufBackend {
             settings,
             info,
             vrings: Mutex::new(Vec::new()),
-            parked: Mutex::new(HashMap::new()),
-            next_token: AtomicU64::new(1),
-            stop_generation: (0..queues).map(|_| AtomicU64::new(0)).collect(),
-            delivery: Mutex::new(()),
+            chains: Mutex::new(Chains::default()),
             regions: Mutex::new(Vec::new()),
             exit_consumers: Mutex::new(Vec::new()),
         }
@@ -234,7 +225,7 @@ impl DmabufBackend {
             }
             self.state.changed(&ex);
         }
-        locked(&self.parked).clear();
+        locked(&self.chains).clear();
         locked(&self.vrings).clear();
         self.close_exit_events();
     }
@@ -293,21 +284,9 @@ impl VhostUserBackend for DmabufBackend {
 
     /// `RESET_DEVICE` (section 6): everything the guest held is released;
     /// the connection, its memory table and its back-end channel stay.
+    /// vhost-user-backend disabled every ring before this call.
     fn reset_device(&self) {
-        let caps = self.caps();
-        {
-            let mut ex = self.state.lock();
-            let now = Instant::now();
-            ex.disconnect(self.guest, now);
-            // The rings are being reset: the chains are the driver's again.
-            ex.take_completions_for(self.guest);
-            ex.connect(self.guest, caps, self.frontend());
-            self.state.changed(&ex);
-        }
-        for g in &self.stop_generation {
-            g.fetch_add(1, Ordering::AcqRel);
-        }
-        locked(&self.parked).clear();
+        self.reset_rings(self.caps());
         log::info!("guest {}: device reset", self.guest);
     }
 
@@ -430,19 +409,12 @@ impl VhostUserBackend for DmabufBackend {
     /// `GET_VRING_BASE` (section 6): the ring's waiting chains complete with
     /// `ECANCELED` now, so the front-end has them back before its answer;
     /// the guest's state stays.
+    /// vhost-user-backend marked the queue not ready before this call, so
+    /// no chain leaves its avail ring after it.
     fn stop_vring(&self, queue_index: u32) -> std::io::Result<()> {
-        let Ok(queue) = u16::try_from(queue_index) else {
-            return Ok(());
-        };
-        if let Some(g) = self.stop_generation.get(usize::from(queue)) {
-            g.fetch_add(1, Ordering::AcqRel);
+        if let Ok(queue) = u16::try_from(queue_index) {
+            self.stop_ring(queue);
         }
-        {
-            let mut ex = self.state.lock();
-            ex.cancel_queue(self.guest, queue, Instant::now());
-            self.state.changed(&ex);
-        }
-        self.deliver_completions();
         Ok(())
     }
 

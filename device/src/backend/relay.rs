@@ -15,17 +15,22 @@
 //! with it) and writes them with one `sendmsg`. It does so in both
 //! directions; only front-end to back-end messages are looked at.
 //!
-//! The daemon side is reached through a listener with a random abstract
-//! name that accepts one connection (vhost-user-backend only serves what a
-//! `Listener` accepts); [`InternalListener::verify`] makes sure nobody else
-//! connected to it first.
+//! The daemon side connects to a private listener of ours
+//! ([`InternalEndpoint`]): vhost-user-backend builds a connection only from
+//! a listener or a path, never from a socket pair.
+//!
+//! Every fd that comes with a message (`SCM_RIGHTS`, either way) is
+//! forwarded and then closed here; a hang-up on either side ends both
+//! directions, and [`Relay::stop`] joins the threads.
 
+use std::fs::DirBuilder;
 use std::io::{IoSlice, IoSliceMut};
 use std::mem::MaybeUninit;
 use std::net::Shutdown;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
-use std::os::linux::net::SocketAddrExt;
-use std::os::unix::net::{SocketAddr, UnixListener, UnixStream};
+use std::os::unix::fs::DirBuilderExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
@@ -37,7 +42,6 @@ use rustix::net::{
 use vhost::vhost_user::message::{
     FrontendReq, VhostUserProtocolFeatures, MAX_ATTACHED_FD_ENTRIES, MAX_MSG_SIZE,
 };
-use vhost::vhost_user::Listener;
 
 const HEADER_SIZE: usize = 12;
 
@@ -87,50 +91,106 @@ impl ConnectionInfo {
     }
 }
 
-/// The listener the connection's `VhostUserDaemon` accepts the relay from.
-pub struct InternalListener {
-    listener: Listener,
+/// Where the connection's `VhostUserDaemon` connects to the relay.
+///
+/// vhost-user-backend 0.24 builds a connection only from a [`Listener`]
+/// (`VhostUserDaemon::start`, which accepts) or from a socket path
+/// (`start_client`, which connects); it cannot take a socket pair. So the
+/// daemon connects (`start_client`) to a listener of ours on a path in a
+/// fresh directory that only this user can enter (mode 0700; another user
+/// cannot even reach the socket), and [`InternalEndpoint::accept_own`]
+/// takes only a connection whose peer is this very process
+/// (`SO_PEERCRED`). The daemon's end is never one another process could
+/// have made, and nobody else's connection is ever served. The path and
+/// its directory go away with the endpoint, right after the accept.
+pub struct InternalEndpoint {
+    dir: PathBuf,
+    path: PathBuf,
+    listener: UnixListener,
 }
 
-impl std::fmt::Debug for InternalListener {
+impl std::fmt::Debug for InternalEndpoint {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        use std::os::fd::AsRawFd;
-        f.debug_struct("InternalListener")
-            .field("fd", &self.listener.as_raw_fd())
-            .finish()
+        f.debug_struct("InternalEndpoint")
+            .field("path", &self.path)
+            .finish_non_exhaustive()
     }
 }
 
-impl InternalListener {
-    /// Binds a fresh listener under a random abstract name and connects to
-    /// it; returns the listener (for `VhostUserDaemon::start`) and the
-    /// relay's end of the connection.
-    pub fn connected() -> std::io::Result<(InternalListener, UnixStream)> {
-        let name = format!("vhost-device-dmabuf/{}", uuid::Uuid::new_v4());
-        let addr = SocketAddr::from_abstract_name(name.as_bytes())?;
-        let listener = UnixListener::bind_addr(&addr)?;
-        let ours = UnixStream::connect_addr(&addr)?;
-        Ok((
-            InternalListener {
-                listener: Listener::from(listener),
-            },
-            ours,
-        ))
-    }
+/// Name of the directory an [`InternalEndpoint`] lives in.
+const ENDPOINT_PREFIX: &str = "vhost-dmabuf-";
 
-    pub fn listener(&mut self) -> &mut Listener {
-        &mut self.listener
-    }
-
-    /// After the daemon accepted one connection: true when no other
-    /// connection is pending, i.e. it accepted ours (ours connected first,
-    /// right after the bind). Anything else means someone raced us to the
-    /// name; the caller drops the connection.
-    pub fn verify(&self) -> bool {
-        if self.listener.set_nonblocking(true).is_err() {
-            return false;
+impl InternalEndpoint {
+    /// Binds a listener in a new private directory under the first of
+    /// `bases` that allows it (the temporary directory, then the directory
+    /// of the guest's socket, say).
+    pub fn new(bases: &[&Path]) -> std::io::Result<InternalEndpoint> {
+        let mut last = std::io::Error::new(std::io::ErrorKind::NotFound, "no directory to use");
+        for base in bases {
+            for _ in 0..4 {
+                let id = uuid::Uuid::new_v4().simple().to_string();
+                let dir = base.join(format!("{ENDPOINT_PREFIX}{}", &id[..16]));
+                match DirBuilder::new().mode(0o700).create(&dir) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+                    Err(e) => {
+                        last = e;
+                        break;
+                    }
+                }
+                let path = dir.join("s");
+                match UnixListener::bind(&path) {
+                    Ok(listener) => {
+                        return Ok(InternalEndpoint {
+                            dir,
+                            path,
+                            listener,
+                        })
+                    }
+                    Err(e) => {
+                        let _ = std::fs::remove_dir(&dir);
+                        last = e;
+                        break;
+                    }
+                }
+            }
         }
-        matches!(self.listener.accept(), Ok(None))
+        Err(last)
+    }
+
+    /// The path for `VhostUserDaemon::start_client`.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// After the daemon connected: its connection, found by the peer's
+    /// process id. Connections of other processes are closed unserved.
+    pub fn accept_own(&self) -> std::io::Result<UnixStream> {
+        self.listener.set_nonblocking(true)?;
+        let me = rustix::process::getpid();
+        loop {
+            // WouldBlock here: the daemon's connection never came.
+            let (stream, _) = self.listener.accept()?;
+            match rustix::net::sockopt::socket_peercred(&stream) {
+                Ok(cred) if cred.pid == me => {
+                    stream.set_nonblocking(false)?;
+                    return Ok(stream);
+                }
+                Ok(cred) => log::warn!(
+                    "internal vhost-user socket: refused a connection from pid {} uid {}",
+                    cred.pid.as_raw_nonzero(),
+                    cred.uid.as_raw()
+                ),
+                Err(e) => log::warn!("internal vhost-user socket: SO_PEERCRED: {e}"),
+            }
+        }
+    }
+}
+
+impl Drop for InternalEndpoint {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+        let _ = std::fs::remove_dir(&self.dir);
     }
 }
 
@@ -373,12 +433,81 @@ mod tests {
         relay.stop();
     }
 
+    /// Another process (a forked child, as any local program could) that
+    /// connects to the endpoint before the daemon is never the one
+    /// accepted; the directory is private and goes away with the endpoint.
     #[test]
-    fn the_internal_listener_accepts_only_the_relay() {
-        let (mut internal, ours) = InternalListener::connected().expect("listener");
-        let accepted = internal.listener().accept().expect("accept");
-        assert!(accepted.is_some());
-        assert!(internal.verify());
-        drop(ours);
+    fn the_internal_endpoint_accepts_only_this_process() {
+        use std::os::unix::ffi::OsStrExt;
+        use std::os::unix::fs::PermissionsExt;
+
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let endpoint = InternalEndpoint::new(&[tmp.path()]).expect("endpoint");
+        let dir = endpoint.path().parent().expect("a directory").to_path_buf();
+        let mode = std::fs::metadata(&dir).expect("dir").permissions().mode();
+        assert_eq!(mode & 0o777, 0o700, "only this user may reach the socket");
+
+        // Everything the child needs is prepared before the fork: it only
+        // makes system calls.
+        // SAFETY: all-zero bytes are a valid `sockaddr_un`.
+        let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+        addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+        for (d, s) in addr
+            .sun_path
+            .iter_mut()
+            .zip(endpoint.path().as_os_str().as_bytes())
+        {
+            *d = *s as libc::c_char;
+        }
+        let mut pipe = [0i32; 2];
+        // SAFETY: `pipe` has room for the two fds.
+        assert_eq!(unsafe { libc::pipe(pipe.as_mut_ptr()) }, 0);
+        // SAFETY: the child calls only async-signal-safe functions (socket,
+        // connect, write, alarm, pause, _exit) on memory prepared above.
+        let child = unsafe { libc::fork() };
+        if child == 0 {
+            // SAFETY: as above; `addr` and `pipe` are valid in the child.
+            unsafe {
+                libc::alarm(30);
+                let fd = libc::socket(libc::AF_UNIX, libc::SOCK_STREAM, 0);
+                let rc = libc::connect(
+                    fd,
+                    std::ptr::addr_of!(addr).cast::<libc::sockaddr>(),
+                    std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t,
+                );
+                let ok: u8 = u8::from(rc == 0);
+                libc::write(pipe[1], std::ptr::addr_of!(ok).cast(), 1);
+                loop {
+                    libc::pause();
+                }
+            }
+        }
+        assert!(child > 0, "fork");
+        let mut ok = 0u8;
+        // SAFETY: reads one byte into `ok` from the pipe we own.
+        let n = unsafe { libc::read(pipe[0], std::ptr::addr_of_mut!(ok).cast(), 1) };
+        assert_eq!((n, ok), (1, 1), "the other process is connected first");
+
+        let ours = UnixStream::connect(endpoint.path()).expect("connect");
+        let mut accepted = endpoint.accept_own().expect("ours is accepted");
+        (&ours).write_all(b"x").expect("write");
+        let mut b = [0u8; 1];
+        accepted.read_exact(&mut b).expect("read");
+        assert_eq!(&b, b"x", "the accepted connection is ours");
+        assert_eq!(
+            endpoint.accept_own().map(drop).map_err(|e| e.kind()),
+            Err(std::io::ErrorKind::WouldBlock),
+            "the other process's connection was refused, nothing waits"
+        );
+
+        // SAFETY: `child` is our child process; we reap it.
+        unsafe {
+            libc::kill(child, libc::SIGKILL);
+            libc::waitpid(child, std::ptr::null_mut(), 0);
+            libc::close(pipe[0]);
+            libc::close(pipe[1]);
+        }
+        drop(endpoint);
+        assert!(!dir.exists(), "the directory goes with the endpoint");
     }
 }

@@ -2,22 +2,35 @@
 //! typed requests to the model, responses out (sections 2 and 4).
 //!
 //! Each chain is decoded once ([`parse_request`]) from the bytes of its
-//! readable part, read with a [`Reader`] so a header may span descriptors.
-//! Every chain taken from the avail ring goes back to the used ring exactly
-//! once: at once with its response, with `used.len = 0` when its writable
-//! part cannot hold a response header, or later, when a parked request
-//! completes, from the writable descriptors remembered for it
-//! ([`ParkedChain`]). A bad chain never stops the batch.
+//! readable part, read with a [`Reader`](virtio_queue::Reader) so a header
+//! may span descriptors.
 //!
-//! A vring stop (`GET_VRING_BASE`) cancels the ring's parked requests from
-//! the vhost-user thread. A request popped just before the stop may park
-//! just after it; the stop generation catches that: a request that parks
-//! while its queue's generation moved since the batch began is cancelled
-//! at once.
+//! Every chain taken from the avail ring goes back to the used ring exactly
+//! once (section 4). A chain is entered in the connection's [`Chains`]
+//! table in the same critical section that pops it, and whoever removes
+//! it from the table writes its response and returns it: the worker (at
+//! once, or after the front-end acted on the back-end channel messages of
+//! the request), a completion of a parked request, a vring stop, or nobody
+//! (a device reset, a disconnect: the rings are the driver's again). Writes
+//! to a ring happen only with the table locked, so:
+//!
+//! - `GET_VRING_BASE` (section 6) takes the table, cancels the ring's
+//!   parked requests, and returns every chain of the ring still held
+//!   before the front-end gets its answer: parked ones and ones not yet
+//!   given to the model with `ECANCELED`, ones whose request the model
+//!   already answered with that answer. The worker finds them gone and
+//!   writes nothing; a request of the stopped ring is never submitted
+//!   after the stop.
+//! - `RESET_DEVICE` empties the table: nothing of the old rings is
+//!   written into the rings the driver sets up next.
+//!
+//! The table lock is never held while waiting for the front-end (the
+//! back-end channel), so a vring stop never waits for one (section 1).
+//! Lock order: the table, then the model, then a vring.
 
-use std::collections::BTreeSet;
-use std::io::{Read, Write};
-use std::sync::atomic::Ordering;
+use std::collections::{BTreeSet, HashMap};
+use std::io::Read;
+use std::sync::MutexGuard;
 use std::time::Instant;
 
 use vhost_user_backend::{VringRwLock, VringT};
@@ -25,7 +38,7 @@ use virtio_dmabuf_protocol::{
     encode_response, parse_request, Opcode, Reply, Request, RequestHeader, Response, Status,
     REQ_HDR_SIZE, RESP_HDR_SIZE, SEGMENT_SIZE,
 };
-use virtio_queue::{DescriptorChain, QueueOwnedT};
+use virtio_queue::{DescriptorChain, QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestAddressSpace};
 
 use super::channel::{ChannelError, MessageKind};
@@ -33,21 +46,82 @@ use super::{locked, DmabufBackend, TRANSFER_MAX};
 use crate::exporter::Origin;
 use crate::guest_memory::GuestRam;
 
-/// A chain whose request waits in the model.
-#[derive(Debug, Clone)]
-pub(crate) struct ParkedChain {
-    pub queue: u16,
-    pub head: u16,
-    /// The writable descriptors (guest address, length), in order.
-    pub writable: Vec<(GuestAddress, u32)>,
+/// Where a chain in flight is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Stage {
+    /// Taken from the avail ring; its request is not in the model.
+    Taken,
+    /// Its request waits in the model; a completion returns it.
+    Parked,
+    /// The model answered (these bytes); the worker waits for the
+    /// front-end to act on the request's back-end channel messages.
+    Answered(Vec<u8>),
 }
 
-/// What one chain gets now.
+/// A chain taken from a request queue and not returned yet.
+#[derive(Debug, Clone)]
+struct InFlight {
+    queue: u16,
+    head: u16,
+    /// The writable descriptors (guest address, length), in order.
+    writable: Vec<(GuestAddress, u32)>,
+    /// The request's tag, once its header was read.
+    tag: u64,
+    stage: Stage,
+}
+
+/// The chains of one connection that are off the avail ring and not yet
+/// on the used ring, by token (the token is the request's [`Origin`]).
+#[derive(Debug, Default)]
+pub(crate) struct Chains {
+    entries: HashMap<u64, InFlight>,
+    next_token: u64,
+}
+
+impl Chains {
+    fn insert(&mut self, queue: u16, head: u16, writable: Vec<(GuestAddress, u32)>) -> u64 {
+        self.next_token += 1;
+        let token = self.next_token;
+        self.entries.insert(
+            token,
+            InFlight {
+                queue,
+                head,
+                writable,
+                tag: 0,
+                stage: Stage::Taken,
+            },
+        );
+        token
+    }
+
+    /// How many chains are in flight.
+    pub(crate) fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// Forgets every chain (device reset, disconnect).
+    pub(crate) fn clear(&mut self) {
+        self.entries.clear();
+    }
+}
+
+/// What the worker got from a ring.
+enum Take<M: std::ops::Deref<Target = GuestRam>> {
+    Chain(u64, DescriptorChain<M>),
+    /// Nothing available.
+    Empty,
+    /// The ring is stopped, disabled or broken: leave it alone.
+    Stopped,
+}
+
+/// What became of one request.
 enum Outcome {
-    /// Write these bytes (a response) to the writable part.
+    /// Write these bytes (a response) and return the chain.
     Respond(Vec<u8>),
-    /// The request waits; its chain comes back with the completion.
-    Parked,
+    /// The chain is back on the used ring, or waits in the model, or was
+    /// taken by a vring stop or a reset: nothing more to do here.
+    Settled { returned: bool },
 }
 
 fn respond(tag: u64, response: &Response) -> Outcome {
@@ -97,10 +171,30 @@ fn write_segments(mem: &GuestRam, segments: &[(GuestAddress, u32)], bytes: &[u8]
     u32::try_from(done).unwrap_or(u32::MAX)
 }
 
+/// The `used.len` of a chain answered with `bytes`: what was written, and
+/// nothing at all when the writable part cannot hold a response header
+/// (section 4).
+fn write_response(mem: &GuestRam, segments: &[(GuestAddress, u32)], bytes: &[u8]) -> u32 {
+    let room = segments
+        .iter()
+        .fold(0usize, |sum, &(_, len)| sum.saturating_add(len as usize));
+    if room < RESP_HDR_SIZE || bytes.is_empty() {
+        return 0;
+    }
+    write_segments(mem, segments, bytes)
+}
+
 impl DmabufBackend {
+    /// The connection's chains in flight (see the module comment for what
+    /// holding this lock guarantees).
+    pub(super) fn chains(&self) -> MutexGuard<'_, Chains> {
+        locked(&self.chains)
+    }
+
     /// Serves one request queue: the EVENT_IDX drain loop (disable
     /// notifications, take every available chain, re-enable, repeat while
-    /// more arrived), then one signal for the batch.
+    /// more arrived), then one signal for the batch, when the driver wants
+    /// it. A ring that stops meanwhile is left alone at once.
     pub(super) fn serve_queue(&self, queue: u16, vrings: &[VringRwLock]) {
         let Some(vring) = vrings.get(usize::from(queue)) else {
             return;
@@ -108,33 +202,22 @@ impl DmabufBackend {
         let Some(memory) = self.memory() else {
             return;
         };
-        let generation = self
-            .stop_generation
-            .get(usize::from(queue))
-            .map_or(0, |g| g.load(Ordering::Acquire));
-        let mut used = false;
-        loop {
+        let mut returned = false;
+        'drain: loop {
             if let Err(e) = vring.disable_notification() {
                 log::debug!("guest {}: queue {queue}: {e}", self.guest);
             }
-            let mem = memory.memory();
-            let chains: Vec<_> = {
-                let mut state = vring.get_mut();
-                match state.get_queue_mut().iter(mem.clone()) {
-                    Ok(iter) => iter.collect(),
-                    Err(e) => {
-                        log::debug!("guest {}: queue {queue} not ready: {e}", self.guest);
-                        Vec::new()
+            loop {
+                let mem = memory.memory();
+                match self.take_chain(queue, vring, &mem) {
+                    Take::Chain(token, chain) => {
+                        returned |= self.serve_chain(queue, token, chain, &mem);
                     }
-                }
-            };
-            for chain in chains {
-                let head = chain.head_index();
-                if let Some(len) = self.serve_chain(queue, chain, &mem, generation) {
-                    if let Err(e) = vring.add_used(head, len) {
-                        log::warn!("guest {}: queue {queue}: add_used({head}): {e}", self.guest);
-                    }
-                    used = true;
+                    Take::Empty => break,
+                    // Re-enabling notifications would only spin on a ring
+                    // that gives nothing (`iter` refuses a stopped queue
+                    // while `enable_notification` still sees work).
+                    Take::Stopped => break 'drain,
                 }
             }
             match vring.enable_notification() {
@@ -146,48 +229,75 @@ impl DmabufBackend {
                 }
             }
         }
-        if used {
+        if returned {
+            let _chains = self.chains();
             self.signal(vring);
         }
     }
 
-    /// One chain: `Some(used.len)` to return it now, `None` when parked.
-    fn serve_chain<M>(
-        &self,
-        queue: u16,
-        chain: DescriptorChain<M>,
-        mem: &GuestRam,
-        generation: u64,
-    ) -> Option<u32>
+    /// Pops one chain and enters it in the table, in one critical section
+    /// (a vring stop sees every chain that left the avail ring).
+    fn take_chain<M>(&self, queue: u16, vring: &VringRwLock, mem: &M) -> Take<M>
     where
         M: std::ops::Deref<Target = GuestRam> + Clone,
     {
-        let mut writer = match chain.clone().writer(mem) {
-            Ok(w) => w,
-            Err(e) => {
-                // No place for a response: used.len = 0 (section 4).
-                log::debug!("guest {}: queue {queue}: writable part: {e}", self.guest);
-                return Some(0);
+        let mut chains = self.chains();
+        let chain = {
+            let mut state = vring.get_mut();
+            if !state.is_enabled() || !state.get_queue().ready() {
+                return Take::Stopped;
+            }
+            match state.get_queue_mut().iter(mem.clone()) {
+                Ok(mut iter) => iter.next(),
+                Err(e) => {
+                    log::warn!("guest {}: queue {queue}: {e}", self.guest);
+                    return Take::Stopped;
+                }
             }
         };
-        let room = writer.available_bytes();
-        if room < RESP_HDR_SIZE {
-            return Some(0);
-        }
-        let outcome = match self.read_request(&chain, mem) {
-            Ok(bytes) => self.run_request(queue, &chain, &bytes, room, generation),
-            // A readable part outside guest memory (section 4).
-            Err(status) => respond(0, &Err(status)),
+        let Some(chain) = chain else {
+            return Take::Empty;
+        };
+        let writable = chain
+            .clone()
+            .writable()
+            .map(|d| (d.addr(), d.len()))
+            .collect();
+        let token = chains.insert(queue, chain.head_index(), writable);
+        Take::Chain(token, chain)
+    }
+
+    /// One chain; true when this call put it on the used ring.
+    fn serve_chain<M>(
+        &self,
+        queue: u16,
+        token: u64,
+        chain: DescriptorChain<M>,
+        mem: &GuestRam,
+    ) -> bool
+    where
+        M: std::ops::Deref<Target = GuestRam> + Clone,
+    {
+        let room = match chain.clone().writer(mem) {
+            Ok(w) => w.available_bytes(),
+            Err(e) => {
+                log::debug!("guest {}: queue {queue}: writable part: {e}", self.guest);
+                0
+            }
+        };
+        let outcome = if room < RESP_HDR_SIZE {
+            // No place for a response: used.len = 0 (section 4).
+            Outcome::Respond(Vec::new())
+        } else {
+            match self.read_request(&chain, mem) {
+                Ok(bytes) => self.run_request(queue, token, &bytes, room),
+                // A readable part outside guest memory (section 4).
+                Err(status) => respond(0, &Err(status)),
+            }
         };
         match outcome {
-            Outcome::Parked => None,
-            Outcome::Respond(bytes) => {
-                let n = bytes.len().min(room);
-                if let Err(e) = writer.write_all(&bytes[..n]) {
-                    log::debug!("guest {}: queue {queue}: response: {e}", self.guest);
-                }
-                Some(u32::try_from(writer.bytes_written()).unwrap_or(u32::MAX))
-            }
+            Outcome::Respond(bytes) => self.finish(token, &bytes),
+            Outcome::Settled { returned } => returned,
         }
     }
 
@@ -216,17 +326,7 @@ impl DmabufBackend {
         Ok(bytes)
     }
 
-    fn run_request<M>(
-        &self,
-        queue: u16,
-        chain: &DescriptorChain<M>,
-        readable: &[u8],
-        room: usize,
-        generation: u64,
-    ) -> Outcome
-    where
-        M: std::ops::Deref<Target = GuestRam> + Clone,
-    {
+    fn run_request(&self, queue: u16, token: u64, readable: &[u8], room: usize) -> Outcome {
         let (header, request) = match parse_request(readable, room) {
             Ok(parsed) => parsed,
             Err(e) => {
@@ -235,6 +335,9 @@ impl DmabufBackend {
             }
         };
         let tag = header.tag;
+        if let Some(chain) = self.chains().entries.get_mut(&token) {
+            chain.tag = tag;
+        }
         if let Err(status) = check_limits(&request) {
             return respond(tag, &Err(status));
         }
@@ -245,32 +348,22 @@ impl DmabufBackend {
         };
         let looked_up = self.look_up_for_open(&request);
 
-        // Remembered before the model sees it: a vring stop on another
-        // thread may complete it before `submit` returns here.
-        let token = self.next_token.fetch_add(1, Ordering::Relaxed);
-        let writable = chain
-            .clone()
-            .writable()
-            .map(|d| (d.addr(), d.len()))
-            .collect();
-        locked(&self.parked).insert(
-            token,
-            ParkedChain {
-                queue,
-                head: chain.head_index(),
-                writable,
-            },
-        );
-
         let channel = self.link.channel();
+        let mut chains = self.chains();
+        if !chains.entries.contains_key(&token) {
+            // A vring stop or a device reset took the chain (while the
+            // LOOKUP ran): its request never reaches the model.
+            drop(chains);
+            if let Some(uuid) = looked_up {
+                self.link.clear_lookup(&uuid);
+            }
+            return Outcome::Settled { returned: false };
+        }
         let (response, posted) = {
             let mut ex = self.state.lock();
             let now = Instant::now();
             let before = channel.as_ref().map_or(0, |c| c.posted());
             let response = ex.submit(self.guest, Origin { queue, token }, tag, request, now);
-            if response.is_none() && self.queue_stopped_since(queue, generation) {
-                ex.cancel_queue(self.guest, queue, now);
-            }
             let after = channel.as_ref().map_or(0, |c| c.posted());
             self.state.changed(&ex);
             (response, (before, after))
@@ -278,32 +371,40 @@ impl DmabufBackend {
         if let Some(uuid) = looked_up {
             self.link.clear_lookup(&uuid);
         }
-        let Some(mut response) = response else {
-            return Outcome::Parked;
+        let Some(response) = response else {
+            // Parked: a completion (or a vring stop) returns the chain.
+            if let Some(chain) = chains.entries.get_mut(&token) {
+                chain.stage = Stage::Parked;
+            }
+            return Outcome::Settled { returned: false };
         };
-        locked(&self.parked).remove(&token);
-
+        let Some(channel) = channel.filter(|_| posted.1 > posted.0) else {
+            let returned = match chains.entries.remove(&token) {
+                Some(chain) => self.return_chain(&chain, &encode_response(tag, &response)),
+                None => false,
+            };
+            return Outcome::Settled { returned };
+        };
         // What the model asked of the front-end must be done before the
-        // guest hears the answer (a MAP_SHM'd window must be mapped).
-        if let Some(channel) = channel.filter(|_| posted.1 > posted.0) {
-            if !channel.wait(posted.1, self.settings.channel_wait) {
-                log::warn!(
-                    "guest {}: front-end did not answer the back-end channel within {:?}",
-                    self.guest,
-                    self.settings.channel_wait
-                );
-            }
-            for (kind, why) in channel.take_failures(posted.0, posted.1) {
-                response = self.front_end_refused(opcode, map_shm_handle, kind, &why, response);
-            }
+        // guest hears the answer (a MAP_SHM'd window must be mapped). The
+        // table is not held meanwhile: a vring stop returns the chain with
+        // the model's answer without waiting for the front-end (section 1).
+        if let Some(chain) = chains.entries.get_mut(&token) {
+            chain.stage = Stage::Answered(encode_response(tag, &response));
+        }
+        drop(chains);
+        if !channel.wait(posted.1, self.settings.channel_wait) {
+            log::warn!(
+                "guest {}: front-end did not answer the back-end channel within {:?}",
+                self.guest,
+                self.settings.channel_wait
+            );
+        }
+        let mut response = response;
+        for (kind, why) in channel.take_failures(posted.0, posted.1) {
+            response = self.front_end_refused(opcode, map_shm_handle, kind, &why, response);
         }
         respond(tag, &response)
-    }
-
-    fn queue_stopped_since(&self, queue: u16, generation: u64) -> bool {
-        self.stop_generation
-            .get(usize::from(queue))
-            .is_some_and(|g| g.load(Ordering::Acquire) != generation)
     }
 
     /// A back-end channel message of this request failed: the guest hears
@@ -368,25 +469,74 @@ impl DmabufBackend {
         Some(*uuid)
     }
 
+    /// Returns chain `token` with `bytes` as its response (none: `used.len`
+    /// 0), unless a vring stop or a reset took it already. True when this
+    /// call returned it.
+    fn finish(&self, token: u64, bytes: &[u8]) -> bool {
+        let mut chains = self.chains();
+        match chains.entries.remove(&token) {
+            Some(chain) => self.return_chain(&chain, bytes),
+            None => false,
+        }
+    }
+
+    /// Writes `bytes` to a chain just removed from the table and puts it on
+    /// the used ring. Called with the table locked.
+    fn return_chain(&self, chain: &InFlight, bytes: &[u8]) -> bool {
+        let vring = locked(&self.vrings).get(usize::from(chain.queue)).cloned();
+        let Some(vring) = vring else {
+            log::warn!(
+                "guest {}: queue {}: no ring to return chain {} to",
+                self.guest,
+                chain.queue,
+                chain.head
+            );
+            return false;
+        };
+        let len = match self.memory() {
+            Some(memory) => write_response(&memory.memory(), &chain.writable, bytes),
+            None => 0,
+        };
+        match vring.add_used(chain.head, len) {
+            Ok(()) => true,
+            Err(e) => {
+                log::warn!(
+                    "guest {}: queue {}: add_used({}): {e}",
+                    self.guest,
+                    chain.queue,
+                    chain.head
+                );
+                false
+            }
+        }
+    }
+
+    /// Signals each of `queues` once, if the driver wants it. Called with
+    /// the table locked.
+    fn signal_queues(&self, queues: &BTreeSet<u16>) {
+        if queues.is_empty() {
+            return;
+        }
+        let vrings = locked(&self.vrings).clone();
+        for q in queues {
+            if let Some(vring) = vrings.get(usize::from(*q)) {
+                self.signal(vring);
+            }
+        }
+    }
+
     /// Writes the completions of this guest's parked requests to their
     /// chains and returns them, then signals each queue once.
     pub(super) fn deliver_completions(&self) {
-        let _order = locked(&self.delivery);
-        let completions = {
-            let mut ex = self.state.lock();
-            ex.take_completions_for(self.guest)
-        };
-        if completions.is_empty() {
-            return;
-        }
-        let Some(memory) = self.memory() else {
-            return;
-        };
-        let mem = memory.memory();
-        let vrings = locked(&self.vrings).clone();
+        let mut chains = self.chains();
+        self.deliver_completions_locked(&mut chains);
+    }
+
+    fn deliver_completions_locked(&self, chains: &mut Chains) {
+        let completions = self.state.lock().take_completions_for(self.guest);
         let mut touched = BTreeSet::new();
         for c in completions {
-            let Some(chain) = locked(&self.parked).remove(&c.origin.token) else {
+            let Some(chain) = chains.entries.remove(&c.origin.token) else {
                 log::debug!(
                     "guest {}: completion of {} for a chain no longer held",
                     self.guest,
@@ -394,25 +544,68 @@ impl DmabufBackend {
                 );
                 continue;
             };
-            let Some(vring) = vrings.get(usize::from(chain.queue)) else {
+            if self.return_chain(&chain, &encode_response(c.tag, &c.response)) {
+                touched.insert(chain.queue);
+            }
+        }
+        self.signal_queues(&touched);
+    }
+
+    /// A vring stop (`GET_VRING_BASE`, section 6): every chain of `queue`
+    /// that left the avail ring is back on the used ring when this returns.
+    /// Parked requests and requests not yet given to the model end with
+    /// `ECANCELED`; a request the model answered while the worker waits
+    /// for the front-end gets that answer. The guest's state stays.
+    pub(super) fn stop_ring(&self, queue: u16) {
+        let mut chains = self.chains();
+        {
+            let mut ex = self.state.lock();
+            ex.cancel_queue(self.guest, queue, Instant::now());
+            self.state.changed(&ex);
+        }
+        self.deliver_completions_locked(&mut chains);
+        let left: Vec<u64> = chains
+            .entries
+            .iter()
+            .filter(|(_, c)| c.queue == queue)
+            .map(|(token, _)| *token)
+            .collect();
+        let mut touched = BTreeSet::new();
+        for token in left {
+            let Some(chain) = chains.entries.remove(&token) else {
                 continue;
             };
-            let bytes = encode_response(c.tag, &c.response);
-            let len = write_segments(&mem, &chain.writable, &bytes);
-            if let Err(e) = vring.add_used(chain.head, len) {
-                log::warn!(
-                    "guest {}: queue {}: add_used({}): {e}",
-                    self.guest,
-                    chain.queue,
-                    chain.head
-                );
+            let bytes = match &chain.stage {
+                Stage::Answered(bytes) => bytes.clone(),
+                Stage::Taken | Stage::Parked => encode_response(chain.tag, &Err(Status::Canceled)),
+            };
+            if self.return_chain(&chain, &bytes) {
+                touched.insert(queue);
             }
-            touched.insert(chain.queue);
         }
-        for q in touched {
-            if let Some(vring) = vrings.get(usize::from(q)) {
-                self.signal(vring);
-            }
+        self.signal_queues(&touched);
+    }
+
+    /// A device reset (`RESET_DEVICE`, section 6): everything the guest held
+    /// is released and the chains in flight are forgotten, never written:
+    /// the rings are the driver's again, and the ones it sets up next get
+    /// nothing that belongs to an old request.
+    pub(super) fn reset_rings(&self, caps: crate::exporter::GuestCaps) {
+        let mut chains = self.chains();
+        {
+            let mut ex = self.state.lock();
+            ex.disconnect(self.guest, Instant::now());
+            ex.take_completions_for(self.guest);
+            ex.connect(self.guest, caps, self.frontend());
+            self.state.changed(&ex);
+        }
+        let dropped = chains.len();
+        chains.clear();
+        if dropped > 0 {
+            log::debug!(
+                "guest {}: {dropped} chains dropped by the reset",
+                self.guest
+            );
         }
     }
 }
@@ -489,5 +682,16 @@ mod tests {
         assert_eq!(&b, b"456789");
         let outside = [(GuestAddress(0x1000), 2), (GuestAddress(0x9000), 8)];
         assert_eq!(write_segments(&mem, &outside, b"abcdef"), 2);
+    }
+
+    #[test]
+    fn a_response_needs_room_for_its_header_or_nothing_is_written() {
+        let mem = GuestRam::from_ranges(&[(GuestAddress(0x1000), 0x1000)]).expect("mem");
+        let response = encode_response(7, &Err(Status::Canceled));
+        let short = [(GuestAddress(0x1000), 8), (GuestAddress(0x1100), 7)];
+        assert_eq!(write_response(&mem, &short, &response), 0);
+        let enough = [(GuestAddress(0x1000), 8), (GuestAddress(0x1100), 8)];
+        assert_eq!(write_response(&mem, &enough, &response), 16);
+        assert_eq!(write_response(&mem, &enough, &[]), 0, "no response");
     }
 }

@@ -54,6 +54,47 @@ pub fn poll_until<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
     }
 }
 
+/// Ends the test process if it is still armed after `limit`: a regression
+/// that deadlocks the daemon (a worker that never returns makes dropping
+/// it wait forever) fails the run instead of hanging it.
+pub struct Watchdog {
+    done: Arc<(Mutex<bool>, Condvar)>,
+}
+
+impl Watchdog {
+    pub fn arm(what: &'static str, limit: Duration) -> Watchdog {
+        let done = Arc::new((Mutex::new(false), Condvar::new()));
+        let d = Arc::clone(&done);
+        std::thread::spawn(move || {
+            let (lock, cv) = &*d;
+            let guard = lock.lock().expect("watchdog");
+            let (guard, _) = cv
+                .wait_timeout_while(guard, limit, |done| !*done)
+                .expect("watchdog");
+            if !*guard {
+                // Not `eprintln!`: the test harness captures that.
+                use std::io::Write;
+                let _ = writeln!(
+                    std::io::stderr(),
+                    "watchdog: {what} still running after {limit:?}; exiting"
+                );
+                std::process::exit(101);
+            }
+        });
+        Watchdog { done }
+    }
+}
+
+impl Drop for Watchdog {
+    fn drop(&mut self) {
+        let (lock, cv) = &*self.done;
+        *lock
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = true;
+        cv.notify_all();
+    }
+}
+
 /// Open fds of this process.
 pub fn open_fds() -> usize {
     std::fs::read_dir("/proc/self/fd").expect("proc").count()
@@ -414,6 +455,26 @@ impl Queue {
         u16::from_le(ram.mem.read_obj(GuestAddress(at)).expect("avail_event"))
     }
 
+    /// The used ring's index as the device last wrote it.
+    pub fn used_idx(&self, ram: &Ram) -> u16 {
+        fence(Ordering::SeqCst);
+        u16::from_le(
+            ram.mem
+                .read_obj(GuestAddress(self.used + 2))
+                .expect("used idx"),
+        )
+    }
+
+    /// Sets `used_event` (EVENT_IDX): the driver wants a call once the used
+    /// index passes `idx`.
+    pub fn set_used_event(&self, ram: &Ram, idx: u16) {
+        let used_event = self.avail + 4 + 2 * u64::from(self.size);
+        ram.mem
+            .write_obj(idx.to_le(), GuestAddress(used_event))
+            .expect("used_event");
+        fence(Ordering::SeqCst);
+    }
+
     /// Waits until the device took every chain made available (EVENT_IDX).
     pub fn wait_taken(&self, ram: &Ram) {
         poll_until(&format!("queue {} to be drained", self.index), || {
@@ -433,6 +494,7 @@ impl Queue {
 pub struct Sent {
     pub queue: usize,
     pub head: u16,
+    pub tag: u64,
     pub opcode: Opcode,
     pub reply_gpa: u64,
     pub reply_len: u32,
@@ -578,6 +640,14 @@ impl Vm {
 
     /// Sends `request` on `queue` with `reply_len` writable bytes.
     pub fn send_sized(&mut self, queue: usize, request: &Request, reply_len: u32) -> Sent {
+        let sent = self.post(queue, request, reply_len);
+        self.queues[queue].notify();
+        sent
+    }
+
+    /// Makes `request` available on `queue` without a kick (several chains
+    /// then go in one batch).
+    pub fn post(&mut self, queue: usize, request: &Request, reply_len: u32) -> Sent {
         let tag = self.tag();
         let bytes = encode_request(tag, request);
         let req_gpa = self.ram.alloc(bytes.len() as u64, false);
@@ -598,10 +668,10 @@ impl Vm {
                 },
             ],
         );
-        self.queues[queue].notify();
         Sent {
             queue,
             head,
+            tag,
             opcode: request.opcode(),
             reply_gpa,
             reply_len,
@@ -625,6 +695,14 @@ impl Vm {
     pub fn wait(&mut self, sent: Sent) -> Response {
         let len = self.queues[sent.queue].wait_used(&self.ram, sent.head);
         self.decode(sent, len)
+    }
+
+    /// The tag and the response, once the chain is back.
+    pub fn wait_tagged(&mut self, sent: Sent) -> (u64, Response) {
+        let len = self.queues[sent.queue].wait_used(&self.ram, sent.head);
+        assert!(len as usize >= RESP_HDR_SIZE, "used.len {len}");
+        let bytes = self.ram.read(sent.reply_gpa, len as usize);
+        decode_response(sent.opcode, &bytes).expect("decodable response")
     }
 
     /// The response, if the chain is back already.
@@ -770,6 +848,8 @@ pub enum LookupAnswer {
 #[derive(Debug, Default)]
 pub struct ChannelState {
     pub messages: Vec<ChannelMsg>,
+    /// (request, header flags) of every message, in order.
+    pub headers: Vec<(u32, u32)>,
     pub lookups: HashMap<[u8; 16], LookupAnswer>,
     /// Requests (by number) to answer with a failure.
     pub refuse: Vec<u32>,
@@ -915,6 +995,7 @@ fn serve_channel(sock: UnixStream, state: Arc<(Mutex<ChannelState>, Condvar)>, r
         let mut st = lock.lock().expect("state");
         let refuse = st.refuse.contains(&request);
         st.messages.push(msg);
+        st.headers.push((request, flags));
         cv.notify_all();
         if request == 8 {
             let key = uuid();
