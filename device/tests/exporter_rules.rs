@@ -201,13 +201,7 @@ fn reset_session_releases_everything_the_guest_held() {
     d.lock(0, ctx, o);
     d.map(0, a, Bidi, ctx);
     d.fence(0, ctx, o, FenceUsage::Write);
-    d.ok(
-        0,
-        Request::MapShm {
-            object: o,
-            writable: true,
-        },
-    );
+    d.ok(0, Dev::map_shm_req(o, true));
     d.ok(0, Request::ResetSession);
     assert_eq!(d.object_count(), 0, "no object left");
     assert_eq!(
@@ -487,14 +481,8 @@ fn release_last_reference_is_ebusy_while_locked_shm_mapped_or_fenced() {
         Status::Busy,
         "unsignalled fence"
     );
-    d.ok(0, Request::FenceSignal { fence: f, error: 0 });
-    d.ok(
-        0,
-        Request::MapShm {
-            object: o,
-            writable: false,
-        },
-    );
+    d.ok(0, Dev::signal_req(f, 0));
+    d.ok(0, Dev::map_shm_req(o, false));
     assert_eq!(
         d.err(0, Request::Release { object: o }),
         Status::Busy,
@@ -531,16 +519,7 @@ fn release_of_revoked_handle_succeeds_and_frees_it() {
     let a = d.attach(0, h, false);
     let now = d.now;
     d.ex.host_revoke("gone", now).unwrap();
-    assert_eq!(
-        d.err(
-            0,
-            Request::MapShm {
-                object: h,
-                writable: false
-            }
-        ),
-        Status::NoEnt
-    );
+    assert_eq!(d.err(0, Dev::map_shm_req(h, false)), Status::NoEnt);
     d.ok(0, Request::Release { object: h });
     assert_eq!(d.err(0, Request::Detach { attachment: a }), Status::NoEnt);
     assert_eq!(d.object_count(), 0);
@@ -722,13 +701,7 @@ fn map_cached_bidirectional_serves_every_direction_with_sync_for_device() {
         let m = d.map(0, a, dir, 0);
         assert_eq!(m.map_flags & map_flags::CACHED, map_flags::CACHED);
         assert_eq!(d.syncs_since(mark), vec![flags], "{dir:?}");
-        d.ok(
-            0,
-            Request::Unmap {
-                mapping: m.mapping,
-                ctx: 0,
-            },
-        );
+        d.unmap(0, m.mapping);
     }
 }
 
@@ -739,13 +712,7 @@ fn unmap_of_cached_mapping_syncs_for_cpu_and_keeps_the_cache() {
     let a = d.attach(0, o, false);
     let m = d.map(0, a, FromDevice, 0);
     let mark = d.sync_mark();
-    d.ok(
-        0,
-        Request::Unmap {
-            mapping: m.mapping,
-            ctx: 0,
-        },
-    );
+    d.unmap(0, m.mapping);
     assert_eq!(d.syncs_since(mark), vec![START_READ]);
     assert_eq!(d.ex.list()[0].attachments[0].cached_dir, Some(0));
 }
@@ -761,13 +728,7 @@ fn cache_mapping_caches_the_first_mapping_with_its_direction() {
         Some(ToDevice as u32)
     );
     assert_eq!(m.map_flags & map_flags::CACHED, map_flags::CACHED);
-    d.ok(
-        0,
-        Request::Unmap {
-            mapping: m.mapping,
-            ctx: 0,
-        },
-    );
+    d.unmap(0, m.mapping);
     d.map(0, a, ToDevice, 0);
 }
 
@@ -794,13 +755,7 @@ fn fresh_map_and_unmap_sync_like_the_dma_api() {
     let mark = d.sync_mark();
     let m = d.map(0, a, FromDevice, 0);
     assert_eq!(m.map_flags & map_flags::CACHED, 0);
-    d.ok(
-        0,
-        Request::Unmap {
-            mapping: m.mapping,
-            ctx: 0,
-        },
-    );
+    d.unmap(0, m.mapping);
     assert_eq!(d.syncs_since(mark), vec![END_READ, START_READ]);
 }
 
@@ -852,7 +807,7 @@ fn map_by_static_importer_waits_for_kernel_fences() {
     d.fence(0, ctx, o, FenceUsage::Write);
     d.unlock(0, ctx, o);
     let t = d.park(0, Dev::map_req(a, ToDevice, 0));
-    d.ok(0, Request::FenceSignal { fence: k, error: 0 });
+    d.ok(0, Dev::signal_req(k, 0));
     assert!(
         matches!(d.completed(t), Some(Ok(Reply::Map(_)))),
         "WRITE fences do not block it"
@@ -889,13 +844,7 @@ fn map_reports_object_shm_and_guest_phys_spaces() {
         AddressSpace::Object,
         "MAP never calls MAP_SHM"
     );
-    let Reply::Shm { shm_offset, .. } = d.ok(
-        0,
-        Request::MapShm {
-            object: o,
-            writable: false,
-        },
-    ) else {
+    let Reply::Shm { shm_offset, .. } = d.ok(0, Dev::map_shm_req(o, false)) else {
         panic!()
     };
     let m = d.map(0, p2p, Bidi, 0);
@@ -931,13 +880,7 @@ fn detach_is_ebusy_while_a_mapping_is_outstanding() {
     let a = d.attach(0, o, false);
     let m = d.map(0, a, Bidi, 0);
     assert_eq!(d.err(0, Request::Detach { attachment: a }), Status::Busy);
-    d.ok(
-        0,
-        Request::Unmap {
-            mapping: m.mapping,
-            ctx: 0,
-        },
-    );
+    d.unmap(0, m.mapping);
     d.ok(0, Request::Detach { attachment: a });
 }
 
@@ -1352,9 +1295,9 @@ fn begin_cpu_access_for_reading_waits_only_for_writers() {
             dir: ToDevice,
         },
     );
-    d.ok(0, Request::FenceSignal { fence: w, error: 0 });
+    d.ok(0, Dev::signal_req(w, 0));
     assert_eq!(d.completed(t), Some(Ok(Reply::Empty)));
-    d.ok(0, Request::FenceSignal { fence: r, error: 0 });
+    d.ok(0, Dev::signal_req(r, 0));
     assert_eq!(
         d.completed(t_write),
         Some(Ok(Reply::Empty)),
@@ -1366,20 +1309,8 @@ fn begin_cpu_access_for_reading_waits_only_for_writers() {
 fn map_shm_places_the_object_once_and_counts_uses() {
     let mut d = Dev::new();
     let o = d.create(0, 2, false, false);
-    let r1 = d.ok(
-        0,
-        Request::MapShm {
-            object: o,
-            writable: true,
-        },
-    );
-    let r2 = d.ok(
-        0,
-        Request::MapShm {
-            object: o,
-            writable: true,
-        },
-    );
+    let r1 = d.ok(0, Dev::map_shm_req(o, true));
+    let r2 = d.ok(0, Dev::map_shm_req(o, true));
     assert_eq!(r1, r2);
     assert_eq!(d.fe[0].lock().unwrap().shm_maps, vec![(0, 2 * PAGE, true)]);
     d.ok(0, Request::UnmapShm { object: o });
@@ -1392,23 +1323,8 @@ fn map_shm_places_the_object_once_and_counts_uses() {
 fn map_shm_with_other_writability_is_ebusy() {
     let mut d = Dev::new();
     let o = d.create(0, 1, false, false);
-    d.ok(
-        0,
-        Request::MapShm {
-            object: o,
-            writable: false,
-        },
-    );
-    assert_eq!(
-        d.err(
-            0,
-            Request::MapShm {
-                object: o,
-                writable: true
-            }
-        ),
-        Status::Busy
-    );
+    d.ok(0, Dev::map_shm_req(o, false));
+    assert_eq!(d.err(0, Dev::map_shm_req(o, true)), Status::Busy);
 }
 
 #[test]
@@ -1416,23 +1332,8 @@ fn map_shm_full_window_is_enospc() {
     let mut d = Dev::new();
     let a = d.create(0, 40, false, false);
     let b = d.create(0, 40, false, false);
-    d.ok(
-        0,
-        Request::MapShm {
-            object: a,
-            writable: false,
-        },
-    );
-    assert_eq!(
-        d.err(
-            0,
-            Request::MapShm {
-                object: b,
-                writable: false
-            }
-        ),
-        Status::NoSpc
-    );
+    d.ok(0, Dev::map_shm_req(a, false));
+    assert_eq!(d.err(0, Dev::map_shm_req(b, false)), Status::NoSpc);
 }
 
 #[test]
@@ -1447,28 +1348,10 @@ fn map_shm_without_shmem_or_for_guest_pages_is_eopnotsupp() {
         },
     );
     let o = d.create(0, 1, false, false);
-    assert_eq!(
-        d.err(
-            0,
-            Request::MapShm {
-                object: o,
-                writable: false
-            }
-        ),
-        Status::NotSupported
-    );
+    assert_eq!(d.err(0, Dev::map_shm_req(o, false)), Status::NotSupported);
     let mut d = Dev::new();
     let g = handle(guest_create(&mut d, PAGE, vec![Segment { addr: 0, len: PAGE }]).unwrap());
-    assert_eq!(
-        d.err(
-            0,
-            Request::MapShm {
-                object: g,
-                writable: false
-            }
-        ),
-        Status::NotSupported
-    );
+    assert_eq!(d.err(0, Dev::map_shm_req(g, false)), Status::NotSupported);
 }
 
 #[test]
@@ -1476,16 +1359,7 @@ fn writes_to_a_read_only_export_are_eperm() {
     let mut d = Dev::new();
     export(&mut d, "ro", 1, false, true, None);
     let h = handle(open_name(&mut d, 0, "ro").unwrap());
-    assert_eq!(
-        d.err(
-            0,
-            Request::MapShm {
-                object: h,
-                writable: true
-            }
-        ),
-        Status::Perm
-    );
+    assert_eq!(d.err(0, Dev::map_shm_req(h, true)), Status::Perm);
     assert_eq!(
         d.err(
             0,
@@ -1497,13 +1371,7 @@ fn writes_to_a_read_only_export_are_eperm() {
         ),
         Status::Perm
     );
-    d.ok(
-        0,
-        Request::MapShm {
-            object: h,
-            writable: false,
-        },
-    );
+    d.ok(0, Dev::map_shm_req(h, false));
 }
 
 #[test]
@@ -1511,22 +1379,10 @@ fn unmap_shm_is_ebusy_while_an_shm_mapping_is_outstanding() {
     let mut d = Dev::new();
     let o = d.create(0, 1, false, false);
     let a = d.attach_p2p(0, o, false, true);
-    d.ok(
-        0,
-        Request::MapShm {
-            object: o,
-            writable: false,
-        },
-    );
+    d.ok(0, Dev::map_shm_req(o, false));
     let m = d.map(0, a, Bidi, 0);
     assert_eq!(d.err(0, Request::UnmapShm { object: o }), Status::Busy);
-    d.ok(
-        0,
-        Request::Unmap {
-            mapping: m.mapping,
-            ctx: 0,
-        },
-    );
+    d.unmap(0, m.mapping);
     d.ok(0, Request::UnmapShm { object: o });
 }
 
@@ -1614,7 +1470,7 @@ fn transfer_waits_for_fences_like_cpu_access() {
             len: 4,
         },
     );
-    d.ok(0, Request::FenceSignal { fence: f, error: 0 });
+    d.ok(0, Dev::signal_req(f, 0));
     assert_eq!(d.completed(t), Some(Ok(Reply::Data(vec![0; 4]))));
 }
 
@@ -1646,13 +1502,10 @@ fn fence_signal_only_by_its_creator() {
     let (ctx, _) = d.ctx(0);
     d.lock(0, ctx, h0);
     let f = d.fence(0, ctx, h0, FenceUsage::Write);
+    assert_eq!(d.err(1, Dev::signal_req(f, 0)), Status::NoEnt);
+    d.ok(0, Dev::signal_req(f, 0));
     assert_eq!(
-        d.err(1, Request::FenceSignal { fence: f, error: 0 }),
-        Status::NoEnt
-    );
-    d.ok(0, Request::FenceSignal { fence: f, error: 0 });
-    assert_eq!(
-        d.err(0, Request::FenceSignal { fence: f, error: 0 }),
+        d.err(0, Dev::signal_req(f, 0)),
         Status::NoEnt,
         "signalled once"
     );
@@ -1675,7 +1528,7 @@ fn wait_completes_when_every_fence_up_to_usage_is_signalled() {
             timeout_ns: 5_000_000_000,
         },
     );
-    d.ok(0, Request::FenceSignal { fence: k, error: 5 });
+    d.ok(0, Dev::signal_req(k, 5));
     assert_eq!(
         d.completed(t),
         Some(Ok(Reply::Empty)),
@@ -1693,7 +1546,7 @@ fn wait_completes_when_every_fence_up_to_usage_is_signalled() {
         Status::TimedOut,
         "0 polls"
     );
-    d.ok(0, Request::FenceSignal { fence: b, error: 0 });
+    d.ok(0, Dev::signal_req(b, 0));
     d.ok(
         0,
         Request::Wait {
@@ -1741,10 +1594,7 @@ fn unsignalled_fence_times_out_after_fence_timeout() {
     );
     d.advance(Duration::from_secs(11));
     assert_eq!(d.completed(t), Some(Ok(Reply::Empty)), "the waiter goes on");
-    assert_eq!(
-        d.err(0, Request::FenceSignal { fence: f, error: 0 }),
-        Status::TimedOut
-    );
+    assert_eq!(d.err(0, Dev::signal_req(f, 0)), Status::TimedOut);
 }
 
 #[test]
@@ -1798,13 +1648,7 @@ fn evict_moves_bytes_bumps_generation_and_notifies_dynamic_importers() {
         (EventType::MoveNotify, o, a, 1)
     );
     let mark = d.sync_mark();
-    d.ok(
-        0,
-        Request::Unmap {
-            mapping: m.mapping,
-            ctx: 0,
-        },
-    );
+    d.unmap(0, m.mapping);
     assert!(
         d.syncs_since(mark).is_empty(),
         "an invalidated mapping unmaps with no sync"
@@ -1827,21 +1671,9 @@ fn evict_moves_bytes_bumps_generation_and_notifies_dynamic_importers() {
 fn evict_keeps_the_window_offset() {
     let mut d = Dev::new();
     let pad = d.create(0, 1, false, false);
-    d.ok(
-        0,
-        Request::MapShm {
-            object: pad,
-            writable: false,
-        },
-    );
+    d.ok(0, Dev::map_shm_req(pad, false));
     let o = d.create(0, 1, true, false);
-    let Reply::Shm { shm_offset, .. } = d.ok(
-        0,
-        Request::MapShm {
-            object: o,
-            writable: true,
-        },
-    ) else {
+    let Reply::Shm { shm_offset, .. } = d.ok(0, Dev::map_shm_req(o, true)) else {
         panic!()
     };
     let u = uuid_of(&d, 1);
@@ -1893,7 +1725,7 @@ fn evict_waits_for_every_fence_before_moving() {
         d.ex.list()[0].lock_holder.is_some(),
         "the mover holds the lock while it waits"
     );
-    d.ok(0, Request::FenceSignal { fence: f, error: 0 });
+    d.ok(0, Dev::signal_req(f, 0));
     assert_eq!(d.ex.take_host_completions(), vec![(1, Ok(()))]);
     assert_eq!(d.ex.list()[0].generation, 1);
 }
@@ -1909,13 +1741,7 @@ fn revoke_fails_handles_cancels_waiters_drops_locks_and_sends_revoked() {
     let (c2, _) = d.ctx(0);
     d.lock(0, c1, h);
     let t = d.park(0, Dev::lock_req(c2, h));
-    d.ok(
-        0,
-        Request::MapShm {
-            object: h,
-            writable: false,
-        },
-    );
+    d.ok(0, Dev::map_shm_req(h, false));
     let now = d.now;
     d.ex.host_revoke("cam", now).unwrap();
     assert_eq!(d.completed(t), Some(Err(Status::Canceled)));
@@ -1937,13 +1763,7 @@ fn revoke_fails_handles_cancels_waiters_drops_locks_and_sends_revoked() {
         1,
         "window mapping gone"
     );
-    d.ok(
-        0,
-        Request::Unmap {
-            mapping: m.mapping,
-            ctx: 0,
-        },
-    );
+    d.unmap(0, m.mapping);
     d.ok(0, Request::AcquireFini { ctx: c1 });
     assert_eq!(open_name(&mut d, 1, "cam"), Err(Status::NoEnt));
 }

@@ -252,6 +252,19 @@ impl Dev {
         }
     }
 
+    /// `UNMAP` with the device taking the lock; must succeed.
+    pub fn unmap(&mut self, guest: usize, mapping: u64) {
+        self.ok(guest, Request::Unmap { mapping, ctx: 0 });
+    }
+
+    pub fn map_shm_req(object: u64, writable: bool) -> Request {
+        Request::MapShm { object, writable }
+    }
+
+    pub fn signal_req(fence: u64, error: u32) -> Request {
+        Request::FenceSignal { fence, error }
+    }
+
     pub fn pin_req(attachment: u64, ctx: u64, pin: bool) -> Request {
         if pin {
             Request::Pin { attachment, ctx }
