@@ -160,6 +160,14 @@ impl Plane {
         }
     }
 
+    /// Guest 1 opens `cam0` and attaches to it as a dynamic importer;
+    /// returns (handle, attachment).
+    fn open_dynamic(&self) -> (u64, u64) {
+        let h = self.open_ok(1, "cam0");
+        let a = self.attach_dynamic(1, h);
+        (h, a)
+    }
+
     /// A new acquire context of `guest` that holds the lock of `object`.
     fn lock(&self, guest: usize, object: u64) -> u64 {
         let Reply::Acquire { ctx, .. } = self.ok(guest, GuestRequest::AcquireInit) else {
@@ -223,6 +231,24 @@ impl HostBuffer {
     }
 }
 
+/// A plane exporting a host buffer of `pages` pages as `cam0` with `ctl
+/// export` arguments `args`; returns the plane, the buffer and the UUID.
+fn plane_exporting(pages: u64, args: &[&str]) -> (Plane, HostBuffer, String) {
+    let p = Plane::new();
+    let buf = HostBuffer::new(pages);
+    let uuid = p.export("cam0", &buf.path(), args);
+    (p, buf, uuid)
+}
+
+/// Polls `done` every 5 ms until it holds, failing with `what` after 10 s.
+fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !done() {
+        assert!(start.elapsed() < Duration::from_secs(10), "{what}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
 fn refused(result: Result<String, CtlError>) -> String {
     match result {
         Err(CtlError::Refused(message)) => message,
@@ -234,9 +260,7 @@ fn refused(result: Result<String, CtlError>) -> String {
 
 #[test]
 fn export_with_guests_1_is_listed_with_the_section_11_fields() {
-    let p = Plane::new();
-    let buf = HostBuffer::new(4);
-    let uuid = p.export("cam0", &buf.path(), &["--guests", "1"]);
+    let (p, _buf, uuid) = plane_exporting(4, &["--guests", "1"]);
     let o = p.object(&uuid);
     for key in [
         "uuid",
@@ -268,9 +292,7 @@ fn export_with_guests_1_is_listed_with_the_section_11_fields() {
 
 #[test]
 fn guest_1_opens_the_export_by_name_and_guest_0_gets_enoent() {
-    let p = Plane::new();
-    let buf = HostBuffer::new(1);
-    let uuid = p.export("cam0", &buf.path(), &["--guests", "1"]);
+    let (p, _buf, uuid) = plane_exporting(1, &["--guests", "1"]);
     let h = p.open_ok(1, "cam0");
     assert_ne!(h, 0);
     assert_eq!(p.open(0, "cam0"), Err(Status::NoEnt));
@@ -280,9 +302,7 @@ fn guest_1_opens_the_export_by_name_and_guest_0_gets_enoent() {
 
 #[test]
 fn stats_json_counts_guest_requests_by_opcode_and_status() {
-    let p = Plane::new();
-    let buf = HostBuffer::new(1);
-    p.export("cam0", &buf.path(), &["--guests", "1"]);
+    let (p, _buf, _) = plane_exporting(1, &["--guests", "1"]);
     p.open_ok(1, "cam0");
     assert_eq!(p.open(0, "cam0"), Err(Status::NoEnt));
     let stats = p.json(&["stats"]);
@@ -298,11 +318,8 @@ fn stats_json_counts_guest_requests_by_opcode_and_status() {
 
 #[test]
 fn list_and_stats_print_tables_without_json() {
-    let p = Plane::new();
-    let buf = HostBuffer::new(2);
-    let uuid = p.export("cam0", &buf.path(), &["--dynamic"]);
-    let h = p.open_ok(1, "cam0");
-    p.attach_dynamic(1, h);
+    let (p, _buf, uuid) = plane_exporting(2, &["--dynamic"]);
+    p.open_dynamic();
     let list = p.ctl(&["list"]).unwrap();
     let line = list
         .lines()
@@ -386,9 +403,7 @@ fn the_exported_fd_is_held_until_revoke_and_release() {
 
 #[test]
 fn revoke_makes_the_guest_handle_fail_and_sends_revoked() {
-    let p = Plane::new();
-    let buf = HostBuffer::new(1);
-    let uuid = p.export("cam0", &buf.path(), &["--guests", "1"]);
+    let (p, _buf, uuid) = plane_exporting(1, &["--guests", "1"]);
     let h = p.open_ok(1, "cam0");
     let out = p.json(&["revoke", "cam0"]);
     assert_eq!(out["ok"], true, "{out}");
@@ -411,11 +426,8 @@ fn revoke_makes_the_guest_handle_fail_and_sends_revoked() {
 
 #[test]
 fn evict_notifies_the_dynamic_importer_and_bumps_the_generation() {
-    let p = Plane::new();
-    let buf = HostBuffer::new(1);
-    let uuid = p.export("cam0", &buf.path(), &["--dynamic", "--guests", "1"]);
-    let h = p.open_ok(1, "cam0");
-    let a = p.attach_dynamic(1, h);
+    let (p, _buf, uuid) = plane_exporting(1, &["--dynamic", "--guests", "1"]);
+    let (h, a) = p.open_dynamic();
     let out = p.json(&["evict", &uuid]);
     assert_eq!(out["ok"], true, "{out}");
     let event = p.state.lock().pop_event(1).expect("MOVE_NOTIFY");
@@ -428,11 +440,8 @@ fn evict_notifies_the_dynamic_importer_and_bumps_the_generation() {
 
 #[test]
 fn evict_while_pinned_is_refused_at_once() {
-    let p = Plane::new();
-    let buf = HostBuffer::new(1);
-    let uuid = p.export("cam0", &buf.path(), &["--dynamic"]);
-    let h = p.open_ok(1, "cam0");
-    let a = p.attach_dynamic(1, h);
+    let (p, _buf, uuid) = plane_exporting(1, &["--dynamic"]);
+    let (h, a) = p.open_dynamic();
     let ctx = p.lock(1, h);
     p.ok(1, GuestRequest::Pin { attachment: a, ctx });
     p.ok(1, GuestRequest::Unlock { ctx, object: h });
@@ -443,9 +452,7 @@ fn evict_while_pinned_is_refused_at_once() {
 
 #[test]
 fn evict_of_a_static_exporter_or_unknown_uuid_is_refused() {
-    let p = Plane::new();
-    let buf = HostBuffer::new(1);
-    let uuid = p.export("cam0", &buf.path(), &[]);
+    let (p, _buf, uuid) = plane_exporting(1, &[]);
     let message = refused(p.ctl(&["evict", &uuid]));
     assert!(message.contains("static exporter"), "{message}");
     let unknown = uuid::Uuid::new_v4().to_string();
@@ -455,11 +462,8 @@ fn evict_of_a_static_exporter_or_unknown_uuid_is_refused() {
 
 #[test]
 fn evict_while_a_guest_context_holds_the_lock_fails_after_its_timeout() {
-    let p = Plane::new();
-    let buf = HostBuffer::new(1);
-    let uuid = p.export("cam0", &buf.path(), &["--dynamic"]);
-    let h = p.open_ok(1, "cam0");
-    p.attach_dynamic(1, h);
+    let (p, _buf, uuid) = plane_exporting(1, &["--dynamic"]);
+    let (h, _) = p.open_dynamic();
     let ctx = p.lock(1, h);
     let message = refused(p.ctl(&["evict", &uuid, "--timeout-ms", "100"]));
     assert!(message.contains("not free within 100 ms"), "{message}");
@@ -470,11 +474,8 @@ fn evict_while_a_guest_context_holds_the_lock_fails_after_its_timeout() {
 
 #[test]
 fn a_waiting_evict_does_not_stop_other_clients_and_ends_when_the_lock_is_free() {
-    let p = Plane::new();
-    let buf = HostBuffer::new(1);
-    let uuid = p.export("cam0", &buf.path(), &["--dynamic"]);
-    let h = p.open_ok(1, "cam0");
-    let a = p.attach_dynamic(1, h);
+    let (p, _buf, uuid) = plane_exporting(1, &["--dynamic"]);
+    let (h, a) = p.open_dynamic();
     let ctx = p.lock(1, h);
     let path = p.path.clone();
     let target: uuid::Uuid = uuid.parse().unwrap();
@@ -486,14 +487,9 @@ fn a_waiting_evict_does_not_stop_other_clients_and_ends_when_the_lock_is_free() 
         request(&path, &req, None)
     });
     // The eviction is parked once it has a deadline.
-    let start = Instant::now();
-    while p.state.lock().next_deadline().is_none() {
-        assert!(
-            start.elapsed() < Duration::from_secs(10),
-            "evict never parked"
-        );
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    wait_until("evict never parked", || {
+        p.state.lock().next_deadline().is_some()
+    });
     // The loop still serves others while it waits.
     let o = p.object(&uuid);
     assert_eq!(o["lock_holder"]["guest"], 1, "{o}");
@@ -692,15 +688,9 @@ fn pipelined_exports_each_take_the_fd_sent_with_their_line() {
 
 #[test]
 fn a_request_from_a_client_that_hangs_up_at_once_is_still_carried_out() {
-    let p = Plane::new();
-    let buf = HostBuffer::new(1);
-    p.export("cam0", &buf.path(), &[]);
+    let (p, _buf, _) = plane_exporting(1, &[]);
     let mut c = Raw::connect(&p.path);
     c.send(b"{\"cmd\":\"revoke\",\"name\":\"cam0\"}\n");
     drop(c);
-    let start = Instant::now();
-    while !p.objects().is_empty() {
-        assert!(start.elapsed() < Duration::from_secs(10), "never revoked");
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    wait_until("never revoked", || p.objects().is_empty());
 }

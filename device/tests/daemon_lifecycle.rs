@@ -15,20 +15,10 @@ use virtio_dmabuf_protocol::*;
 
 const PAGE: u64 = 4096;
 
-fn two_request_queues() -> Options {
-    Options {
-        queues: 3,
-        ..Options::default()
-    }
-}
-
 #[test]
 fn vring_stop_returns_parked_chains_with_ecanceled_and_keeps_state() {
-    let d = TestDaemon::start(|c| c.request_queues = 2);
-    let mut vm = Vm::connect_with(&d.socket(0), two_request_queues());
-    let obj = vm.create(PAGE).object;
-    let (a, b) = (vm.acquire(), vm.acquire());
-    assert_eq!(vm.call(0, &Vm::lock_request(a, obj)), Ok(Reply::Empty));
+    let (d, mut vm) = two_queue_daemon();
+    let (obj, a, b) = vm.lock_held();
     let parked = vm.send(2, &Vm::lock_request(b, obj));
     // The device took the chain (its avail_event moved past it).
     vm.queues[2].wait_taken(&vm.ram);
@@ -40,31 +30,11 @@ fn vring_stop_returns_parked_chains_with_ecanceled_and_keeps_state() {
     assert_eq!(vm.try_wait(parked), Some(Err(Status::Canceled)));
 
     // The guest's state stays: a still holds the lock.
-    assert_eq!(
-        vm.call(
-            0,
-            &Request::Lock {
-                ctx: b,
-                object: obj,
-                try_lock: true,
-                slow: false
-            }
-        ),
-        Err(Status::Busy)
-    );
+    assert_eq!(vm.try_lock(b, obj), Err(Status::Busy));
     // The ring restarts and serves again.
     vm.restart_ring(2);
     let parked = vm.send(2, &Vm::lock_request(b, obj));
-    assert_eq!(
-        vm.call(
-            0,
-            &Request::Unlock {
-                ctx: a,
-                object: obj
-            }
-        ),
-        Ok(Reply::Empty)
-    );
+    assert_eq!(vm.unlock(a, obj), Ok(Reply::Empty));
     assert_eq!(vm.wait(parked), Ok(Reply::Empty));
     d.stop();
 }
@@ -74,39 +44,27 @@ fn vring_stop_returns_parked_chains_with_ecanceled_and_keeps_state() {
 /// moment at which a stop or a reset meets a chain that left the avail ring
 /// and is not back.
 fn hold_lookups_of(vm: &Vm, uuid: [u8; 16]) {
-    let peer = vm.channel.as_ref().expect("channel");
-    peer.with(|st| {
+    vm.peer().with(|st| {
         st.hold_lookups = true;
         st.lookups.insert(uuid, LookupAnswer::Refuse);
     });
 }
 
 fn wait_for_lookup(vm: &Vm, uuid: [u8; 16]) {
-    let peer = vm.channel.as_ref().expect("channel");
-    peer.wait_for("the LOOKUP", |msgs| {
-        msgs.iter()
-            .any(|m| matches!(m, ChannelMsg::Lookup(u) if *u == uuid))
-            .then_some(())
-    });
+    vm.peer().wait_for_msg(
+        "the LOOKUP",
+        |m| matches!(m, ChannelMsg::Lookup(u) if *u == uuid),
+    );
 }
 
 fn release_lookups(vm: &Vm) {
-    let peer = vm.channel.as_ref().expect("channel");
-    peer.with(|st| st.hold_lookups = false);
-}
-
-fn open_by_uuid(uuid: [u8; 16]) -> Request {
-    Request::Open {
-        uuid: Some(uuid),
-        name: Vec::new(),
-    }
+    vm.peer().with(|st| st.hold_lookups = false);
 }
 
 #[test]
 fn vring_stop_returns_a_chain_the_worker_holds_before_its_answer_and_nothing_after() {
     let _watchdog = Watchdog::arm("the vring stop test", Duration::from_secs(60));
-    let d = TestDaemon::start(|c| c.request_queues = 2);
-    let mut vm = Vm::connect_with(&d.socket(0), two_request_queues());
+    let (d, mut vm) = two_queue_daemon();
     let uuid = [7; 16];
     hold_lookups_of(&vm, uuid);
     let open = vm.send(0, &open_by_uuid(uuid));
@@ -150,11 +108,8 @@ fn vring_stop_returns_a_chain_the_worker_holds_before_its_answer_and_nothing_aft
 #[test]
 fn reset_device_writes_nothing_of_the_old_rings_into_the_new_ones() {
     let _watchdog = Watchdog::arm("the device reset test", Duration::from_secs(60));
-    let d = TestDaemon::start(|c| c.request_queues = 2);
-    let mut vm = Vm::connect_with(&d.socket(0), two_request_queues());
-    let obj = vm.create(PAGE).object;
-    let (a, b) = (vm.acquire(), vm.acquire());
-    assert_eq!(vm.call(0, &Vm::lock_request(a, obj)), Ok(Reply::Empty));
+    let (d, mut vm) = two_queue_daemon();
+    let (obj, _a, b) = vm.lock_held();
     let uuid = [9; 16];
     hold_lookups_of(&vm, uuid);
     // One batch: an OPEN the worker asks the front-end about, then a LOCK
@@ -199,13 +154,7 @@ fn reset_device_releases_everything_and_the_device_serves_again() {
     let ctx = vm.acquire();
     assert_eq!(vm.call(0, &Vm::lock_request(ctx, obj)), Ok(Reply::Empty));
     assert_eq!(
-        vm.call(
-            0,
-            &Request::MapShm {
-                object: obj,
-                writable: false
-            }
-        ),
+        vm.map_shm(obj, false),
         Ok(Reply::Shm {
             shm_offset: 0,
             len: PAGE
@@ -215,11 +164,8 @@ fn reset_device_releases_everything_and_the_device_serves_again() {
 
     vm.fe.reset_device().expect("RESET_DEVICE");
     assert_eq!(d.objects(), 0, "released before the answer");
-    let peer = vm.channel.as_ref().expect("channel");
-    peer.wait_for("the window to be emptied", |msgs| {
-        msgs.iter()
-            .any(|m| matches!(m, ChannelMsg::ShmemUnmap { shm_offset: 0, .. }))
-            .then_some(())
+    vm.peer().wait_for_msg("the window to be emptied", |m| {
+        matches!(m, ChannelMsg::ShmemUnmap { shm_offset: 0, .. })
     });
 
     // The driver starts again: features, then the rings.
@@ -228,21 +174,15 @@ fn reset_device_releases_everything_and_the_device_serves_again() {
     for q in 0..vm.queues.len() {
         vm.fe.set_vring_enable(q, true).expect("SET_VRING_ENABLE");
     }
-    assert_eq!(
-        vm.call(0, &Request::Release { object: obj }),
-        Err(Status::NoEnt)
-    );
+    assert_eq!(vm.release(obj), Err(Status::NoEnt));
     assert_eq!(vm.create(PAGE).size, PAGE);
     d.stop();
 }
 
 #[test]
 fn reset_session_cancels_waiting_requests_and_releases_everything() {
-    let d = TestDaemon::start(|c| c.request_queues = 2);
-    let mut vm = Vm::connect_with(&d.socket(0), two_request_queues());
-    let obj = vm.create(PAGE).object;
-    let (a, b) = (vm.acquire(), vm.acquire());
-    assert_eq!(vm.call(0, &Vm::lock_request(a, obj)), Ok(Reply::Empty));
+    let (d, mut vm) = two_queue_daemon();
+    let (obj, _, b) = vm.lock_held();
     let parked = vm.send(2, &Vm::lock_request(b, obj));
     assert_eq!(vm.call(0, &Request::ResetSession), Ok(Reply::Empty));
     assert_eq!(vm.wait(parked), Err(Status::Canceled));
@@ -292,13 +232,7 @@ fn guests_are_isolated_and_wake_each_other() {
     // A guest's own objects are invisible to the other.
     let private = g0.create(PAGE);
     assert_eq!(
-        g1.call(
-            0,
-            &Request::Open {
-                uuid: Some(private.uuid),
-                name: Vec::new()
-            }
-        ),
+        g1.call(0, &open_by_uuid(private.uuid)),
         Err(Status::NoEnt),
         "not known here for guest 1; its front-end does not know it either"
     );
@@ -313,16 +247,7 @@ fn guests_are_isolated_and_wake_each_other() {
     let parked = g1.send(0, &Vm::lock_request(c1, h1.object));
     g1.queues[0].wait_taken(&g1.ram);
     assert!(g1.try_wait(parked).is_none());
-    assert_eq!(
-        g0.call(
-            0,
-            &Request::Unlock {
-                ctx: c0,
-                object: h0.object
-            }
-        ),
-        Ok(Reply::Empty)
-    );
+    assert_eq!(g0.unlock(c0, h0.object), Ok(Reply::Empty));
     assert_eq!(g1.wait(parked), Ok(Reply::Empty));
 
     // A host revoke reaches both guests' eventqs.

@@ -24,14 +24,7 @@ fn features_and_protocol_features_are_the_contracts() {
             | VHOST_USER_F_PROTOCOL_FEATURES
     );
     let pf = fe.get_protocol_features().expect("GET_PROTOCOL_FEATURES");
-    let expected = VhostUserProtocolFeatures::MQ
-        | VhostUserProtocolFeatures::CONFIG
-        | VhostUserProtocolFeatures::REPLY_ACK
-        | VhostUserProtocolFeatures::BACKEND_REQ
-        | VhostUserProtocolFeatures::BACKEND_SEND_FD
-        | VhostUserProtocolFeatures::RESET_DEVICE
-        | VhostUserProtocolFeatures::SHARED_OBJECT
-        | VhostUserProtocolFeatures::SHMEM;
+    let expected = device_protocol_features();
     assert_eq!(pf, expected);
     assert_eq!(pf.bits() & (1 << 18 | 1 << 22), 1 << 18 | 1 << 22);
     fe.set_protocol_features(pf).expect("SET_PROTOCOL_FEATURES");
@@ -67,14 +60,7 @@ fn config(vm: &mut Vm, offset: u32, size: u32) -> Result<Vec<u8>, vhost::Error> 
 
 #[test]
 fn config_reads_have_the_requested_size_and_zeros_past_the_struct() {
-    let d = TestDaemon::start(|c| c.request_queues = 2);
-    let mut vm = Vm::connect_with(
-        &d.socket(0),
-        Options {
-            queues: 3,
-            ..Options::default()
-        },
-    );
+    let (d, mut vm) = two_queue_daemon();
     let full = config(&mut vm, 0, CONFIG_SIZE as u32).expect("whole config");
     let c = ConfigSpace::from_bytes(&full).expect("24 bytes");
     assert_eq!(c.num_queues, 3);
@@ -121,10 +107,7 @@ fn without_shmem_the_window_is_not_live() {
     let d = TestDaemon::start(|_| {});
     let mut vm = Vm::connect_with(
         &d.socket(0),
-        Options {
-            protocol: Options::default().protocol - VhostUserProtocolFeatures::SHMEM,
-            ..Options::default()
-        },
+        Options::without(VhostUserProtocolFeatures::SHMEM),
     );
     let full = config(&mut vm, 0, 24).expect("config");
     assert_eq!(ConfigSpace::from_bytes(&full).expect("config").shm_size, 0);
@@ -159,13 +142,7 @@ fn get_info_reports_what_the_front_end_made_live() {
     drop(vm);
 
     // No back-end channel: neither the window nor shared objects work.
-    let mut vm = Vm::connect_with(
-        &d.socket(0),
-        Options {
-            channel: ChannelKind::None,
-            ..Options::default()
-        },
-    );
+    let mut vm = Vm::connect_with(&d.socket(0), Options::channel(ChannelKind::None));
     let info = vm.info();
     assert_eq!(info.caps & (caps::HOST_SHM | caps::SHARED_OBJECTS), 0);
     d.stop();

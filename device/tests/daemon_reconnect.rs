@@ -4,7 +4,6 @@
 
 mod vhost_harness;
 
-use vhost::vhost_user::message::VhostUserSharedMsg;
 use vhost::vhost_user::VhostUserFrontend;
 use vhost_harness::*;
 use virtio_dmabuf_protocol::*;
@@ -17,60 +16,19 @@ const PAGE: u64 = 4096;
 /// a parked LOCK, a parked WAIT on a fence, and a worker waiting for the
 /// front-end's answer to a LOOKUP.
 fn busy_connection(d: &TestDaemon) -> u64 {
-    let mut vm = Vm::connect_with(
-        &d.socket(0),
-        Options {
-            queues: 3,
-            ..Options::default()
-        },
-    );
+    let mut vm = Vm::connect_with(&d.socket(0), Options::two_request_queues());
     let obj = vm.create(2 * PAGE).object;
     let other = vm.create(PAGE).object;
-    assert!(matches!(
-        vm.call(
-            0,
-            &Request::MapShm {
-                object: obj,
-                writable: true
-            }
-        ),
-        Ok(Reply::Shm { .. })
-    ));
-    let uuid = match vm.call(0, &Request::ExportUuid { object: other }) {
-        Ok(Reply::Uuid(u)) => u,
-        r => panic!("EXPORT_UUID: {r:?}"),
-    };
+    assert!(matches!(vm.map_shm(obj, true), Ok(Reply::Shm { .. })));
+    let uuid = vm.exported_uuid(other);
     // The object's fd crosses the relay from the daemon to the front-end.
     let shared = vm
         .fe
-        .get_shared_object(&VhostUserSharedMsg {
-            uuid: uuid::Uuid::from_bytes(uuid),
-        })
+        .get_shared_object(&shared_msg(uuid))
         .expect("GET_SHARED_OBJECT");
     drop(shared);
-    let att = match vm.call(
-        0,
-        &Request::Attach {
-            object: other,
-            dynamic_importer: false,
-            peer2peer: false,
-        },
-    ) {
-        Ok(Reply::Attachment(a)) => a,
-        r => panic!("ATTACH: {r:?}"),
-    };
-    assert!(matches!(
-        vm.call(
-            0,
-            &Request::Map {
-                attachment: att,
-                dir: Direction::ToDevice,
-                max_entries: 4,
-                ctx: 0
-            }
-        ),
-        Ok(Reply::Map(_))
-    ));
+    let att = vm.attach(other, false);
+    vm.map(att, Direction::ToDevice, 4);
     let (a, b) = (vm.acquire(), vm.acquire());
     assert_eq!(vm.call(0, &Vm::lock_request(a, obj)), Ok(Reply::Empty));
     let fence = match vm.call(
@@ -100,21 +58,10 @@ fn busy_connection(d: &TestDaemon) -> u64 {
     assert!(vm.try_wait(lock).is_none());
     assert!(vm.try_wait(wait).is_none());
     // The worker asks the front-end about a UUID, which does not answer.
-    let peer = vm.channel.as_ref().expect("channel");
-    peer.with(|st| st.hold_lookups = true);
-    let looking = vm.send(
-        2,
-        &Request::Open {
-            uuid: Some([0x42; 16]),
-            name: Vec::new(),
-        },
-    );
-    let peer = vm.channel.as_ref().expect("channel");
-    peer.wait_for("the LOOKUP", |msgs| {
-        msgs.iter()
-            .any(|m| matches!(m, ChannelMsg::Lookup(_)))
-            .then_some(())
-    });
+    vm.peer().with(|st| st.hold_lookups = true);
+    let looking = vm.send(2, &open_by_uuid([0x42; 16]));
+    vm.peer()
+        .wait_for_msg("the LOOKUP", |m| matches!(m, ChannelMsg::Lookup(_)));
     assert!(vm.try_wait(looking).is_none());
     assert_eq!(d.objects(), 2);
     obj
@@ -137,11 +84,7 @@ fn disconnect_with_parked_requests_then_reconnect_finds_nothing_and_leaks_no_fds
 
         // The next front-end on the same socket finds nothing left.
         let mut vm = Vm::connect(&d.socket(0));
-        assert_eq!(
-            vm.call(0, &Request::Release { object: old }),
-            Err(Status::NoEnt),
-            "round {round}"
-        );
+        assert_eq!(vm.release(old), Err(Status::NoEnt), "round {round}");
         let info = vm.info();
         assert_eq!(info.version, 1);
         let fresh = vm.create(PAGE).object;

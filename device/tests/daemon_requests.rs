@@ -20,29 +20,8 @@ fn create_attach_map_unmap_detach_release_through_chains() {
     assert_eq!(obj.obj_flags & obj_flags::WRITABLE, obj_flags::WRITABLE);
     assert_eq!(obj.obj_flags & obj_flags::REAL_DMABUF, 0);
 
-    let att = match vm.call(
-        0,
-        &Request::Attach {
-            object: obj.object,
-            dynamic_importer: false,
-            peer2peer: false,
-        },
-    ) {
-        Ok(Reply::Attachment(a)) => a,
-        other => panic!("ATTACH: {other:?}"),
-    };
-    let map = match vm.call(
-        0,
-        &Request::Map {
-            attachment: att,
-            dir: Direction::ToDevice,
-            max_entries: 4,
-            ctx: 0,
-        },
-    ) {
-        Ok(Reply::Map(m)) => m,
-        other => panic!("MAP: {other:?}"),
-    };
+    let att = vm.attach(obj.object, false);
+    let map = vm.map(att, Direction::ToDevice, 4);
     assert_eq!(
         map.space,
         AddressSpace::Object,
@@ -58,32 +37,14 @@ fn create_attach_map_unmap_detach_release_through_chains() {
         vm.call(0, &Request::Detach { attachment: att }),
         Err(Status::Busy)
     );
-    assert_eq!(
-        vm.call(0, &Request::Release { object: obj.object }),
-        Err(Status::Busy)
-    );
-    assert_eq!(
-        vm.call(
-            0,
-            &Request::Unmap {
-                mapping: map.mapping,
-                ctx: 0
-            }
-        ),
-        Ok(Reply::Empty)
-    );
+    assert_eq!(vm.release(obj.object), Err(Status::Busy));
+    assert_eq!(vm.unmap(map.mapping), Ok(Reply::Empty));
     assert_eq!(
         vm.call(0, &Request::Detach { attachment: att }),
         Ok(Reply::Empty)
     );
-    assert_eq!(
-        vm.call(0, &Request::Release { object: obj.object }),
-        Ok(Reply::Empty)
-    );
-    assert_eq!(
-        vm.call(0, &Request::Release { object: obj.object }),
-        Err(Status::NoEnt)
-    );
+    assert_eq!(vm.release(obj.object), Ok(Reply::Empty));
+    assert_eq!(vm.release(obj.object), Err(Status::NoEnt));
     assert_eq!(d.objects(), 0);
     d.stop();
 }
@@ -158,29 +119,15 @@ fn every_bad_chain_comes_back_and_the_batch_goes_on() {
     let d = TestDaemon::start(|_| {});
     let mut vm = Vm::connect(&d.socket(0));
     let ram_end = 32 << 20;
-    let buf = |vm: &mut Vm, bytes: &[u8]| {
-        let gpa = vm.ram.alloc(bytes.len().max(1) as u64, false);
-        vm.ram.write(gpa, bytes);
-        Buf {
-            gpa,
-            len: bytes.len() as u32,
-            writable: false,
-        }
-    };
-    let out = |vm: &mut Vm, len: u32| Buf {
-        gpa: vm.ram.alloc(u64::from(len), false),
-        len,
-        writable: true,
-    };
     let info = encode_request(5, &Request::GetInfo);
 
     // 1. A writable part too short for the response header: used.len 0.
-    let b1 = [buf(&mut vm, &info), out(&mut vm, 8)];
+    let b1 = [vm.readable(&info), vm.writable(8)];
     // 2. An unknown opcode: ENOSYS, tag echoed.
     let mut unknown = info.clone();
     unknown[0..4].copy_from_slice(&0xbeefu32.to_le_bytes());
     unknown[8..16].copy_from_slice(&0x1234u64.to_le_bytes());
-    let b2 = [buf(&mut vm, &unknown), out(&mut vm, 16)];
+    let b2 = [vm.readable(&unknown), vm.writable(16)];
     // 3. A readable part outside guest memory: EFAULT.
     let b3 = [
         Buf {
@@ -188,11 +135,11 @@ fn every_bad_chain_comes_back_and_the_batch_goes_on() {
             len: 16,
             writable: false,
         },
-        out(&mut vm, 16),
+        vm.writable(16),
     ];
     // 4. A writable part outside guest memory: used.len 0.
     let b4 = [
-        buf(&mut vm, &info),
+        vm.readable(&info),
         Buf {
             gpa: ram_end + PAGE,
             len: 96,
@@ -201,28 +148,13 @@ fn every_bad_chain_comes_back_and_the_batch_goes_on() {
     ];
     // 5. A readable part too short for its opcode: EINVAL.
     let short = encode_request(6, &Request::Release { object: 1 });
-    let b5 = [buf(&mut vm, &short[..20]), out(&mut vm, 16)];
+    let b5 = [vm.readable(&short[..20]), vm.writable(16)];
     // 6. A good request after all of them.
-    let b6 = [buf(&mut vm, &info), out(&mut vm, 96)];
-    let batch = [&b1[..], &b2, &b3, &b4, &b5, &b6];
-    let heads: Vec<u16> = batch
-        .iter()
-        .map(|bufs| vm.queues[0].add(&vm.ram, bufs))
-        .collect();
-    vm.queues[0].notify();
-    let used: Vec<u32> = heads
-        .iter()
-        .map(|h| vm.queues[0].wait_used(&vm.ram, *h))
-        .collect();
+    let b6 = [vm.readable(&info), vm.writable(96)];
+    let used = vm.run_batch(0, &[&b1, &b2, &b3, &b4, &b5, &b6]);
     assert_eq!(used[0], 0);
     assert_eq!(used[3], 0);
-    let status = |b: &Buf| {
-        let r = vm.ram.read(b.gpa, 16);
-        (
-            u32::from_le_bytes(r[0..4].try_into().expect("4")),
-            u64::from_le_bytes(r[8..16].try_into().expect("8")),
-        )
-    };
+    let status = |b: &Buf| vm.response_header(b);
     assert_eq!(used[1], 16);
     assert_eq!(status(&b2[1]), (Status::NoSys as u32, 0x1234));
     assert_eq!(used[2], 16);
@@ -241,70 +173,29 @@ fn every_bad_chain_comes_back_and_the_batch_goes_on() {
 
 #[test]
 fn lock_contention_parks_on_one_queue_while_another_serves() {
-    let d = TestDaemon::start(|c| c.request_queues = 2);
-    let mut vm = Vm::connect_with(
-        &d.socket(0),
-        Options {
-            queues: 3,
-            ..Options::default()
-        },
-    );
-    let obj = vm.create(PAGE).object;
-    let (a, b) = (vm.acquire(), vm.acquire());
-    assert_eq!(vm.call(0, &Vm::lock_request(a, obj)), Ok(Reply::Empty));
+    let (d, mut vm) = two_queue_daemon();
+    let (obj, a, b) = vm.lock_held();
     // b waits for the lock on controlq2 (queue 2).
     let parked = vm.send(2, &Vm::lock_request(b, obj));
     // The controlq keeps serving meanwhile, and TRY is EBUSY at once.
     assert_eq!(
-        vm.call(
-            0,
-            &Request::Lock {
-                ctx: b,
-                object: obj,
-                try_lock: true,
-                slow: false
-            }
-        ),
+        vm.try_lock(b, obj),
         Err(Status::Busy),
         "the context already has a waiting request"
     );
     assert!(vm.info().version == 1);
     assert!(vm.try_wait(parked).is_none(), "still parked");
     // Unlocking on the controlq completes the parked chain on queue 2.
-    assert_eq!(
-        vm.call(
-            0,
-            &Request::Unlock {
-                ctx: a,
-                object: obj
-            }
-        ),
-        Ok(Reply::Empty)
-    );
+    assert_eq!(vm.unlock(a, obj), Ok(Reply::Empty));
     assert_eq!(vm.wait(parked), Ok(Reply::Empty));
-    assert_eq!(
-        vm.call(
-            0,
-            &Request::Unlock {
-                ctx: b,
-                object: obj
-            }
-        ),
-        Ok(Reply::Empty)
-    );
+    assert_eq!(vm.unlock(b, obj), Ok(Reply::Empty));
     d.stop();
 }
 
 #[test]
 fn transfers_copy_through_the_chain_and_are_bounded() {
     let d = TestDaemon::start(|_| {});
-    let mut vm = Vm::connect_with(
-        &d.socket(0),
-        Options {
-            regions: vec![(0, 48 << 20)],
-            ..Options::default()
-        },
-    );
+    let mut vm = Vm::connect_with(&d.socket(0), Options::regions(vec![(0, 48 << 20)]));
     let obj = vm.create(4 * PAGE).object;
     let data: Vec<u8> = (0..5000u32).map(|i| (i % 251) as u8).collect();
     assert_eq!(vm.transfer_to(obj, 100, &data), Ok(Reply::Empty));
@@ -366,32 +257,10 @@ fn guest_pages_objects_live_in_guest_ram() {
     vm.ram.write(pages[1], b"from the guest");
     assert_eq!(vm.transfer_from(obj.object, 0, 14), b"from the guest");
 
-    let att = match vm.call(
-        0,
-        &Request::Attach {
-            object: obj.object,
-            dynamic_importer: false,
-            peer2peer: false,
-        },
-    ) {
-        Ok(Reply::Attachment(a)) => a,
-        other => panic!("ATTACH: {other:?}"),
-    };
-    match vm.call(
-        0,
-        &Request::Map {
-            attachment: att,
-            dir: Direction::Bidirectional,
-            max_entries: 8,
-            ctx: 0,
-        },
-    ) {
-        Ok(Reply::Map(m)) => {
-            assert_eq!(m.space, AddressSpace::GuestPhys);
-            assert_eq!(m.entries, entries);
-        }
-        other => panic!("MAP: {other:?}"),
-    }
+    let att = vm.attach(obj.object, false);
+    let m = vm.map(att, Direction::Bidirectional, 8);
+    assert_eq!(m.space, AddressSpace::GuestPhys);
+    assert_eq!(m.entries, entries);
 
     // Entries outside guest RAM: EFAULT.
     assert_eq!(
@@ -418,10 +287,7 @@ fn removing_guest_memory_revokes_objects_over_it() {
     // Region 0 holds the rings; region 1 the object's pages.
     let mut vm = Vm::connect_with(
         &d.socket(0),
-        Options {
-            regions: vec![(0, 16 << 20), (1 << 30, 1 << 20)],
-            ..Options::default()
-        },
+        Options::regions(vec![(0, 16 << 20), (1 << 30, 1 << 20)]),
     );
     let obj = match vm.call(
         0,
@@ -456,46 +322,21 @@ fn removing_guest_memory_revokes_objects_over_it() {
         Err(Status::NoEnt),
         "a revoked handle is ENOENT"
     );
-    assert_eq!(
-        vm.call(0, &Request::Release { object: obj }),
-        Ok(Reply::Empty)
-    );
+    assert_eq!(vm.release(obj), Ok(Reply::Empty));
     d.stop();
 }
 
 #[test]
 fn oversized_undecodable_and_cancelled_chains_come_back_once_and_the_batch_goes_on() {
     let d = TestDaemon::start(|c| c.request_queues = 1);
-    let mut vm = Vm::connect_with(
-        &d.socket(0),
-        Options {
-            regions: vec![(0, 48 << 20)],
-            ..Options::default()
-        },
-    );
-    let obj = vm.create(PAGE).object;
-    let (a, b) = (vm.acquire(), vm.acquire());
-    assert_eq!(vm.call(0, &Vm::lock_request(a, obj)), Ok(Reply::Empty));
-    let readable = |vm: &mut Vm, bytes: &[u8]| {
-        let gpa = vm.ram.alloc(bytes.len() as u64, false);
-        vm.ram.write(gpa, bytes);
-        Buf {
-            gpa,
-            len: bytes.len() as u32,
-            writable: false,
-        }
-    };
-    let out = |vm: &mut Vm, len: u32| Buf {
-        gpa: vm.ram.alloc(u64::from(len), false),
-        len,
-        writable: true,
-    };
+    let mut vm = Vm::connect_with(&d.socket(0), Options::regions(vec![(0, 48 << 20)]));
+    let (obj, _a, b) = vm.lock_held();
     let info_len = (RESP_HDR_SIZE + INFO_SIZE) as u32;
 
     // 1. A GET_INFO with 1 MiB of readable bytes: only its header is used.
     let mut big = encode_request(11, &Request::GetInfo);
     big.resize(1 << 20, 0xa5);
-    let c1 = [readable(&mut vm, &big), out(&mut vm, info_len)];
+    let c1 = [vm.readable(&big), vm.writable(info_len)];
     // 2. A TRANSFER_TO_HOST carrying more than the daemon's bound: EINVAL.
     let limit = vhost_device_dmabuf::backend::TRANSFER_MAX;
     let mut huge = encode_request(
@@ -508,7 +349,7 @@ fn oversized_undecodable_and_cancelled_chains_come_back_once_and_the_batch_goes_
     );
     huge[REQ_HDR_SIZE + 16..REQ_HDR_SIZE + 24].copy_from_slice(&(limit + 1).to_le_bytes());
     huge.resize(huge.len() + limit as usize + 1, 0);
-    let c2 = [readable(&mut vm, &huge), out(&mut vm, 16)];
+    let c2 = [vm.readable(&huge), vm.writable(16)];
     // 3. A CREATE naming more entries than it carries: EINVAL.
     let mut create = encode_request(
         13,
@@ -523,34 +364,19 @@ fn oversized_undecodable_and_cancelled_chains_come_back_once_and_the_batch_goes_
         },
     );
     create[REQ_HDR_SIZE + 8..REQ_HDR_SIZE + 12].copy_from_slice(&100_000u32.to_le_bytes());
-    let c3 = [readable(&mut vm, &create), out(&mut vm, 64)];
+    let c3 = [vm.readable(&create), vm.writable(64)];
     // 4. A LOCK that parks behind `a`, 5. the CANCEL of its tag.
     let lock = encode_request(14, &Vm::lock_request(b, obj));
-    let c4 = [readable(&mut vm, &lock), out(&mut vm, 16)];
+    let c4 = [vm.readable(&lock), vm.writable(16)];
     let cancel = encode_request(15, &Request::Cancel { tag: 14 });
-    let c5 = [readable(&mut vm, &cancel), out(&mut vm, 16)];
+    let c5 = [vm.readable(&cancel), vm.writable(16)];
     // 6. A good request at the end.
     let info = encode_request(16, &Request::GetInfo);
-    let c6 = [readable(&mut vm, &info), out(&mut vm, info_len)];
+    let c6 = [vm.readable(&info), vm.writable(info_len)];
 
     let before = vm.queues[0].used_idx(&vm.ram);
-    let batch = [&c1[..], &c2, &c3, &c4, &c5, &c6];
-    let heads: Vec<u16> = batch
-        .iter()
-        .map(|bufs| vm.queues[0].add(&vm.ram, bufs))
-        .collect();
-    vm.queues[0].notify();
-    let used: Vec<u32> = heads
-        .iter()
-        .map(|h| vm.queues[0].wait_used(&vm.ram, *h))
-        .collect();
-    let header = |b: &Buf| {
-        let r = vm.ram.read(b.gpa, 16);
-        (
-            u32::from_le_bytes(r[0..4].try_into().expect("4")),
-            u64::from_le_bytes(r[8..16].try_into().expect("8")),
-        )
-    };
+    let used = vm.run_batch(0, &[&c1, &c2, &c3, &c4, &c5, &c6]);
+    let header = |b: &Buf| vm.response_header(b);
     assert_eq!(used[0], info_len);
     assert_eq!(header(&c1[1]), (0, 11));
     assert_eq!((used[1], header(&c2[1])), (16, (Status::Inval as u32, 12)));
@@ -572,14 +398,7 @@ fn oversized_undecodable_and_cancelled_chains_come_back_once_and_the_batch_goes_
 
 #[test]
 fn used_queue_signals_follow_the_drivers_used_event() {
-    let d = TestDaemon::start(|c| c.request_queues = 2);
-    let mut vm = Vm::connect_with(
-        &d.socket(0),
-        Options {
-            queues: 3,
-            ..Options::default()
-        },
-    );
+    let (d, mut vm) = two_queue_daemon();
     assert_eq!(vm.info().version, 1);
     let _ = vm.queues[0].call.read();
     // The driver wants a call only once the used index passes used + 1.

@@ -9,30 +9,11 @@ use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 
-use vhost::vhost_user::message::VhostUserSharedMsg;
 use vhost::vhost_user::{Backend, VhostUserFrontend, VhostUserFrontendReqHandler};
 use vhost_harness::*;
 use virtio_dmabuf_protocol::*;
 
 const PAGE: u64 = 4096;
-
-fn msg(uuid: [u8; 16]) -> VhostUserSharedMsg {
-    VhostUserSharedMsg {
-        uuid: uuid::Uuid::from_bytes(uuid),
-    }
-}
-
-fn export_uuid(vm: &mut Vm, object: u64) -> Response {
-    vm.call(0, &Request::ExportUuid { object })
-}
-
-fn open_by_uuid(vm: &mut Vm, uuid: [u8; 16]) -> Request {
-    let _ = vm;
-    Request::Open {
-        uuid: Some(uuid),
-        name: Vec::new(),
-    }
-}
 
 /// A memfd of `pages` pages filled with `byte`, as another device's buffer.
 fn foreign_buffer(pages: u64, byte: u8) -> OwnedFd {
@@ -48,42 +29,33 @@ fn export_uuid_adds_get_shared_object_answers_and_death_removes() {
     let mut vm = Vm::connect(&d.socket(0));
     let obj = vm.create(PAGE).object;
     assert_eq!(vm.transfer_to(obj, 0, b"shared bytes"), Ok(Reply::Empty));
-    let uuid = match export_uuid(&mut vm, obj) {
-        Ok(Reply::Uuid(u)) => u,
-        other => panic!("EXPORT_UUID: {other:?}"),
-    };
+    let uuid = vm.exported_uuid(obj);
     // ADD was acked before the guest got its answer.
-    let peer = vm.channel.as_ref().expect("channel");
-    assert!(peer.with(|st| st
+    assert!(vm.peer().with(|st| st
         .messages
         .iter()
         .any(|m| matches!(m, ChannelMsg::Add(u) if *u == uuid))));
     // Exporting again does not add again.
-    assert_eq!(export_uuid(&mut vm, obj), Ok(Reply::Uuid(uuid)));
+    assert_eq!(vm.export_uuid(obj), Ok(Reply::Uuid(uuid)));
 
     // The front-end asks for the object's fd (GET_SHARED_OBJECT, 41).
     let file = vm
         .fe
-        .get_shared_object(&msg(uuid))
+        .get_shared_object(&shared_msg(uuid))
         .expect("the object's fd");
     assert_eq!(read_fd(&file, 0, 12), b"shared bytes");
     drop(file);
     // An unknown UUID: no fd, and the connection goes on.
-    assert!(vm.fe.get_shared_object(&msg([9; 16])).is_err());
+    assert!(vm.fe.get_shared_object(&shared_msg([9; 16])).is_err());
     assert_eq!(vm.info().version, 1);
 
     // The object dies with its last handle: REMOVE.
-    assert_eq!(
-        vm.call(0, &Request::Release { object: obj }),
-        Ok(Reply::Empty)
+    assert_eq!(vm.release(obj), Ok(Reply::Empty));
+    vm.peer().wait_for_msg(
+        "SHARED_OBJECT_REMOVE",
+        |m| matches!(m, ChannelMsg::Remove(u) if *u == uuid),
     );
-    let peer = vm.channel.as_ref().expect("channel");
-    peer.wait_for("SHARED_OBJECT_REMOVE", |msgs| {
-        msgs.iter()
-            .any(|m| matches!(m, ChannelMsg::Remove(u) if *u == uuid))
-            .then_some(())
-    });
-    assert!(vm.fe.get_shared_object(&msg(uuid)).is_err());
+    assert!(vm.fe.get_shared_object(&shared_msg(uuid)).is_err());
     d.stop();
 }
 
@@ -92,7 +64,7 @@ fn export_uuid_of_a_memfd_object_needs_the_test_flag() {
     let d = TestDaemon::start(|_| {});
     let mut vm = Vm::connect(&d.socket(0));
     let obj = vm.create(PAGE).object;
-    assert_eq!(export_uuid(&mut vm, obj), Err(Status::NotSupported));
+    assert_eq!(vm.export_uuid(obj), Err(Status::NotSupported));
     d.stop();
 }
 
@@ -101,14 +73,14 @@ fn open_by_uuid_looks_the_object_up_on_the_front_end() {
     let d = TestDaemon::start(|c| c.allow_memfd_shared_objects = true);
     let mut vm = Vm::connect(&d.socket(0));
     let (found, refused, no_fd) = ([1; 16], [2; 16], [3; 16]);
-    vm.channel.as_ref().expect("channel").with(|st| {
+    vm.peer().with(|st| {
         st.lookups
             .insert(found, LookupAnswer::Fd(foreign_buffer(2, 0x5a)));
         st.lookups.insert(refused, LookupAnswer::Refuse);
         st.lookups.insert(no_fd, LookupAnswer::NoFd);
     });
 
-    let req = open_by_uuid(&mut vm, found);
+    let req = open_by_uuid(found);
     let o = match vm.call(0, &req) {
         Ok(Reply::Object(o)) => o,
         other => panic!("OPEN BY_UUID: {other:?}"),
@@ -120,21 +92,18 @@ fn open_by_uuid_looks_the_object_up_on_the_front_end() {
     assert!(matches!(vm.call(0, &req), Ok(Reply::Object(again)) if again.object == o.object));
 
     // The front-end does not know it: ENOENT.
-    let req = open_by_uuid(&mut vm, refused);
+    let req = open_by_uuid(refused);
     assert_eq!(vm.call(0, &req), Err(Status::NoEnt));
     // Success without an fd (what QEMU's front-end does): EIO.
-    let req = open_by_uuid(&mut vm, no_fd);
+    let req = open_by_uuid(no_fd);
     assert_eq!(vm.call(0, &req), Err(Status::Io));
 
     // UUIDs this back-end published are never looked up.
     let mine = vm.create(PAGE).object;
-    let uuid = match export_uuid(&mut vm, mine) {
-        Ok(Reply::Uuid(u)) => u,
-        other => panic!("EXPORT_UUID: {other:?}"),
-    };
-    let req = open_by_uuid(&mut vm, uuid);
+    let uuid = vm.exported_uuid(mine);
+    let req = open_by_uuid(uuid);
     assert!(matches!(vm.call(0, &req), Ok(Reply::Object(m)) if m.object == mine));
-    let lookups: Vec<[u8; 16]> = vm.channel.as_ref().expect("channel").with(|st| {
+    let lookups: Vec<[u8; 16]> = vm.peer().with(|st| {
         st.messages
             .iter()
             .filter_map(|m| match m {
@@ -152,38 +121,28 @@ fn get_shared_object_is_answered_while_a_lookup_waits() {
     let d = TestDaemon::start(|c| c.allow_memfd_shared_objects = true);
     let mut vm = Vm::connect(&d.socket(0));
     let obj = vm.create(PAGE).object;
-    let published = match export_uuid(&mut vm, obj) {
-        Ok(Reply::Uuid(u)) => u,
-        other => panic!("EXPORT_UUID: {other:?}"),
-    };
+    let published = vm.exported_uuid(obj);
     let wanted = [7; 16];
-    vm.channel.as_ref().expect("channel").with(|st| {
+    vm.peer().with(|st| {
         st.hold_lookups = true;
         st.lookups
             .insert(wanted, LookupAnswer::Fd(foreign_buffer(1, 1)));
     });
-    let req = open_by_uuid(&mut vm, wanted);
+    let req = open_by_uuid(wanted);
     let pending = vm.send(0, &req);
-    vm.channel
-        .as_ref()
-        .expect("channel")
-        .wait_for("the LOOKUP", |msgs| {
-            msgs.iter()
-                .any(|m| matches!(m, ChannelMsg::Lookup(u) if *u == wanted))
-                .then_some(())
-        });
+    vm.peer().wait_for_msg(
+        "the LOOKUP",
+        |m| matches!(m, ChannelMsg::Lookup(u) if *u == wanted),
+    );
     // The back-end waits for the front-end's LOOKUP answer; the front-end
     // asks it for an object meanwhile, and gets it.
     let file = vm
         .fe
-        .get_shared_object(&msg(published))
+        .get_shared_object(&shared_msg(published))
         .expect("answered while the LOOKUP waits");
     drop(file);
     assert!(vm.try_wait(pending).is_none());
-    vm.channel
-        .as_ref()
-        .expect("channel")
-        .with(|st| st.hold_lookups = false);
+    vm.peer().with(|st| st.hold_lookups = false);
     assert!(matches!(vm.wait(pending), Ok(Reply::Object(o)) if o.uuid == wanted));
     d.stop();
 }
@@ -223,7 +182,7 @@ fn the_vhost_crate_backend_cannot_receive_a_lookup_fd() {
     });
     // The crate insists on sending an fd of ours along with the request.
     let placeholder = memfd("placeholder", 0);
-    let result = backend.shared_object_lookup(&msg([4; 16]), &placeholder.as_raw_fd());
+    let result = backend.shared_object_lookup(&shared_msg([4; 16]), &placeholder.as_raw_fd());
     front_end.join().expect("front-end thread");
     assert!(
         result.is_err(),
@@ -242,31 +201,20 @@ fn channel_messages_ask_for_an_ack_exactly_when_reply_ack_is_live() {
 
     let mut vm = Vm::connect(&d.socket(0));
     let obj = vm.create(PAGE).object;
-    assert!(matches!(
-        vm.call(
-            0,
-            &Request::MapShm {
-                object: obj,
-                writable: false
-            }
-        ),
-        Ok(Reply::Shm { .. })
-    ));
-    assert!(matches!(export_uuid(&mut vm, obj), Ok(Reply::Uuid(_))));
+    assert!(matches!(vm.map_shm(obj, false), Ok(Reply::Shm { .. })));
+    assert!(matches!(vm.export_uuid(obj), Ok(Reply::Uuid(_))));
     let other = vm.create(PAGE).object;
-    let peer = vm.channel.as_ref().expect("channel");
-    peer.with(|st| st.refuse.push(6));
-    assert_eq!(export_uuid(&mut vm, other), Err(Status::Io));
+    vm.peer().with(|st| st.refuse.push(6));
+    assert_eq!(vm.export_uuid(other), Err(Status::Io));
     let uuid = match vm.call(0, &Request::ExportUuid { object: other }) {
         Err(Status::Io) => None,
         Ok(Reply::Uuid(u)) => Some(u),
         r => panic!("EXPORT_UUID: {r:?}"),
     };
     assert_eq!(uuid, None, "still refused: nothing was published");
-    let open = open_by_uuid(&mut vm, [5; 16]);
+    let open = open_by_uuid([5; 16]);
     assert_eq!(vm.call(0, &open), Err(Status::NoEnt));
-    let peer = vm.channel.as_ref().expect("channel");
-    let headers = peer.with(|st| st.headers.clone());
+    let headers = vm.peer().with(|st| st.headers.clone());
     assert_eq!(
         headers.iter().map(|h| h.0).collect::<Vec<_>>(),
         [9, 6, 6, 6, 8]
@@ -279,15 +227,11 @@ fn channel_messages_ask_for_an_ack_exactly_when_reply_ack_is_live() {
 
     let mut vm = Vm::connect_with(
         &d.socket(0),
-        Options {
-            protocol: Options::default().protocol - VhostUserProtocolFeatures::REPLY_ACK,
-            ..Options::default()
-        },
+        Options::without(VhostUserProtocolFeatures::REPLY_ACK),
     );
     let obj = vm.create(PAGE).object;
-    assert!(matches!(export_uuid(&mut vm, obj), Ok(Reply::Uuid(_))));
-    let peer = vm.channel.as_ref().expect("channel");
-    let headers = peer.with(|st| st.headers.clone());
+    assert!(matches!(vm.export_uuid(obj), Ok(Reply::Uuid(_))));
+    let headers = vm.peer().with(|st| st.headers.clone());
     assert_eq!(headers, [(6, 0x1)], "no NEED_REPLY without REPLY_ACK");
     d.stop();
 }

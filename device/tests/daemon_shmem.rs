@@ -10,35 +10,11 @@ use virtio_dmabuf_protocol::*;
 
 const PAGE: u64 = 4096;
 
-fn attach(vm: &mut Vm, object: u64, peer2peer: bool) -> u64 {
-    match vm.call(
-        0,
-        &Request::Attach {
-            object,
-            dynamic_importer: false,
-            peer2peer,
-        },
-    ) {
-        Ok(Reply::Attachment(a)) => a,
-        other => panic!("ATTACH: {other:?}"),
-    }
-}
-
-fn map_shm(vm: &mut Vm, object: u64, writable: bool) -> Response {
-    vm.call(0, &Request::MapShm { object, writable })
-}
-
 #[test]
 fn map_shm_is_placed_by_shmem_map_first_fit_and_removed_by_unmap() {
     let d = TestDaemon::start(|c| c.shm_size = 4 * PAGE);
     // The vhost crate's own front-end handler serves the channel.
-    let mut vm = Vm::connect_with(
-        &d.socket(0),
-        Options {
-            channel: ChannelKind::Crate,
-            ..Options::default()
-        },
-    );
+    let mut vm = Vm::connect_with(&d.socket(0), Options::channel(ChannelKind::Crate));
     let a = vm.create(2 * PAGE).object;
     let b = vm.create(PAGE).object;
     let c = vm.create(2 * PAGE).object;
@@ -46,7 +22,7 @@ fn map_shm_is_placed_by_shmem_map_first_fit_and_removed_by_unmap() {
     assert_eq!(vm.transfer_to(a, 0, &pattern), Ok(Reply::Empty));
 
     assert_eq!(
-        map_shm(&mut vm, a, true),
+        vm.map_shm(a, true),
         Ok(Reply::Shm {
             shm_offset: 0,
             len: 2 * PAGE
@@ -67,19 +43,19 @@ fn map_shm_is_placed_by_shmem_map_first_fit_and_removed_by_unmap() {
         assert_eq!(read_fd(&m.file, 0, pattern.len()), pattern);
     }
     assert_eq!(
-        map_shm(&mut vm, b, false),
+        vm.map_shm(b, false),
         Ok(Reply::Shm {
             shm_offset: 2 * PAGE,
             len: PAGE
         })
     );
     // Full window.
-    assert_eq!(map_shm(&mut vm, c, false), Err(Status::NoSpc));
+    assert_eq!(vm.map_shm(c, false), Err(Status::NoSpc));
     // One placement per object: another writability is EBUSY, the same
     // one counts a use.
-    assert_eq!(map_shm(&mut vm, a, false), Err(Status::Busy));
+    assert_eq!(vm.map_shm(a, false), Err(Status::Busy));
     assert_eq!(
-        map_shm(&mut vm, a, true),
+        vm.map_shm(a, true),
         Ok(Reply::Shm {
             shm_offset: 0,
             len: 2 * PAGE
@@ -87,19 +63,8 @@ fn map_shm_is_placed_by_shmem_map_first_fit_and_removed_by_unmap() {
     );
 
     // A peer-to-peer importer maps the window offset.
-    let att = attach(&mut vm, a, true);
-    let map = match vm.call(
-        0,
-        &Request::Map {
-            attachment: att,
-            dir: Direction::Bidirectional,
-            max_entries: 4,
-            ctx: 0,
-        },
-    ) {
-        Ok(Reply::Map(m)) => m,
-        other => panic!("MAP: {other:?}"),
-    };
+    let att = vm.attach(a, true);
+    let map = vm.map(att, Direction::Bidirectional, 4);
     assert_eq!(map.space, AddressSpace::Shm);
     assert_eq!(
         map.entries,
@@ -117,16 +82,7 @@ fn map_shm_is_placed_by_shmem_map_first_fit_and_removed_by_unmap() {
         vm.call(0, &Request::UnmapShm { object: a }),
         Err(Status::Busy)
     );
-    assert_eq!(
-        vm.call(
-            0,
-            &Request::Unmap {
-                mapping: map.mapping,
-                ctx: 0
-            }
-        ),
-        Ok(Reply::Empty)
-    );
+    assert_eq!(vm.unmap(map.mapping), Ok(Reply::Empty));
     assert_eq!(
         vm.call(0, &Request::UnmapShm { object: a }),
         Ok(Reply::Empty)
@@ -137,7 +93,7 @@ fn map_shm_is_placed_by_shmem_map_first_fit_and_removed_by_unmap() {
     }
     // The freed range is reused first.
     assert_eq!(
-        map_shm(&mut vm, c, false),
+        vm.map_shm(c, false),
         Ok(Reply::Shm {
             shm_offset: 0,
             len: 2 * PAGE
@@ -159,16 +115,11 @@ fn a_refused_shmem_map_is_eio_and_leaves_nothing_placed() {
     let d = TestDaemon::start(|_| {});
     let mut vm = Vm::connect(&d.socket(0));
     let obj = vm.create(PAGE).object;
-    let peer = vm.channel.as_ref().expect("channel");
-    peer.with(|st| st.refuse.push(9));
-    assert_eq!(map_shm(&mut vm, obj, true), Err(Status::Io));
+    vm.peer().with(|st| st.refuse.push(9));
+    assert_eq!(vm.map_shm(obj, true), Err(Status::Io));
     // Nothing placed: RELEASE is not EBUSY, and no SHMEM_UNMAP was sent.
-    assert_eq!(
-        vm.call(0, &Request::Release { object: obj }),
-        Ok(Reply::Empty)
-    );
-    let peer = vm.channel.as_ref().expect("channel");
-    let unmaps = peer.with(|st| {
+    assert_eq!(vm.release(obj), Ok(Reply::Empty));
+    let unmaps = vm.peer().with(|st| {
         st.messages
             .iter()
             .filter(|m| matches!(m, ChannelMsg::ShmemUnmap { .. }))
@@ -183,25 +134,14 @@ fn without_shmem_map_shm_is_eopnotsupp_and_map_is_in_object_space() {
     let d = TestDaemon::start(|_| {});
     let mut vm = Vm::connect_with(
         &d.socket(0),
-        Options {
-            protocol: Options::default().protocol - VhostUserProtocolFeatures::SHMEM,
-            ..Options::default()
-        },
+        Options::without(VhostUserProtocolFeatures::SHMEM),
     );
     let obj = vm.create(PAGE).object;
-    assert_eq!(map_shm(&mut vm, obj, false), Err(Status::NotSupported));
-    let att = attach(&mut vm, obj, true);
-    match vm.call(
-        0,
-        &Request::Map {
-            attachment: att,
-            dir: Direction::FromDevice,
-            max_entries: 4,
-            ctx: 0,
-        },
-    ) {
-        Ok(Reply::Map(m)) => assert_eq!(m.space, AddressSpace::Object),
-        other => panic!("MAP: {other:?}"),
-    }
+    assert_eq!(vm.map_shm(obj, false), Err(Status::NotSupported));
+    let att = vm.attach(obj, true);
+    assert_eq!(
+        vm.map(att, Direction::FromDevice, 4).space,
+        AddressSpace::Object
+    );
     d.stop();
 }

@@ -22,10 +22,10 @@ use std::time::Duration;
 
 use virtio_dmabuf_protocol::{
     attach_flags, caps, create_flags, obj_flags, AddressSpace, Direction, EventType, FenceUsage,
-    Info, MapReply, Reply, Request, Status, CONTROLQ, EVENT_SIZE,
+    Info, MapReply, Reply, Status, CONTROLQ, EVENT_SIZE,
 };
 
-use crate::driver::{DriverError, Outcome};
+use crate::driver::{begin_cpu_access_request, Driver, DriverError, Outcome};
 use crate::host::{ExportOptions, HostControl};
 use crate::vmm::shm::{memfd_with, ShmError};
 use crate::vmm::{LoopbackVmm, VmmError};
@@ -256,6 +256,53 @@ impl<'a> MappedBuffer<'a> {
     }
 }
 
+/// The window when `use_window` and the window can carry the data, else
+/// the copy path.
+fn data_path(vmm: &LoopbackVmm, info: &Info, use_window: bool) -> DataPath {
+    if use_window && window_live(vmm, info) {
+        DataPath::Window
+    } else {
+        DataPath::Transfer
+    }
+}
+
+/// On the window path, places `object` writable in the window; returns its
+/// offset there.
+fn place_writable(d: &Driver, object: u64, path: DataPath) -> Result<Option<u64>> {
+    Ok(match path {
+        DataPath::Window => Some(ok("MAP_SHM", d.map_shm(object, true))?.0),
+        DataPath::Transfer => None,
+    })
+}
+
+/// The CPU writes `data` at the start of `object`, bracketed by
+/// `BEGIN/END_CPU_ACCESS(TO_DEVICE)`: through the window at `window`, else
+/// with `TRANSFER_TO_HOST`.
+fn cpu_write(vmm: &LoopbackVmm, object: u64, window: Option<u64>, data: &[u8]) -> Result<()> {
+    let d = vmm.driver();
+    ok(
+        "BEGIN_CPU_ACCESS",
+        d.begin_cpu_access(object, Direction::ToDevice),
+    )?;
+    match window {
+        Some(offset) => vmm.shm_write(offset, data)?,
+        None => ok("TRANSFER_TO_HOST", d.transfer_to_host(object, 0, data))?,
+    }
+    ok(
+        "END_CPU_ACCESS",
+        d.end_cpu_access(object, Direction::ToDevice),
+    )
+}
+
+/// Takes `object` out of the window if it was `placed` there, then
+/// releases it.
+fn release(d: &Driver, object: u64, placed: bool) -> Result<()> {
+    if placed {
+        ok("UNMAP_SHM", d.unmap_shm(object))?;
+    }
+    ok("RELEASE", d.release(object))
+}
+
 fn info(vmm: &LoopbackVmm) -> Result<Info> {
     ok("GET_INFO", vmm.driver().get_info())
 }
@@ -296,17 +343,10 @@ pub fn display_scanout(
 ) -> Result<Report> {
     let d = vmm.driver();
     let info = info(vmm)?;
-    let path = if use_window && window_live(vmm, &info) {
-        DataPath::Window
-    } else {
-        DataPath::Transfer
-    };
+    let path = data_path(vmm, &info, use_window);
     let size = format.buffer_size(u64::from(info.page_size));
     let object = ok("CREATE", d.create(size, 0))?.object;
-    let window = match path {
-        DataPath::Window => Some(ok("MAP_SHM", d.map_shm(object, true))?.0),
-        DataPath::Transfer => None,
-    };
+    let window = place_writable(d, object, path)?;
     let flags = if window.is_some() {
         attach_flags::PEER2PEER
     } else {
@@ -317,18 +357,7 @@ pub fn display_scanout(
     for seq in 0..frames {
         // The producer draws the frame.
         let frame = format.render(seq);
-        ok(
-            "BEGIN_CPU_ACCESS",
-            d.begin_cpu_access(object, Direction::ToDevice),
-        )?;
-        match window {
-            Some(offset) => vmm.shm_write(offset, &frame)?,
-            None => ok("TRANSFER_TO_HOST", d.transfer_to_host(object, 0, &frame))?,
-        }
-        ok(
-            "END_CPU_ACCESS",
-            d.end_cpu_access(object, Direction::ToDevice),
-        )?;
+        cpu_write(vmm, object, window, &frame)?;
         let expected = format.checksum(&frame);
         // The display flips to it: map, scan out, unmap.
         let map = ok("MAP (display)", d.map(display, Direction::ToDevice, 16, 0))?;
@@ -346,10 +375,7 @@ pub fn display_scanout(
         checksums.push(got);
     }
     ok("DETACH", d.detach(display))?;
-    if window.is_some() {
-        ok("UNMAP_SHM", d.unmap_shm(object))?;
-    }
-    ok("RELEASE", d.release(object))?;
+    release(d, object, window.is_some())?;
     Ok(Report { path, checksums })
 }
 
@@ -373,11 +399,7 @@ pub fn gpu_render(
 ) -> Result<Report> {
     let d = vmm.driver();
     let info = info(vmm)?;
-    let path = if use_window && window_live(vmm, &info) {
-        DataPath::Window
-    } else {
-        DataPath::Transfer
-    };
+    let path = data_path(vmm, &info, use_window);
     d.post_event_buffers(2, EVENT_SIZE as u32)?;
     let size = format.buffer_size(u64::from(info.page_size));
     let created = ok("CREATE", d.create(size, create_flags::DYNAMIC))?;
@@ -410,10 +432,7 @@ pub fn gpu_render(
     // A CPU reader waits for the job (implicit sync, section 7.5).
     let reader = d.submit(
         CONTROLQ,
-        &Request::BeginCpuAccess {
-            object,
-            dir: Direction::FromDevice,
-        },
+        &begin_cpu_access_request(object, Direction::FromDevice),
     )?;
     check(!d.settle(&reader, Duration::from_millis(100))?, || {
         "BEGIN_CPU_ACCESS(FROM_DEVICE) did not wait for the GPU's WRITE fence".into()
@@ -489,10 +508,7 @@ pub fn gpu_render(
     ok("UNLOCK", d.unlock(ctx, object))?;
     ok("ACQUIRE_FINI", d.acquire_fini(ctx))?;
     ok("DETACH", d.detach(gpu))?;
-    if path == DataPath::Window {
-        ok("UNMAP_SHM", d.unmap_shm(object))?;
-    }
-    ok("RELEASE", d.release(object))?;
+    release(d, object, path == DataPath::Window)?;
     Ok(Report {
         path,
         checksums: vec![expected, got],
@@ -519,11 +535,7 @@ pub fn camera_capture(
             "HOST_EXPORTS is not live".into(),
         ));
     }
-    let path = if window_live(vmm, &info) {
-        DataPath::Window
-    } else {
-        DataPath::Transfer
-    };
+    let path = data_path(vmm, &info, true);
     let mut buffer = format.render(42);
     buffer.resize(format.buffer_size(u64::from(info.page_size)) as usize, 0);
     let file = memfd_with("camera-frame", &buffer).map_err(|source| ImporterError::Io {
@@ -620,10 +632,7 @@ fn camera_read(
     check(write == Err(Status::Perm), || {
         format!("TRANSFER_TO_HOST to a read-only export: {write:?}")
     })?;
-    if window.is_some() {
-        ok("UNMAP_SHM", d.unmap_shm(o.object))?;
-    }
-    ok("RELEASE", d.release(o.object))?;
+    release(d, o.object, window.is_some())?;
     Ok(Report { path, checksums })
 }
 
@@ -750,31 +759,13 @@ pub fn blob_by_uuid(vmm: &mut LoopbackVmm, format: FrameFormat) -> Result<Report
             "SHARED_OBJECTS is not live".into(),
         ));
     }
-    let path = if window_live(vmm, &info) {
-        DataPath::Window
-    } else {
-        DataPath::Transfer
-    };
+    let path = data_path(vmm, &info, true);
     let size = format.buffer_size(u64::from(info.page_size));
     let frame = format.render(3);
     let d = vmm.driver();
     let object = ok("CREATE", d.create(size, 0))?.object;
-    let window = match path {
-        DataPath::Window => Some(ok("MAP_SHM", d.map_shm(object, true))?.0),
-        DataPath::Transfer => None,
-    };
-    ok(
-        "BEGIN_CPU_ACCESS",
-        d.begin_cpu_access(object, Direction::ToDevice),
-    )?;
-    match window {
-        Some(offset) => vmm.shm_write(offset, &frame)?,
-        None => ok("TRANSFER_TO_HOST", d.transfer_to_host(object, 0, &frame))?,
-    }
-    ok(
-        "END_CPU_ACCESS",
-        d.end_cpu_access(object, Direction::ToDevice),
-    )?;
+    let window = place_writable(d, object, path)?;
+    cpu_write(vmm, object, window, &frame)?;
     let uuid = match d.export_uuid(object)? {
         Ok(u) => uuid::Uuid::from_bytes(u),
         Err(Status::NotSupported) => {
@@ -832,10 +823,7 @@ pub fn blob_by_uuid(vmm: &mut LoopbackVmm, format: FrameFormat) -> Result<Report
     }
     drop(mapping);
     drop(file);
-    if window.is_some() {
-        ok("UNMAP_SHM", d.unmap_shm(object))?;
-    }
-    ok("RELEASE", d.release(object))?;
+    release(d, object, window.is_some())?;
     Ok(Report { path, checksums })
 }
 

@@ -260,12 +260,9 @@ impl MiniDevice {
         // view from the descriptor table through a fresh iterator is not
         // possible, so the toy device writes through the driver-visible
         // layout: find the head's writable descriptor.
-        let layout = self.queues[q as usize].desc_table();
         let mut idx = head;
         loop {
-            let at = layout + 16 * u64::from(idx);
-            let mut raw = [0u8; 16];
-            vm_memory::Bytes::read_slice(&*self.mem, &mut raw, GuestAddress(at)).unwrap();
+            let raw = self.desc(q, idx);
             let addr = u64::from_le_bytes(raw[0..8].try_into().unwrap());
             let flags = u16::from_le_bytes(raw[12..14].try_into().unwrap());
             let next = u16::from_le_bytes(raw[14..16].try_into().unwrap());
@@ -298,10 +295,15 @@ impl MiniDevice {
     }
 
     fn event_buffer_addr(&self, head: u16) -> u64 {
-        let at = self.queues[EVENTQ as usize].desc_table() + 16 * u64::from(head);
-        let mut raw = [0u8; 8];
+        u64::from_le_bytes(self.desc(EVENTQ, head)[0..8].try_into().unwrap())
+    }
+
+    /// Descriptor `idx` of queue `q`'s table, as stored.
+    fn desc(&self, q: u16, idx: u16) -> [u8; 16] {
+        let at = self.queues[q as usize].desc_table() + 16 * u64::from(idx);
+        let mut raw = [0u8; 16];
         vm_memory::Bytes::read_slice(&*self.mem, &mut raw, GuestAddress(at)).unwrap();
-        u64::from_le_bytes(raw)
+        raw
     }
 }
 

@@ -154,6 +154,18 @@ pub fn memfd(name: &str, size: u64) -> File {
     File::from(fd)
 }
 
+/// Every vhost-user protocol feature the device offers.
+pub fn device_protocol_features() -> VhostUserProtocolFeatures {
+    VhostUserProtocolFeatures::MQ
+        | VhostUserProtocolFeatures::CONFIG
+        | VhostUserProtocolFeatures::REPLY_ACK
+        | VhostUserProtocolFeatures::BACKEND_REQ
+        | VhostUserProtocolFeatures::BACKEND_SEND_FD
+        | VhostUserProtocolFeatures::RESET_DEVICE
+        | VhostUserProtocolFeatures::SHARED_OBJECT
+        | VhostUserProtocolFeatures::SHMEM
+}
+
 /// What the test front-end negotiates.
 #[derive(Debug, Clone)]
 pub struct Options {
@@ -172,19 +184,69 @@ impl Default for Options {
     fn default() -> Self {
         Options {
             queues: 2,
-            protocol: VhostUserProtocolFeatures::MQ
-                | VhostUserProtocolFeatures::CONFIG
-                | VhostUserProtocolFeatures::REPLY_ACK
-                | VhostUserProtocolFeatures::BACKEND_REQ
-                | VhostUserProtocolFeatures::BACKEND_SEND_FD
-                | VhostUserProtocolFeatures::RESET_DEVICE
-                | VhostUserProtocolFeatures::SHARED_OBJECT
-                | VhostUserProtocolFeatures::SHMEM,
+            protocol: device_protocol_features(),
             event_idx: true,
             channel: ChannelKind::Peer,
             regions: vec![(0, 32 << 20)],
             queue_size: 256,
         }
+    }
+}
+
+impl Options {
+    /// Two request queues and the eventq, for a daemon with
+    /// `request_queues = 2`.
+    pub fn two_request_queues() -> Options {
+        Options {
+            queues: 3,
+            ..Options::default()
+        }
+    }
+
+    /// The default options without the protocol feature `feature`.
+    pub fn without(feature: VhostUserProtocolFeatures) -> Options {
+        Options {
+            protocol: Options::default().protocol - feature,
+            ..Options::default()
+        }
+    }
+
+    /// The default options with the back-end channel served by `channel`.
+    pub fn channel(channel: ChannelKind) -> Options {
+        Options {
+            channel,
+            ..Options::default()
+        }
+    }
+
+    /// The default options with `regions` of guest RAM.
+    pub fn regions(regions: Vec<(u64, u64)>) -> Options {
+        Options {
+            regions,
+            ..Options::default()
+        }
+    }
+}
+
+/// A daemon with two request queues and a VM connected with all of them.
+pub fn two_queue_daemon() -> (TestDaemon, Vm) {
+    let d = TestDaemon::start(|c| c.request_queues = 2);
+    let vm = Vm::connect_with(&d.socket(0), Options::two_request_queues());
+    (d, vm)
+}
+
+/// An `OPEN` of `uuid` (BY_UUID).
+pub fn open_by_uuid(uuid: [u8; 16]) -> Request {
+    Request::Open {
+        uuid: Some(uuid),
+        name: Vec::new(),
+    }
+}
+
+/// The vhost-user message naming `uuid`.
+pub fn shared_msg(uuid: [u8; 16]) -> vhost::vhost_user::message::VhostUserSharedMsg {
+    vhost::vhost_user::message::VhostUserSharedMsg {
+        uuid: uuid::Uuid::from_bytes(uuid),
     }
 }
 
@@ -791,6 +853,136 @@ impl Vm {
         }
     }
 
+    pub fn release(&mut self, object: u64) -> Response {
+        self.call(0, &Request::Release { object })
+    }
+
+    pub fn unlock(&mut self, ctx: u64, object: u64) -> Response {
+        self.call(0, &Request::Unlock { ctx, object })
+    }
+
+    /// A LOCK with the TRY flag.
+    pub fn try_lock(&mut self, ctx: u64, object: u64) -> Response {
+        self.call(
+            0,
+            &Request::Lock {
+                ctx,
+                object,
+                try_lock: true,
+                slow: false,
+            },
+        )
+    }
+
+    /// A page-sized object locked by one of two fresh contexts: returns
+    /// (object, holder, other).
+    pub fn lock_held(&mut self) -> (u64, u64, u64) {
+        let obj = self.create(4096).object;
+        let (a, b) = (self.acquire(), self.acquire());
+        assert_eq!(self.call(0, &Vm::lock_request(a, obj)), Ok(Reply::Empty));
+        (obj, a, b)
+    }
+
+    /// ATTACH of a static importer; returns the attachment.
+    pub fn attach(&mut self, object: u64, peer2peer: bool) -> u64 {
+        match self.call(
+            0,
+            &Request::Attach {
+                object,
+                dynamic_importer: false,
+                peer2peer,
+            },
+        ) {
+            Ok(Reply::Attachment(a)) => a,
+            other => panic!("ATTACH: {other:?}"),
+        }
+    }
+
+    /// MAP with no fence context.
+    pub fn map(&mut self, attachment: u64, dir: Direction, max_entries: u32) -> MapReply {
+        match self.call(
+            0,
+            &Request::Map {
+                attachment,
+                dir,
+                max_entries,
+                ctx: 0,
+            },
+        ) {
+            Ok(Reply::Map(m)) => m,
+            other => panic!("MAP: {other:?}"),
+        }
+    }
+
+    /// UNMAP with no fence context.
+    pub fn unmap(&mut self, mapping: u64) -> Response {
+        self.call(0, &Request::Unmap { mapping, ctx: 0 })
+    }
+
+    pub fn map_shm(&mut self, object: u64, writable: bool) -> Response {
+        self.call(0, &Request::MapShm { object, writable })
+    }
+
+    pub fn export_uuid(&mut self, object: u64) -> Response {
+        self.call(0, &Request::ExportUuid { object })
+    }
+
+    /// The UUID EXPORT_UUID publishes `object` under.
+    pub fn exported_uuid(&mut self, object: u64) -> [u8; 16] {
+        match self.export_uuid(object) {
+            Ok(Reply::Uuid(u)) => u,
+            other => panic!("EXPORT_UUID: {other:?}"),
+        }
+    }
+
+    /// The back-end channel's hand-rolled peer.
+    pub fn peer(&self) -> &ChannelPeer {
+        self.channel.as_ref().expect("channel")
+    }
+
+    /// A device-readable buffer holding `bytes`.
+    pub fn readable(&mut self, bytes: &[u8]) -> Buf {
+        let gpa = self.ram.alloc(bytes.len().max(1) as u64, false);
+        self.ram.write(gpa, bytes);
+        Buf {
+            gpa,
+            len: bytes.len() as u32,
+            writable: false,
+        }
+    }
+
+    /// A device-writable buffer of `len` bytes.
+    pub fn writable(&mut self, len: u32) -> Buf {
+        Buf {
+            gpa: self.ram.alloc(u64::from(len), false),
+            len,
+            writable: true,
+        }
+    }
+
+    /// Makes every chain of `batch` available on `queue` with one kick;
+    /// returns each chain's `used.len`, in order.
+    pub fn run_batch(&mut self, queue: usize, batch: &[&[Buf]]) -> Vec<u32> {
+        let heads: Vec<u16> = batch
+            .iter()
+            .map(|bufs| self.queues[queue].add(&self.ram, bufs))
+            .collect();
+        self.queues[queue].notify();
+        heads
+            .iter()
+            .map(|h| self.queues[queue].wait_used(&self.ram, *h))
+            .collect()
+    }
+
+    /// (status, tag) of the response header written into `b`.
+    pub fn response_header(&self, b: &Buf) -> (u32, u64) {
+        let r = self.ram.read(b.gpa, 16);
+        (
+            u32::from_le_bytes(r[0..4].try_into().expect("4")),
+            u64::from_le_bytes(r[8..16].try_into().expect("8")),
+        )
+    }
+
     /// Posts one eventq buffer of `len` bytes; returns (head, gpa).
     pub fn post_event_buffer(&mut self, len: u32) -> (u16, u64) {
         let gpa = self.ram.alloc(u64::from(len), false);
@@ -890,6 +1082,11 @@ impl ChannelPeer {
         let out = f(&mut st);
         cv.notify_all();
         out
+    }
+
+    /// Waits until a received message satisfies `f`.
+    pub fn wait_for_msg(&self, what: &str, f: impl Fn(&ChannelMsg) -> bool) {
+        self.wait_for(what, |msgs| msgs.iter().any(&f).then_some(()));
     }
 
     /// Waits until `f` finds something in the received messages.

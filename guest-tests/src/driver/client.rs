@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 use virtio_dmabuf_protocol::{
     decode_response, encode_request, DecodeError, Direction, Event, FenceUsage, Info, MapReply,
     ObjectReply, Opcode, Reply, Request, Response, Segment, Status, CONTROLQ, EVENTQ, EVENT_SIZE,
-    MAP_REPLY_FIXED_SIZE, RESP_HDR_SIZE, SEGMENT_SIZE,
+    MAP_REPLY_FIXED_SIZE, REQ_HDR_SIZE, RESP_HDR_SIZE, SEGMENT_SIZE,
 };
 
 use super::memory::{Buffer, BufferPool, GuestMemory, MemError, PoolError};
@@ -519,16 +519,7 @@ impl Driver {
                     return Err(DriverError::Queue { queue, source: e });
                 }
             };
-            let seq = self.next_seq.fetch_add(1, Ordering::Relaxed);
-            q.inflight.insert(
-                head,
-                Inflight {
-                    seq,
-                    buffers: p.buffers,
-                    writable: p.writable,
-                    is_event: false,
-                },
-            );
+            let seq = self.track(&mut q, head, p, false);
             tickets.push(Ticket {
                 queue,
                 seq,
@@ -538,6 +529,22 @@ impl Driver {
         }
         self.publish(&mut q, queue)?;
         Ok(tickets)
+    }
+
+    /// Records the chain `p` added at `head` as in flight; returns its
+    /// sequence number.
+    fn track(&self, q: &mut QueueState, head: u16, p: Prepared, is_event: bool) -> u64 {
+        let seq = self.next_seq.fetch_add(1, Ordering::Relaxed);
+        q.inflight.insert(
+            head,
+            Inflight {
+                seq,
+                buffers: p.buffers,
+                writable: p.writable,
+                is_event,
+            },
+        );
+        seq
     }
 
     fn publish(&self, q: &mut QueueState, queue: u16) -> Result<(), DriverError> {
@@ -781,16 +788,7 @@ impl Driver {
                     });
                 }
             };
-            let seq = self.next_seq.fetch_add(1, Ordering::Relaxed);
-            q.inflight.insert(
-                head,
-                Inflight {
-                    seq,
-                    buffers: p.buffers,
-                    writable: p.writable,
-                    is_event: true,
-                },
-            );
+            self.track(&mut q, head, p, true);
         }
         self.publish(&mut q, EVENTQ)
     }
@@ -1082,6 +1080,11 @@ impl Driver {
 }
 
 /// A `LOCK` request from `lock_flags` bits.
+/// A `BEGIN_CPU_ACCESS` request (to submit without waiting for it).
+pub fn begin_cpu_access_request(object: u64, dir: Direction) -> Request {
+    Request::BeginCpuAccess { object, dir }
+}
+
 pub fn lock_request(ctx: u64, object: u64, flags: u32) -> Request {
     use virtio_dmabuf_protocol::lock_flags as f;
     Request::Lock {
@@ -1126,7 +1129,7 @@ impl BatchItem {
         for d in &chain.descs {
             if let RawDesc::Readable(b) = d {
                 head.extend_from_slice(b);
-                if head.len() >= 16 {
+                if head.len() >= REQ_HDR_SIZE {
                     break;
                 }
             } else {

@@ -8,8 +8,9 @@ pub mod notify;
 pub mod split;
 
 pub use client::{
-    check_response, lock_request, reply_capacity, BatchItem, ChainLayout, Driver, DriverConfig,
-    DriverError, EventRecord, Outcome, RawChain, RawCompletion, RawDesc, Ticket,
+    begin_cpu_access_request, check_response, lock_request, reply_capacity, BatchItem, ChainLayout,
+    Driver, DriverConfig, DriverError, EventRecord, Outcome, RawChain, RawCompletion, RawDesc,
+    Ticket,
 };
 pub use memory::{Buffer, BufferPool, GuestMemory, MemError, PoolError, VmGuestMemory};
 pub use notify::{EventFdNotifier, Notifier};

@@ -14,11 +14,14 @@ use std::time::Duration;
 use virtio_dmabuf_protocol::{
     attach_flags, caps, create_flags, encode_request, lock_flags, map_flags, AddressSpace,
     Direction, Event, EventType, FenceUsage, Info, MapReply, Opcode, Reply, Request, RequestHeader,
-    Segment, Status, CONTROLQ, INFO_SIZE, REQ_HDR_SIZE, RESP_HDR_SIZE,
+    Segment, Status, CONTROLQ, EVENT_SIZE, INFO_SIZE, REQ_HDR_SIZE, RESP_HDR_SIZE,
 };
 
 use super::{Check, Stop, Suite};
-use crate::driver::{lock_request, reply_capacity, BatchItem, ChainLayout, Desc, Driver, RawChain};
+use crate::driver::{
+    begin_cpu_access_request, lock_request, reply_capacity, BatchItem, ChainLayout, Desc, Driver,
+    RawChain, Ticket,
+};
 use crate::vmm::{LoopbackVmm, VmmOptions};
 use crate::{ensure, ensure_eq, skip};
 use vhost::vhost_user::VhostUserProtocolFeatures;
@@ -405,6 +408,29 @@ fn shared_object_negotiated(vmm: &LoopbackVmm) -> bool {
         && p.contains(VhostUserProtocolFeatures::BACKEND_REQ)
 }
 
+/// One past the highest guest RAM address of the session.
+fn ram_end(vmm: &LoopbackVmm) -> u64 {
+    vmm.options()
+        .ram
+        .iter()
+        .map(|&(g, s)| g + s)
+        .max()
+        .unwrap_or(0)
+}
+
+/// A one-page object locked by a fresh context `a` and a LOCK of a second
+/// context `b` parked behind it on the controlq: returns
+/// `(object, a, b, parked)`.
+fn parked_lock(d: &Driver) -> Result<(u64, u64, u64, Ticket), Stop> {
+    let object = create(d, 1, 0)?;
+    let (a, _) = d.acquire_init()??;
+    let (b, _) = d.acquire_init()??;
+    ensure_eq!(d.lock(a, object, 0)?, Ok(()));
+    let parked = d.submit(CONTROLQ, &lock_request(b, object, 0))?;
+    ensure!(!d.settle(&parked, SETTLE)?);
+    Ok((object, a, b, parked))
+}
+
 fn raw_status(bytes: &[u8]) -> Option<(u32, u64)> {
     let h = virtio_dmabuf_protocol::wire::RawRespHdr::from_le_bytes(bytes)?;
     Some((h.status, h.tag))
@@ -640,23 +666,12 @@ fn framing_flags_reserved_and_enums_are_einval(t: &Target) -> Check {
     b[4..8].copy_from_slice(&0x80u32.to_le_bytes());
     ensure_eq!(send_raw(b)?, einval);
     // Reserved field of BEGIN_CPU_ACCESS.
-    let mut b = encode_request(
-        0x21,
-        &Request::BeginCpuAccess {
-            object,
-            dir: Direction::ToDevice,
-        },
-    );
+    let begin = encode_request(0x21, &begin_cpu_access_request(object, Direction::ToDevice));
+    let mut b = begin.clone();
     b[REQ_HDR_SIZE + 12..REQ_HDR_SIZE + 16].copy_from_slice(&1u32.to_le_bytes());
     ensure_eq!(send_raw(b)?, einval);
     // dir = NONE (3).
-    let mut b = encode_request(
-        0x21,
-        &Request::BeginCpuAccess {
-            object,
-            dir: Direction::ToDevice,
-        },
-    );
+    let mut b = begin;
     b[REQ_HDR_SIZE + 8..REQ_HDR_SIZE + 12].copy_from_slice(&3u32.to_le_bytes());
     ensure_eq!(send_raw(b)?, einval);
     // DYNAMIC with CACHE_MAPPING, and GUEST_PAGES entries without the flag.
@@ -689,13 +704,7 @@ fn framing_flags_reserved_and_enums_are_einval(t: &Target) -> Check {
 fn framing_address_outside_guest_memory(t: &Target) -> Check {
     let vmm = t.connect()?;
     let d = vmm.driver();
-    let ram_end = vmm
-        .options()
-        .ram
-        .iter()
-        .map(|&(g, s)| g + s)
-        .max()
-        .unwrap_or(0);
+    let ram_end = ram_end(&vmm);
     let far = ram_end + (1 << 30);
     let bytes = encode_request(0x31, &Request::GetInfo);
     // Readable part outside guest memory: EFAULT if the device can answer,
@@ -1053,12 +1062,7 @@ fn lock_wait_die_younger_holder_gets_edeadlk(t: &Target) -> Check {
 fn cancel_ends_a_parked_request(t: &Target) -> Check {
     let vmm = t.connect()?;
     let d = vmm.driver();
-    let object = create(d, 1, 0)?;
-    let (a, _) = d.acquire_init()??;
-    let (b, _) = d.acquire_init()??;
-    ensure_eq!(d.lock(a, object, 0)?, Ok(()));
-    let parked = d.submit(CONTROLQ, &lock_request(b, object, 0))?;
-    ensure!(!d.settle(&parked, SETTLE)?);
+    let (object, a, b, parked) = parked_lock(d)?;
     let tag = parked.tag();
     ensure_eq!(d.cancel(tag)?, Ok(()));
     ensure_eq!(d.complete(parked)?, Err(Status::Canceled));
@@ -1081,12 +1085,7 @@ fn parked_request_does_not_block_other_queues(t: &Target) -> Check {
     let Some(&other) = queues.iter().find(|&&q| q != CONTROLQ) else {
         skip!("the daemon has one request queue (--queues 1)")
     };
-    let object = create(d, 1, 0)?;
-    let (a, _) = d.acquire_init()??;
-    let (b, _) = d.acquire_init()??;
-    ensure_eq!(d.lock(a, object, 0)?, Ok(()));
-    let parked = d.submit(CONTROLQ, &lock_request(b, object, 0))?;
-    ensure!(!d.settle(&parked, SETTLE)?);
+    let (object, a, b, parked) = parked_lock(d)?;
     for &q in &queues {
         ensure!(
             d.call_on(q, &Request::GetInfo)?.is_ok(),
@@ -1290,14 +1289,7 @@ fn guest_pages_objects_share_guest_memory(t: &Target) -> Check {
         )?,
         Err(Status::Inval)
     );
-    let far = vmm
-        .options()
-        .ram
-        .iter()
-        .map(|&(g, s)| g + s)
-        .max()
-        .unwrap_or(0)
-        + (1 << 30);
+    let far = ram_end(&vmm) + (1 << 30);
     // Section 7.2 lists "inside guest RAM" among the EINVAL conditions of
     // CREATE, section 4/5 make an address outside guest memory EFAULT: both
     // readings are accepted (docs/guest-tests.md).
@@ -1428,7 +1420,7 @@ fn eventq_move_notify_after_evict(t: &Target) -> Check {
     let d = vmm.driver();
     // Nothing happens: posted buffers stay with the device.
     d.post_event_buffers(1, 16)?;
-    d.post_event_buffers(2, 32)?;
+    d.post_event_buffers(2, EVENT_SIZE as u32)?;
     ensure!(d.next_event(SETTLE)?.is_none(), "no event without a cause");
     let o = d.create(page(d)?, create_flags::DYNAMIC)??;
     let a = d.attach(o.object, attach_flags::DYNAMIC_IMPORTER)??;
@@ -1441,12 +1433,7 @@ fn eventq_move_notify_after_evict(t: &Target) -> Check {
         .next_event(Duration::from_secs(2))?
         .ok_or_else(|| Stop::Fail("no eventq buffer returned after the move".into()))?;
     ensure_eq!(short.used_len, 0);
-    let ev = d
-        .next_event(Duration::from_secs(2))?
-        .ok_or_else(|| Stop::Fail("no MOVE_NOTIFY after the move".into()))?;
-    let event = ev
-        .event
-        .ok_or_else(|| Stop::Fail(format!("undecodable event {:?}", ev.bytes)))?;
+    let event = next_event(d, Duration::from_secs(2), "MOVE_NOTIFY after the move")?;
     ensure_eq!(event.kind, EventType::MoveNotify);
     ensure_eq!((event.object, event.attachment), (o.object, a));
     ensure!(
@@ -1487,7 +1474,7 @@ fn host_export_open_and_revoke(t: &Target) -> Check {
     };
     host.export(name, file.as_fd(), &options)
         .map_err(Stop::Fail)?;
-    d.post_event_buffers(1, 32)?;
+    d.post_event_buffers(1, EVENT_SIZE as u32)?;
     let o = d.open_by_name(name)??;
     ensure_eq!(o.size, 2 * pg);
     ensure_eq!(
@@ -1505,12 +1492,7 @@ fn host_export_open_and_revoke(t: &Target) -> Check {
     ensure_eq!(d.release(o.object)?, Ok(()));
     ensure_eq!(d.open_by_name("no-such-export")?, Err(Status::NoEnt));
     host.revoke(name).map_err(Stop::Fail)?;
-    let ev = d
-        .next_event(Duration::from_secs(2))?
-        .ok_or_else(|| Stop::Fail("no REVOKED event".into()))?;
-    let event = ev
-        .event
-        .ok_or_else(|| Stop::Fail(format!("undecodable event {:?}", ev.bytes)))?;
+    let event = next_event(d, Duration::from_secs(2), "REVOKED")?;
     ensure_eq!((event.kind, event.object), (EventType::Revoked, o.object));
     ensure_eq!(d.transfer_from_host(o.object, 0, 8)?, Err(Status::NoEnt));
     ensure_eq!(
@@ -1526,16 +1508,7 @@ fn host_export_open_and_revoke(t: &Target) -> Check {
 
 fn vring_stop_cancels_waiting_and_keeps_state(t: &Target) -> Check {
     let mut vmm = t.connect()?;
-    let (object, a, parked) = {
-        let d = vmm.driver();
-        let object = create(d, 1, 0)?;
-        let (a, _) = d.acquire_init()??;
-        let (b, _) = d.acquire_init()??;
-        ensure_eq!(d.lock(a, object, 0)?, Ok(()));
-        let parked = d.submit(CONTROLQ, &lock_request(b, object, 0))?;
-        ensure!(!d.settle(&parked, SETTLE)?);
-        (object, a, parked)
-    };
+    let (object, a, _, parked) = parked_lock(vmm.driver())?;
     let bases = vmm.stop_vrings()?;
     // The waiting chain came back before GET_VRING_BASE answered.
     let d = vmm.driver();

@@ -6,13 +6,26 @@ use std::os::fd::AsFd;
 use std::time::Duration;
 
 use virtio_dmabuf_protocol::{
-    attach_flags, caps, lock_flags, Direction, FenceUsage, Reply, Request, Status, CONTROLQ,
+    attach_flags, caps, lock_flags, Direction, FenceUsage, Reply, Status, CONTROLQ,
 };
 
 use super::{create, export_name, info, listed, page, pattern, Check, Stop, Target, SETTLE};
-use crate::driver::lock_request;
+use crate::driver::{begin_cpu_access_request, lock_request};
 use crate::host::{ExportOptions, HostControl, HostLockHolder};
+use crate::vmm::LoopbackVmm;
 use crate::{ensure, ensure_eq};
+
+/// Sessions as guests 0 and 1.
+fn two_guests(t: &Target) -> Result<(LoopbackVmm, LoopbackVmm), Stop> {
+    Ok((t.connect_guest(0)?, t.connect_guest(1)?))
+}
+
+/// Runs `body`, then revokes the export `name` whatever it returned.
+fn revoking(host: &dyn HostControl, name: &str, body: impl FnOnce() -> Check) -> Check {
+    let result = body();
+    host.revoke(name).map_err(Stop::Fail)?;
+    result
+}
 
 /// The lock holder of the object with `uuid`, as the host lists it.
 fn lock_holder(host: &dyn HostControl, uuid: [u8; 16]) -> Result<Option<HostLockHolder>, Stop> {
@@ -30,8 +43,7 @@ fn shared_export(host: &dyn HostControl, prefix: &str, pg: u64) -> Result<String
 }
 
 pub(super) fn two_guests_cannot_name_each_others_handles(t: &Target) -> Check {
-    let g0 = t.connect_guest(0)?;
-    let g1 = t.connect_guest(1)?;
+    let (g0, g1) = two_guests(t)?;
     let (d0, d1) = (g0.driver(), g1.driver());
     let pg = page(d0)?;
     let o0 = d0.create(pg, 0)??;
@@ -79,8 +91,7 @@ pub(super) fn two_guests_cannot_name_each_others_handles(t: &Target) -> Check {
 
 pub(super) fn two_guests_export_for_one_guest_is_enoent_for_the_other(t: &Target) -> Check {
     let host = t.host()?;
-    let g0 = t.connect_guest(0)?;
-    let g1 = t.connect_guest(1)?;
+    let (g0, g1) = two_guests(t)?;
     let (d0, d1) = (g0.driver(), g1.driver());
     let pg = page(d0)?;
     let name = export_name("guest1-only");
@@ -93,7 +104,7 @@ pub(super) fn two_guests_export_for_one_guest_is_enoent_for_the_other(t: &Target
     };
     host.export(&name, file.as_fd(), &options)
         .map_err(Stop::Fail)?;
-    let result = (|| -> Check {
+    revoking(host, &name, || {
         // Guest 0: exactly the answer to a name that does not exist.
         let hidden = d0.open_by_name(&name)?;
         let missing = d0.open_by_name(&export_name("missing"))?;
@@ -111,18 +122,15 @@ pub(super) fn two_guests_export_for_one_guest_is_enoent_for_the_other(t: &Target
         ensure_eq!(listed(host, o.uuid)?.guests, vec![1]);
         ensure_eq!(d1.release(o.object)?, Ok(()));
         Ok(())
-    })();
-    host.revoke(&name).map_err(Stop::Fail)?;
-    result
+    })
 }
 
 pub(super) fn two_guests_lock_contention_on_a_shared_export(t: &Target) -> Check {
     let host = t.host()?;
-    let g0 = t.connect_guest(0)?;
-    let g1 = t.connect_guest(1)?;
+    let (g0, g1) = two_guests(t)?;
     let (d0, d1) = (g0.driver(), g1.driver());
     let name = shared_export(host, "shared-lock", page(d0)?)?;
-    let result = (|| -> Check {
+    revoking(host, &name, || {
         let o0 = d0.open_by_name(&name)??;
         let o1 = d1.open_by_name(&name)??;
         ensure_eq!(o0.uuid, o1.uuid, "one object, a handle in each guest");
@@ -182,18 +190,15 @@ pub(super) fn two_guests_lock_contention_on_a_shared_export(t: &Target) -> Check
         ensure_eq!(d0.release(o0.object)?, Ok(()));
         ensure_eq!(d1.release(o1.object)?, Ok(()));
         Ok(())
-    })();
-    host.revoke(&name).map_err(Stop::Fail)?;
-    result
+    })
 }
 
 pub(super) fn two_guests_disconnect_releases_the_lock(t: &Target) -> Check {
     let host = t.host()?;
-    let g0 = t.connect_guest(0)?;
-    let g1 = t.connect_guest(1)?;
+    let (g0, g1) = two_guests(t)?;
     let d1 = g1.driver();
     let name = shared_export(host, "disconnect-lock", page(d1)?)?;
-    let result = (|| -> Check {
+    revoking(host, &name, || {
         let o0 = g0.driver().open_by_name(&name)??;
         let o1 = d1.open_by_name(&name)??;
         let (c0, _) = g0.driver().acquire_init()??;
@@ -204,10 +209,7 @@ pub(super) fn two_guests_disconnect_releases_the_lock(t: &Target) -> Check {
         let parked = d1.submit(CONTROLQ, &lock_request(c1, o1.object, 0))?;
         let reader = d1.submit(
             CONTROLQ,
-            &Request::BeginCpuAccess {
-                object: o1.object,
-                dir: Direction::FromDevice,
-            },
+            &begin_cpu_access_request(o1.object, Direction::FromDevice),
         )?;
         ensure!(!d1.settle(&parked, SETTLE)?, "the lock is guest 0's");
         ensure!(!d1.poll(&reader)?, "guest 0's WRITE fence is pending");
@@ -239,7 +241,5 @@ pub(super) fn two_guests_disconnect_releases_the_lock(t: &Target) -> Check {
         ensure_eq!(d1.acquire_fini(c1)?, Ok(()));
         ensure_eq!(d1.release(o1.object)?, Ok(()));
         Ok(())
-    })();
-    host.revoke(&name).map_err(Stop::Fail)?;
-    result
+    })
 }

@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use virtio_dmabuf_protocol::{
-    attach_flags, create_flags, map_flags, Direction, EventType, Status, EVENT_SIZE,
+    attach_flags, create_flags, map_flags, Direction, EventType, ObjectReply, Status, EVENT_SIZE,
 };
 
 use super::{info, listed, next_event, page, Check, Stop, Target, SETTLE};
@@ -13,13 +13,11 @@ use crate::driver::{Driver, DriverError, Outcome};
 use crate::host::{syncs_during, HostControl};
 use crate::{ensure, ensure_eq, skip};
 
-const DIRECTIONS: [Direction; 3] = [
-    Direction::FromDevice,
-    Direction::ToDevice,
-    Direction::Bidirectional,
-];
+/// The section 9 table written out from the contract's numbers, so the
+/// daemon is checked against the contract, not against its own helpers.
+const START: u64 = 0x0;
+const END: u64 = 0x4;
 
-/// `rw(dir)` of section 9, written out as the contract's table says.
 fn rw(dir: Direction) -> u64 {
     match dir {
         Direction::FromDevice => 0x1,
@@ -27,8 +25,12 @@ fn rw(dir: Direction) -> u64 {
         Direction::Bidirectional => 0x3,
     }
 }
-const START: u64 = 0x0;
-const END: u64 = 0x4;
+
+const DIRECTIONS: [Direction; 3] = [
+    Direction::FromDevice,
+    Direction::ToDevice,
+    Direction::Bidirectional,
+];
 
 /// Runs one request and returns its outcome with the host syncs the daemon
 /// recorded for the object meanwhile.
@@ -134,6 +136,18 @@ fn evict_refused_pinned(host: &dyn HostControl, uuid: [u8; 16]) -> Check {
     }
 }
 
+/// The host evicts `o` (never moved before) and the dynamic importer's
+/// `attachment` hears of it: MOVE_NOTIFY with generation 1.
+fn evict_moves(host: &dyn HostControl, d: &Driver, o: &ObjectReply, attachment: u64) -> Check {
+    host.evict(o.uuid).map_err(Stop::Fail)?;
+    let ev = next_event(d, Duration::from_secs(2), "MOVE_NOTIFY")?;
+    ensure_eq!(
+        (ev.kind, ev.object, ev.attachment, ev.data),
+        (EventType::MoveNotify, o.object, attachment, 1)
+    );
+    Ok(())
+}
+
 pub(super) fn pin_blocks_eviction_until_unpin(t: &Target) -> Check {
     let host = t.host()?;
     let vmm = t.connect()?;
@@ -166,12 +180,7 @@ pub(super) fn pin_blocks_eviction_until_unpin(t: &Target) -> Check {
     ensure_eq!(d.lock(ctx, o.object, 0)?, Ok(()));
     ensure_eq!(d.unpin(a, ctx)?, Ok(()));
     ensure_eq!(d.unlock(ctx, o.object)?, Ok(()));
-    host.evict(o.uuid).map_err(Stop::Fail)?;
-    let ev = next_event(d, Duration::from_secs(2), "MOVE_NOTIFY")?;
-    ensure_eq!(
-        (ev.kind, ev.object, ev.attachment, ev.data),
-        (EventType::MoveNotify, o.object, a, 1)
-    );
+    evict_moves(host, d, &o, a)?;
     ensure_eq!(d.acquire_fini(ctx)?, Ok(()));
     ensure_eq!(d.detach(a)?, Ok(()));
     ensure_eq!(d.release(o.object)?, Ok(()));
@@ -210,12 +219,7 @@ pub(super) fn static_importer_pins_a_dynamic_exporter_until_detach(t: &Target) -
     ensure!(d.next_event(SETTLE)?.is_none(), "nothing moved");
     // Detached, the pin goes with it.
     ensure_eq!(d.detach(fixed)?, Ok(()));
-    host.evict(o.uuid).map_err(Stop::Fail)?;
-    let ev = next_event(d, Duration::from_secs(2), "MOVE_NOTIFY")?;
-    ensure_eq!(
-        (ev.kind, ev.object, ev.attachment, ev.data),
-        (EventType::MoveNotify, o.object, dynamic, 1)
-    );
+    evict_moves(host, d, &o, dynamic)?;
     ensure_eq!(d.detach(dynamic)?, Ok(()));
     ensure_eq!(d.release(o.object)?, Ok(()));
     Ok(())

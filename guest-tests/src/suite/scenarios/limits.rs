@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use virtio_dmabuf_protocol::{Direction, FenceUsage, Info, Reply, Request, Status, CONTROLQ};
 
 use super::{create, info, page, Check, Quotas, Stop, Target, SETTLE};
-use crate::driver::Driver;
+use crate::driver::{begin_cpu_access_request, Driver};
 use crate::{ensure, ensure_eq, skip};
 
 const USAGES: [FenceUsage; 4] = [
@@ -71,10 +71,7 @@ pub(super) fn fence_wait_timeout_and_poll(t: &Target) -> Check {
     ensure_eq!(d.end_cpu_access(object, Direction::FromDevice)?, Ok(()));
     let writer = d.submit(
         CONTROLQ,
-        &Request::BeginCpuAccess {
-            object,
-            dir: Direction::ToDevice,
-        },
+        &begin_cpu_access_request(object, Direction::ToDevice),
     )?;
     ensure!(
         !d.settle(&writer, SETTLE)?,
@@ -123,10 +120,7 @@ pub(super) fn fence_timeout_signals_a_hung_fence(t: &Target) -> Check {
     // a while would race the timeout on a busy machine).
     let reader = d.submit(
         CONTROLQ,
-        &Request::BeginCpuAccess {
-            object,
-            dir: Direction::FromDevice,
-        },
+        &begin_cpu_access_request(object, Direction::FromDevice),
     )?;
     let r = d.complete_within(reader, limit + Duration::from_secs(5))?;
     let took = start.elapsed();
