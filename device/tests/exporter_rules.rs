@@ -1827,3 +1827,145 @@ fn guests_cannot_name_each_others_handles() {
     assert_eq!(d.err(1, Request::Detach { attachment: a }), Status::NoEnt);
     assert_eq!(d.err(1, Request::AcquireFini { ctx }), Status::NoEnt);
 }
+
+// ---- Review findings ----
+
+/// Section 4 (handles `ENOENT` before the kind `EINVAL`) and section 8
+/// (REVOKED: "the guest's handles now fail with `ENOENT`").
+#[test]
+fn pin_on_a_revoked_object_is_enoent_before_the_static_importer_einval() {
+    let mut d = Dev::new();
+    export(&mut d, "cam", 1, true, false, None);
+    let h = handle(open_name(&mut d, 0, "cam").unwrap());
+    let a = d.attach(0, h, false);
+    let now = d.now;
+    d.ex.host_revoke("cam", now).unwrap();
+    assert_eq!(d.err(0, Dev::pin_req(a, 0, true)), Status::NoEnt);
+}
+
+/// Section 7.5: `UNMAP_SHM` is `EBUSY` "while this guest has outstanding
+/// mappings with space SHM of the object"; a mapping a move invalidated is
+/// outstanding until `UNMAP` (section 6), and its window offset still holds.
+#[test]
+fn unmap_shm_is_ebusy_while_a_moved_shm_mapping_is_outstanding() {
+    let mut d = Dev::new();
+    let o = d.create(0, 1, true, false);
+    let a = d.attach_p2p(0, o, true, true);
+    d.ok(0, Dev::map_shm_req(o, false));
+    let (ctx, _) = d.ctx(0);
+    d.lock(0, ctx, o);
+    let m = d.map(0, a, Bidi, ctx);
+    assert_eq!(m.space, AddressSpace::Shm);
+    d.unlock(0, ctx, o);
+    let u = uuid_of(&d, 0);
+    assert_eq!(d.evict(u, 1), Some(Ok(())));
+    assert_eq!(d.err(0, Request::UnmapShm { object: o }), Status::Busy);
+    d.unmap(0, m.mapping);
+    d.ok(0, Request::UnmapShm { object: o });
+}
+
+/// Section 7.3 (`UNMAP`: "same locking rule as `MAP`"), section 4 (an
+/// unknown handle is `ENOENT`) and section 7.4 (a request naming a context
+/// that waits is `EBUSY`): an invalidated mapping skips the lock and the
+/// sync, not the checks of the context it names.
+#[test]
+fn unmap_of_an_invalidated_mapping_still_checks_the_context_it_names() {
+    let mut d = Dev::new();
+    let o = d.create(0, 1, true, false);
+    let other = d.create(0, 1, false, false);
+    let a = d.attach(0, o, true);
+    let (ctx, _) = d.ctx(0);
+    let (c2, _) = d.ctx(0);
+    d.lock(0, ctx, o);
+    let m = d.map(0, a, Bidi, ctx);
+    d.unlock(0, ctx, o);
+    let u = uuid_of(&d, 0);
+    assert_eq!(d.evict(u, 1), Some(Ok(())));
+    let bad = Request::Unmap {
+        mapping: m.mapping,
+        ctx: 0xdead_beef,
+    };
+    assert_eq!(d.err(0, bad), Status::NoEnt);
+    d.lock(0, c2, other);
+    let t = d.park(0, Dev::lock_req(ctx, other));
+    let busy = Request::Unmap {
+        mapping: m.mapping,
+        ctx,
+    };
+    assert_eq!(d.err(0, busy), Status::Busy);
+    d.unlock(0, c2, other);
+    assert_eq!(d.completed(t), Some(Ok(Reply::Empty)));
+    d.ok(
+        0,
+        Request::Unmap {
+            mapping: m.mapping,
+            ctx,
+        },
+    );
+}
+
+/// Section 10: the eviction timeout bounds the wait for the lock only; once
+/// the mover holds it and waits for fences (section 8), that timer is
+/// spent and must not stay due (the timer thread would spin on it).
+#[test]
+fn evict_lock_timeout_is_no_timer_once_the_mover_holds_the_lock() {
+    let mut d = Dev::new();
+    let o = d.create(0, 1, true, false);
+    let (ctx, _) = d.ctx(0);
+    d.lock(0, ctx, o);
+    let f = d.fence(0, ctx, o, FenceUsage::Write);
+    d.unlock(0, ctx, o);
+    let u = uuid_of(&d, 0);
+    assert_eq!(d.evict(u, 1), None);
+    d.advance(Duration::from_secs(2));
+    assert!(d.ex.take_host_completions().is_empty());
+    let next = d.ex.next_deadline().expect("the fence timeout is pending");
+    assert!(next > d.now, "a spent timer is still due: {next:?}");
+    d.ok(0, Dev::signal_req(f, 0));
+    assert_eq!(d.ex.take_host_completions(), vec![(1, Ok(()))]);
+}
+
+/// Section 6 (a reset releases everything, waiting requests included) and
+/// section 10 (eviction ends with a clear result): a move waiting on an
+/// object that dies must end, not wait forever holding a dead lock.
+#[test]
+fn object_death_ends_a_waiting_eviction() {
+    let mut d = Dev::new();
+    let o = d.create(0, 1, true, false);
+    let (ctx, _) = d.ctx(0);
+    d.lock(0, ctx, o);
+    d.fence(0, ctx, o, FenceUsage::Bookkeep);
+    d.unlock(0, ctx, o);
+    let u = uuid_of(&d, 0);
+    assert_eq!(d.evict(u, 1), None);
+    d.ok(0, Request::ResetSession);
+    assert_eq!(d.object_count(), 0);
+    assert_eq!(
+        d.ex.take_host_completions(),
+        vec![(1, Err(HostError::Canceled))]
+    );
+    assert_eq!(d.ex.next_deadline(), None);
+}
+
+/// Section 7.4: "A context has at most one waiting request; another request
+/// that names it while one waits is `EBUSY`", also for an `UNPIN` that
+/// unwinds a revoked object.
+#[test]
+fn unpin_on_a_revoked_object_is_ebusy_while_its_context_waits() {
+    let mut d = Dev::new();
+    export(&mut d, "cam", 1, true, false, None);
+    let h = handle(open_name(&mut d, 0, "cam").unwrap());
+    let other = d.create(0, 1, false, false);
+    let a = d.attach(0, h, true);
+    d.ok(0, Dev::pin_req(a, 0, true));
+    let (ctx, _) = d.ctx(0);
+    let (c2, _) = d.ctx(0);
+    d.lock(0, c2, other);
+    let t = d.park(0, Dev::lock_req(ctx, other));
+    let now = d.now;
+    d.ex.host_revoke("cam", now).unwrap();
+    assert_eq!(d.err(0, Dev::pin_req(a, ctx, false)), Status::Busy);
+    d.unlock(0, c2, other);
+    assert_eq!(d.completed(t), Some(Ok(Reply::Empty)));
+    d.ok(0, Dev::pin_req(a, ctx, false));
+}

@@ -320,9 +320,21 @@ impl Exporter {
         let att = self.attachment_of(guest, m.attachment)?;
         let lock_use = self.lock_use(guest, att, ctx);
         if invalid {
-            // Moved or revoked: the mapping ends, no lock, no sync.
-            if ctx != 0 && !att.dynamic_importer {
-                return Err(Status::Inval);
+            // Moved or revoked: the mapping ends, no lock, no sync. The
+            // context it names is still checked (ENOENT, EINVAL, EBUSY), but
+            // need not hold the lock: a revoked object's lock cannot be held.
+            if ctx != 0 {
+                let c = self
+                    .contexts
+                    .get(&ctx)
+                    .filter(|c| c.guest == guest)
+                    .ok_or(Status::NoEnt)?;
+                if !att.dynamic_importer {
+                    return Err(Status::Inval);
+                }
+                if c.waiting.is_some() {
+                    return Err(Status::Busy);
+                }
             }
             self.drop_mapping(id);
             return done(Ok(Reply::Empty));
@@ -352,19 +364,24 @@ impl Exporter {
         if ctx != 0 && self.contexts.get(&ctx).is_none_or(|c| c.guest != guest) {
             return Err(Status::NoEnt);
         }
-        if !att.dynamic_importer {
-            return Err(Status::Inval);
-        }
         let Some(o) = self.objects.get(&object) else {
             return Err(Status::NoEnt);
         };
+        // A revoked object's handles fail with ENOENT, a handle check that
+        // comes before the kind check (section 4).
+        if o.revoked && pin {
+            return Err(Status::NoEnt);
+        }
+        if !att.dynamic_importer {
+            return Err(Status::Inval);
+        }
         if o.revoked {
-            // Nothing can move any more; an UNPIN still lets the driver unwind.
-            return if pin {
-                Err(Status::NoEnt)
-            } else {
-                done(Ok(Reply::Empty))
-            };
+            // Nothing can move any more; an UNPIN still lets the driver
+            // unwind, without the lock but not past a waiting context.
+            if self.contexts.get(&ctx).is_some_and(|c| c.waiting.is_some()) {
+                return Err(Status::Busy);
+            }
+            return done(Ok(Reply::Empty));
         }
         let dynamic_exporter = o.dynamic;
         let lock_use = self.lock_use(guest, att, ctx)?;

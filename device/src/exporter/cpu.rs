@@ -97,7 +97,9 @@ impl Exporter {
         if uses == 1 {
             let in_use = self.guests[guest].mappings.iter().any(|m| {
                 self.mappings.get(m).is_some_and(|m| {
-                    m.object == object && !m.invalid && m.space == AddressSpace::Shm
+                    // A mapping a move invalidated is outstanding until its
+                    // UNMAP, and its window offset still holds.
+                    m.object == object && m.space == AddressSpace::Shm
                 })
             });
             if in_use {

@@ -33,7 +33,7 @@ pub enum HostError {
     Pinned,
     #[error("the reservation lock was not free within the timeout")]
     LockTimeout,
-    #[error("the operation was cancelled (the object was revoked)")]
+    #[error("the operation was cancelled (the object was revoked or went away)")]
     Canceled,
     #[error("export name must be 1 to 31 bytes without NUL")]
     BadName,

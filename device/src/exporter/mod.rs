@@ -239,6 +239,17 @@ pub(crate) struct Pending {
 }
 
 impl Pending {
+    /// When its timer fires, if it has one now. An eviction's timeout bounds
+    /// only its wait for the lock; once the mover holds it, fences have
+    /// their own timeout, so a spent deadline is no timer (else it would
+    /// stay due and the timer thread would spin on it).
+    pub fn timer(&self) -> Option<Instant> {
+        match (&self.work, self.step) {
+            (Work::Evict, Step::Lock(_)) | (Work::Guest(_), _) => self.deadline,
+            (Work::Evict, _) => None,
+        }
+    }
+
     pub fn guest(&self) -> Option<GuestId> {
         match self.owner {
             Owner::Guest { guest, .. } => Some(guest),
@@ -387,7 +398,7 @@ impl Exporter {
 
     /// The next instant at which [`Self::tick`] has something to do.
     pub fn next_deadline(&self) -> Option<Instant> {
-        let p = self.pending.values().filter_map(|p| p.deadline).min();
+        let p = self.pending.values().filter_map(Pending::timer).min();
         let f = self.fences.values().map(|f| f.deadline).min();
         match (p, f) {
             (Some(a), Some(b)) => Some(a.min(b)),
@@ -410,7 +421,7 @@ impl Exporter {
         let due: Vec<u64> = self
             .pending
             .iter()
-            .filter(|(_, p)| p.deadline.is_some_and(|d| d <= now))
+            .filter(|(_, p)| p.timer().is_some_and(|d| d <= now))
             .map(|(id, _)| *id)
             .collect();
         for pid in due {
@@ -419,13 +430,7 @@ impl Exporter {
             };
             match p.work {
                 Work::Guest(_) => self.complete(pid, Err(Status::TimedOut)),
-                Work::Evict => {
-                    // Only the wait for the lock is bounded; once the mover
-                    // holds it, fences have their own timeout.
-                    if matches!(p.step, Step::Lock(_)) {
-                        self.complete_host(pid, Err(HostError::LockTimeout));
-                    }
-                }
+                Work::Evict => self.complete_host(pid, Err(HostError::LockTimeout)),
             }
         }
         self.pump(now);

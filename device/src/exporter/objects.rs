@@ -401,6 +401,10 @@ impl Exporter {
         if !o.holders.is_empty() || kept_by_export || !o.attachments.is_empty() {
             return;
         }
+        // Nothing may keep waiting on a dead object: a parked eviction (no
+        // guest request can wait here, its handle would keep the object)
+        // ends, and with it the lock it may hold.
+        self.cancel_where(|p| p.object == id);
         let Some(o) = self.objects.remove(&id) else {
             return;
         };
