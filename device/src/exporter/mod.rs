@@ -347,18 +347,19 @@ impl Exporter {
         let pid = self.next_pending;
         self.next_pending += 1;
         let owner = Owner::Guest { guest, origin, tag };
-        let result = match self.attempt(owner, pid, &Work::Guest(request.clone()), now) {
+        let work = Work::Guest(request);
+        let result = match self.attempt(owner, pid, &work, now) {
             Ok((Step::Done, response)) => {
                 Some(response.unwrap_or(Ok(virtio_dmabuf_protocol::Reply::Empty)))
             }
             Ok((step, _)) => {
-                let deadline = match &request {
-                    Request::Wait { timeout_ns, .. } => {
+                let deadline = match &work {
+                    Work::Guest(Request::Wait { timeout_ns, .. }) => {
                         now.checked_add(Duration::from_nanos(*timeout_ns))
                     }
                     _ => None,
                 };
-                match self.park(pid, owner, Work::Guest(request), step, deadline) {
+                match self.park(pid, owner, work, step, deadline) {
                     Ok(()) => None,
                     Err(status) => Some(Err(status)),
                 }
