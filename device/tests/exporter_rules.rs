@@ -565,6 +565,17 @@ fn export_uuid_without_shared_objects_is_eopnotsupp() {
 }
 
 #[test]
+fn export_uuid_of_guest_pages_without_a_kernel_dmabuf_is_eopnotsupp() {
+    let mut d = Dev::new();
+    let g = handle(guest_create(&mut d, PAGE, vec![Segment { addr: 0, len: PAGE }]).unwrap());
+    assert_eq!(
+        d.err(0, Request::ExportUuid { object: g }),
+        Status::NotSupported
+    );
+    assert!(d.fe[0].lock().unwrap().added.is_empty());
+}
+
+#[test]
 fn open_by_uuid_resolves_own_objects_locally() {
     let mut d = Dev::new();
     let r = d.create_reply(0, 1, false);

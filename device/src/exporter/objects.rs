@@ -435,7 +435,10 @@ impl Exporter {
         let id = self.object_of(guest, handle)?;
         let allow_memfd = self.config.allow_memfd_shared_objects;
         let o = self.objects.get(&id).ok_or(Status::NoEnt)?;
-        if !self.guests[guest].caps.shared_objects || !(o.is_real_dmabuf() || allow_memfd) {
+        // The memfd allowance covers host memory only: a guest-pages object
+        // without a kernel dma-buf has no fd that holds its bytes.
+        let shareable = o.is_real_dmabuf() || (allow_memfd && o.guest_pages.is_none());
+        if !self.guests[guest].caps.shared_objects || !shareable {
             return Err(Status::NotSupported);
         }
         let uuid = o.uuid;
