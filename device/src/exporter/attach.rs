@@ -70,8 +70,15 @@ impl Exporter {
 
     /// The locking rule shared by MAP, UNMAP, PIN and UNPIN: a dynamic
     /// importer names a context that holds the lock (`EPERM`) or 0; a static
-    /// importer names 0 (`EINVAL`).
-    fn lock_use(&self, guest: GuestId, att: &Attachment, ctx: u64) -> Result<LockUse, Status> {
+    /// importer names 0 (`EINVAL`). `must_hold`: false where the lock cannot
+    /// be held at all (a mapping of a revoked object), the rest still applies.
+    fn lock_use(
+        &self,
+        guest: GuestId,
+        att: &Attachment,
+        ctx: u64,
+        must_hold: bool,
+    ) -> Result<LockUse, Status> {
         if ctx == 0 {
             return Ok(LockUse::Device);
         }
@@ -83,7 +90,7 @@ impl Exporter {
         if !att.dynamic_importer {
             return Err(Status::Inval);
         }
-        if !c.held.contains(&att.object) {
+        if must_hold && !c.held.contains(&att.object) {
             return Err(Status::Perm);
         }
         if c.waiting.is_some() {
@@ -229,7 +236,7 @@ impl Exporter {
         if o.revoked {
             return Err(Status::NoEnt);
         }
-        let lock_use = self.lock_use(guest, att, ctx)?;
+        let lock_use = self.lock_use(guest, att, ctx, true)?;
         if let Some(cached) = att.cached {
             if cached != dir && cached != Direction::Bidirectional {
                 return Err(Status::Busy);
@@ -318,28 +325,15 @@ impl Exporter {
             .ok_or(Status::NoEnt)?;
         let (object, dir, invalid) = (m.object, m.dir, m.invalid);
         let att = self.attachment_of(guest, m.attachment)?;
-        let lock_use = self.lock_use(guest, att, ctx);
+        // Moved or revoked: the mapping ends, no lock, no sync. The context
+        // it names is still checked (ENOENT, EINVAL, EBUSY), but need not
+        // hold the lock: a revoked object's lock cannot be held.
+        let lock_use = self.lock_use(guest, att, ctx, !invalid)?;
         if invalid {
-            // Moved or revoked: the mapping ends, no lock, no sync. The
-            // context it names is still checked (ENOENT, EINVAL, EBUSY), but
-            // need not hold the lock: a revoked object's lock cannot be held.
-            if ctx != 0 {
-                let c = self
-                    .contexts
-                    .get(&ctx)
-                    .filter(|c| c.guest == guest)
-                    .ok_or(Status::NoEnt)?;
-                if !att.dynamic_importer {
-                    return Err(Status::Inval);
-                }
-                if c.waiting.is_some() {
-                    return Err(Status::Busy);
-                }
-            }
             self.drop_mapping(id);
             return done(Ok(Reply::Empty));
         }
-        if matches!(lock_use?, LockUse::Device) && !self.lock_available(object, pid) {
+        if matches!(lock_use, LockUse::Device) && !self.lock_available(object, pid) {
             return wait(Step::Lock(object));
         }
         // Cached or not, sync-for-cpu(dir); a cached mapping stays in the
@@ -384,7 +378,7 @@ impl Exporter {
             return done(Ok(Reply::Empty));
         }
         let dynamic_exporter = o.dynamic;
-        let lock_use = self.lock_use(guest, att, ctx)?;
+        let lock_use = self.lock_use(guest, att, ctx, true)?;
         if !dynamic_exporter {
             // A static exporter never moves: both are no-ops that never fail.
             return done(Ok(Reply::Empty));
