@@ -369,16 +369,13 @@ impl Exporter {
         if !att.dynamic_importer {
             return Err(Status::Inval);
         }
-        if o.revoked {
-            // Nothing can move any more; an UNPIN still lets the driver
-            // unwind, without the lock but not past a waiting context.
-            if self.contexts.get(&ctx).is_some_and(|c| c.waiting.is_some()) {
-                return Err(Status::Busy);
-            }
+        // On a revoked object nothing can move any more; an UNPIN still lets
+        // the driver unwind, without the lock but not past a waiting context.
+        let (revoked, dynamic_exporter) = (o.revoked, o.dynamic);
+        let lock_use = self.lock_use(guest, att, ctx, !revoked)?;
+        if revoked {
             return done(Ok(Reply::Empty));
         }
-        let dynamic_exporter = o.dynamic;
-        let lock_use = self.lock_use(guest, att, ctx, true)?;
         if !dynamic_exporter {
             // A static exporter never moves: both are no-ops that never fail.
             return done(Ok(Reply::Empty));
