@@ -23,14 +23,16 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::sync::atomic::{fence, Ordering};
 use std::sync::Arc;
 
-use rustix::fs::{fstat, memfd_create, MemfdFlags};
+use rustix::fs::{fcntl_get_seals, fstat, memfd_create, MemfdFlags, SealFlags};
 use virtio_dmabuf_protocol::{Segment, Status};
 use vm_memory::{
     Address, Bytes, GuestAddress, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryMmap,
     GuestMemoryRegion,
 };
 
-use crate::provider::{validate_sync_flags, Backing, ProviderError, UdmabufProvider};
+use crate::provider::{
+    page_size, validate_sync_flags, Backing, Provider, ProviderError, UdmabufProvider,
+};
 
 /// Guest memory as vhost-user-backend hands it to the back-end.
 pub type GuestRam = GuestMemoryMmap<()>;
@@ -96,7 +98,7 @@ pub fn guest_pages_backing(
             // Not an error for the guest: the object is still valid, only
             // without a kernel dma-buf (e.g. the front-end's memfd is not
             // sealed against shrinking).
-            Err(e) => log::debug!("guest pages: UDMABUF_CREATE_LIST not usable ({e}); emulating"),
+            Err(e) => log::debug!("guest pages: no udmabuf ({e}); emulating"),
         }
     }
     GuestPagesBacking::new(snapshot, pieces)
@@ -113,20 +115,85 @@ fn udmabuf_over(
     dev: &UdmabufProvider,
 ) -> Result<Box<dyn Backing>, ProviderError> {
     let regions: Vec<_> = mem.iter().collect();
-    let mut items = Vec::with_capacity(pieces.len());
-    for p in pieces {
+    let items = udmabuf_items(pieces, page_size(), dev.list_limit(), dev.max_object_size())?;
+    let mut list = Vec::with_capacity(items.len());
+    let mut checked: Vec<usize> = Vec::new();
+    for (region, offset, len) in items {
         let file = regions
-            .get(p.region)
+            .get(region)
             .and_then(|r| r.file_offset())
             .map(|fo| fo.file().as_fd())
-            .ok_or(ProviderError::OutOfRange {
-                offset: p.gpa,
-                len: p.len,
-                size: 0,
-            })?;
-        items.push((file, p.file_offset, p.len));
+            .ok_or_else(|| ProviderError::Unsuitable(format!("region {region} has no file")))?;
+        if !checked.contains(&region) {
+            check_udmabuf_seals(file)?;
+            checked.push(region);
+        }
+        list.push((file, offset, len));
     }
-    Ok(Box::new(dev.from_list(&items)?))
+    Ok(Box::new(dev.from_list(&list)?))
+}
+
+/// The `UDMABUF_CREATE_LIST` items for `pieces` as (region, file offset,
+/// length): pieces that continue each other in the same file are merged,
+/// then the kernel's rules are checked beforehand so a refusal is a clear
+/// reason to fall back, not an ioctl error: every offset and length a
+/// multiple of the host page, at most `list_limit` items, at most
+/// `size_limit` bytes in all (udmabuf's `size_limit_mb`).
+fn udmabuf_items(
+    pieces: &[Piece],
+    page: u64,
+    list_limit: u32,
+    size_limit: u64,
+) -> Result<Vec<(usize, u64, u64)>, ProviderError> {
+    let mut items: Vec<(usize, u64, u64)> = Vec::with_capacity(pieces.len());
+    let mut total = 0u64;
+    for p in pieces {
+        if !p.file_offset.is_multiple_of(page) || !p.len.is_multiple_of(page) {
+            return Err(ProviderError::Unsuitable(format!(
+                "guest range {:#x}+{:#x} is not aligned to the host page ({page} bytes)",
+                p.gpa, p.len
+            )));
+        }
+        total = total
+            .checked_add(p.len)
+            .filter(|&t| t <= size_limit)
+            .ok_or_else(|| {
+                ProviderError::Unsuitable(format!(
+                    "more than udmabuf's size limit of {size_limit} bytes"
+                ))
+            })?;
+        match items.last_mut() {
+            Some((region, offset, len))
+                if *region == p.region && offset.checked_add(*len) == Some(p.file_offset) =>
+            {
+                *len += p.len;
+            }
+            _ => items.push((p.region, p.file_offset, p.len)),
+        }
+    }
+    if items.is_empty() || items.len() > list_limit as usize {
+        return Err(ProviderError::Unsuitable(format!(
+            "{} pieces; udmabuf takes 1 to {list_limit} (list_limit)",
+            items.len()
+        )));
+    }
+    Ok(items)
+}
+
+/// udmabuf's seal rule: the memfd must be sealed against shrinking (its
+/// pages cannot go away under the dma-buf) and must not be sealed against
+/// writing. Front-ends may hand out memfds without `F_SEAL_SHRINK`
+/// (QEMU's `seal=off`); those objects are emulated.
+fn check_udmabuf_seals(file: BorrowedFd<'_>) -> Result<(), ProviderError> {
+    let seals = fcntl_get_seals(file).map_err(|e| {
+        ProviderError::Unsuitable(format!("guest RAM file without seals (F_GET_SEALS: {e})"))
+    })?;
+    if !seals.contains(SealFlags::SHRINK) || seals.contains(SealFlags::WRITE) {
+        return Err(ProviderError::Unsuitable(format!(
+            "guest RAM memfd seals {seals:?}: udmabuf needs SHRINK and refuses WRITE"
+        )));
+    }
+    Ok(())
 }
 
 /// A guest-placed object without a kernel dma-buf: its bytes are the guest
@@ -146,7 +213,12 @@ pub struct GuestPagesBacking {
 
 impl GuestPagesBacking {
     fn new(mem: Arc<GuestRam>, pieces: Vec<Piece>) -> Result<Self, ProviderError> {
-        let size = pieces.iter().map(|p| p.len).sum();
+        // The same guest range may be listed many times: the sum is checked,
+        // so `walk`'s piece arithmetic below stays within u64.
+        let size = pieces
+            .iter()
+            .try_fold(0u64, |sum, p| sum.checked_add(p.len))
+            .ok_or_else(|| ProviderError::Unsuitable("guest pages add up past 2^64".into()))?;
         let placeholder = memfd_create("vhost-device-dmabuf-guest-pages", MemfdFlags::CLOEXEC)
             .map_err(|e| ProviderError::Host {
                 op: "memfd_create",
@@ -388,6 +460,162 @@ mod tests {
         assert!(b.read_at(2 * PAGE - 1, &mut back).is_err());
         assert!(b.sync(virtio_dmabuf_protocol::sync_flags::START).is_err());
         assert!(b.sync(virtio_dmabuf_protocol::sync_flags::RW).is_ok());
+    }
+
+    fn piece(region: usize, file_offset: u64, len: u64) -> Piece {
+        Piece {
+            gpa: 0x10000 + file_offset,
+            len,
+            file_offset,
+            region,
+        }
+    }
+
+    #[test]
+    fn udmabuf_items_merge_contiguous_pieces_and_keep_the_kernel_limits() {
+        let items = udmabuf_items(
+            &[
+                piece(0, 0, PAGE),
+                piece(0, PAGE, 2 * PAGE),
+                piece(1, 3 * PAGE, PAGE),
+                piece(0, 8 * PAGE, PAGE),
+            ],
+            PAGE,
+            1024,
+            1 << 20,
+        )
+        .expect("fits");
+        assert_eq!(
+            items,
+            [(0, 0, 3 * PAGE), (1, 3 * PAGE, PAGE), (0, 8 * PAGE, PAGE)]
+        );
+        let unaligned = udmabuf_items(&[piece(0, PAGE / 2, PAGE)], PAGE, 1024, 1 << 20);
+        assert!(matches!(unaligned, Err(ProviderError::Unsuitable(_))));
+        let short = udmabuf_items(&[piece(0, 0, PAGE / 2)], PAGE, 1024, 1 << 20);
+        assert!(matches!(short, Err(ProviderError::Unsuitable(_))));
+        // list_limit counts items after merging.
+        let scattered: Vec<Piece> = (0..5).map(|i| piece(0, 2 * i * PAGE, PAGE)).collect();
+        assert!(udmabuf_items(&scattered, PAGE, 5, 1 << 20).is_ok());
+        assert!(matches!(
+            udmabuf_items(&scattered, PAGE, 4, 1 << 20),
+            Err(ProviderError::Unsuitable(_))
+        ));
+        // size_limit_mb, and no overflow of the total.
+        assert!(udmabuf_items(&scattered, PAGE, 1024, 5 * PAGE).is_ok());
+        assert!(udmabuf_items(&scattered, PAGE, 1024, 5 * PAGE - 1).is_err());
+        let huge = [piece(0, 0, !(PAGE - 1)), piece(1, 0, PAGE)];
+        assert!(udmabuf_items(&huge, PAGE, 1024, u64::MAX).is_err());
+        assert!(udmabuf_items(&[], PAGE, 1024, u64::MAX).is_err());
+    }
+
+    #[test]
+    fn udmabuf_seal_rule_is_shrink_required_and_write_refused() {
+        let sealed = |seals: SealFlags| {
+            let fd = memfd_create("seal-test", MemfdFlags::CLOEXEC | MemfdFlags::ALLOW_SEALING)
+                .expect("memfd");
+            rustix::fs::ftruncate(&fd, PAGE).expect("ftruncate");
+            if !seals.is_empty() {
+                rustix::fs::fcntl_add_seals(&fd, seals).expect("seal");
+            }
+            fd
+        };
+        assert!(check_udmabuf_seals(sealed(SealFlags::SHRINK).as_fd()).is_ok());
+        assert!(check_udmabuf_seals(sealed(SealFlags::SHRINK | SealFlags::GROW).as_fd()).is_ok());
+        assert!(check_udmabuf_seals(sealed(SealFlags::empty()).as_fd()).is_err());
+        assert!(check_udmabuf_seals(sealed(SealFlags::SHRINK | SealFlags::WRITE).as_fd()).is_err());
+        // A memfd made without MFD_ALLOW_SEALING carries F_SEAL_SEAL only.
+        assert!(check_udmabuf_seals(memfd(PAGE).as_fd()).is_err());
+    }
+
+    #[test]
+    fn guest_ram_udmabuf_refuses_falls_back_to_emulation_not_an_error() {
+        // The front-end's memfds are not sealed against shrinking (and the
+        // "device" is no udmabuf at all): the object is still made.
+        let handle = GuestMemoryAtomic::new(two_regions());
+        let fake_dev = memfd_create("not-udmabuf", MemfdFlags::CLOEXEC).expect("memfd");
+        let dev = UdmabufProvider::with_device(fake_dev, 64 << 20, 1024);
+        let entries = [Segment {
+            addr: 0x10000,
+            len: 2 * PAGE,
+        }];
+        let b = guest_pages_backing(&handle, &entries, Some(&dev)).expect("emulated");
+        assert!(!b.is_real_dmabuf());
+        assert_eq!(b.size(), 2 * PAGE);
+        b.write_at(0, b"ram").expect("write");
+        // Sealed memfds pass the seal rule and reach the (fake) device, whose
+        // ENOTTY is a fallback too.
+        let sealed_ram = GuestRam::from_ranges_with_files([(
+            GuestAddress(0x10000),
+            (4 * PAGE) as usize,
+            Some(FileOffset::new(
+                std::fs::File::from(crate::provider::sealed_memfd_for_tests(
+                    4 * PAGE,
+                    SealFlags::SHRINK,
+                )),
+                0,
+            )),
+        )])
+        .expect("guest memory");
+        let handle = GuestMemoryAtomic::new(sealed_ram);
+        let b = guest_pages_backing(&handle, &entries, Some(&dev)).expect("emulated");
+        assert!(!b.is_real_dmabuf());
+    }
+
+    #[test]
+    fn sealed_guest_ram_becomes_a_real_udmabuf_where_the_host_has_it() {
+        let dev = match UdmabufProvider::open() {
+            Ok(dev) => dev,
+            Err(ProviderError::MissingDevice { node, .. }) => {
+                println!("guest RAM udmabuf real path skipped: {node} does not exist on this host");
+                return;
+            }
+            Err(e) => panic!("/dev/udmabuf exists but cannot be used: {e}"),
+        };
+        let page = page_size();
+        let ram = |seals: SealFlags| {
+            let file =
+                std::fs::File::from(crate::provider::sealed_memfd_for_tests(8 * page, seals));
+            let mem = GuestRam::from_ranges_with_files([(
+                GuestAddress(0x100000),
+                (8 * page) as usize,
+                Some(FileOffset::new(file, 0)),
+            )])
+            .expect("guest memory");
+            GuestMemoryAtomic::new(mem)
+        };
+        let entries = [
+            Segment {
+                addr: 0x100000 + 4 * page,
+                len: page,
+            },
+            Segment {
+                addr: 0x100000,
+                len: 2 * page,
+            },
+        ];
+        let sealed = ram(SealFlags::SHRINK);
+        let b = guest_pages_backing(&sealed, &entries, Some(&dev)).expect("udmabuf");
+        assert!(b.is_real_dmabuf(), "sealed guest RAM is a real dma-buf");
+        assert_eq!(b.size(), 3 * page);
+        b.write_at(page - 2, b"guest").expect("write");
+        let mem = vm_memory::GuestAddressSpace::memory(&sealed);
+        let mut out = [0u8; 3];
+        mem.read_slice(&mut out, GuestAddress(0x100000))
+            .expect("read");
+        assert_eq!(&out, b"est", "the dma-buf is the guest's own pages");
+        let unsealed = ram(SealFlags::empty());
+        let b = guest_pages_backing(&unsealed, &entries, Some(&dev)).expect("fallback");
+        assert!(
+            !b.is_real_dmabuf(),
+            "no SHRINK seal: emulated, not an error"
+        );
+    }
+
+    #[test]
+    fn guest_pages_listed_past_2_pow_64_are_refused_not_wrapped() {
+        let mem = Arc::new(two_regions());
+        let many = vec![piece(0, 0, u64::MAX / 2 + 1), piece(0, 0, u64::MAX / 2 + 1)];
+        assert!(GuestPagesBacking::new(mem, many).is_err());
     }
 
     #[test]

@@ -694,3 +694,227 @@ fn a_request_from_a_client_that_hangs_up_at_once_is_still_carried_out() {
     drop(c);
     wait_until("never revoked", || p.objects().is_empty());
 }
+
+// ---- bad input (section 11: an error answer, and the connection serves on) ----
+
+#[test]
+fn every_kind_of_bad_line_gets_an_error_and_the_connection_keeps_serving() {
+    let p = Plane::new();
+    let mut c = Raw::connect(&p.path);
+    let bad: [&[u8]; 12] = [
+        b"\xff\xfe{\"cmd\":\"list\"}\n",
+        b"{\"cmd\":\"revoke\",\"name\":\"\xc3\x28\"}\n",
+        b"{\"cmd\":\"shutdown\"}\n",
+        b"{\"cmd\":42}\n",
+        b"{\"cmd\":\"revoke\",\"name\":7}\n",
+        b"{\"cmd\":\"evict\",\"uuid\":\"not-a-uuid\"}\n",
+        b"{\"cmd\":\"evict\",\"uuid\":\"00000000-0000-0000-0000-000000000001\",\"timeout_ms\":-1}\n",
+        b"{\"cmd\":\"evict\",\"uuid\":\"00000000-0000-0000-0000-000000000001\",\"timeout_ms\":1e400}\n",
+        b"{\"cmd\":\"evict\",\"uuid\":\"00000000-0000-0000-0000-000000000001\",\"timeout_ms\":184467440737095516160}\n",
+        b"{\"cmd\":\"export\",\"name\":\"a\",\"guests\":[-1]}\n",
+        b"{\"cmd\":\"export\",\"name\":\"a\",\"dynamic\":\"yes\"}\n",
+        b"[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[\n",
+    ];
+    for line in bad {
+        c.send(line);
+        let r = c.answer();
+        assert_eq!(r["ok"], false, "{:?}: {r}", String::from_utf8_lossy(line));
+        assert!(r["error"].is_string(), "{r}");
+    }
+    // The largest timeout is a number, not an error of the parser; the
+    // object does not exist, so it is refused by the model, not a panic.
+    c.send(b"{\"cmd\":\"evict\",\"uuid\":\"00000000-0000-0000-0000-000000000001\",\"timeout_ms\":18446744073709551615}\n");
+    let r = c.answer();
+    assert_eq!(r["ok"], false, "{r}");
+    c.send(b"{\"cmd\":\"list\"}\n");
+    assert_eq!(c.answer()["ok"], true);
+}
+
+#[test]
+fn export_names_with_nul_or_longer_than_31_bytes_are_refused_and_the_fd_closed() {
+    let p = Plane::new();
+    let buf = HostBuffer::new(1);
+    let mut c = Raw::connect(&p.path);
+    let long32 = "n".repeat(32);
+    for name in ["", "ca\0m", long32.as_str(), "é".repeat(16).as_str()] {
+        let line = Request::Export {
+            name: name.into(),
+            dynamic: false,
+            read_only: false,
+            guests: None,
+        }
+        .to_line();
+        send_with_fd(&c.stream, &line, buf.fd.as_fd());
+        let r = c.answer();
+        assert_eq!(r["ok"], false, "{name:?}: {r}");
+        assert!(r["error"].as_str().unwrap().contains("name"), "{r}");
+    }
+    let ok31 = "n".repeat(31);
+    let line = Request::Export {
+        name: ok31.clone(),
+        dynamic: false,
+        read_only: false,
+        guests: Some(vec![usize::MAX]),
+    }
+    .to_line();
+    send_with_fd(&c.stream, &line, buf.fd.as_fd());
+    assert_eq!(c.answer()["ok"], false, "a guest index past the last one");
+    assert_eq!(buf.open_fds(), 1, "every refused fd was closed");
+    assert_eq!(p.export(&ok31, &buf.path(), &[]).len(), 36);
+}
+
+#[test]
+fn fds_sent_with_a_malformed_blank_or_overlong_line_are_closed() {
+    let p = Plane::new();
+    let buf = HostBuffer::new(1);
+    let mut c = Raw::connect(&p.path);
+    send_with_fd(
+        &c.stream,
+        b"{\"cmd\":\"export\",\"name\":7}\n",
+        buf.fd.as_fd(),
+    );
+    assert_eq!(c.answer()["ok"], false);
+    send_with_fd(&c.stream, b"   \n", buf.fd.as_fd());
+    // An overlong line whose fd comes with its first bytes.
+    let mut long = vec![b' '; MAX_LINE + 4096];
+    long.push(b'\n');
+    send_with_fd(&c.stream, &long[..1024], buf.fd.as_fd());
+    c.send(&long[1024..]);
+    let r = c.answer();
+    assert!(r["error"].as_str().unwrap().contains("longer than"), "{r}");
+    // ... and one whose fd comes with its last bytes.
+    c.send(&long[..MAX_LINE + 10]);
+    send_with_fd(&c.stream, &long[MAX_LINE + 10..], buf.fd.as_fd());
+    let r = c.answer();
+    assert!(r["error"].as_str().unwrap().contains("longer than"), "{r}");
+    c.send(b"{\"cmd\":\"list\"}\n");
+    assert_eq!(c.answer()["objects"], serde_json::json!([]));
+    assert_eq!(buf.open_fds(), 1, "the daemon kept none of them");
+}
+
+#[test]
+fn fds_of_a_client_that_hangs_up_mid_line_are_closed() {
+    let p = Plane::new();
+    let buf = HostBuffer::new(1);
+    let c = Raw::connect(&p.path);
+    send_with_fd(&c.stream, b"{\"cmd\":\"export\",\"na", buf.fd.as_fd());
+    wait_until("the daemon never received the fd", || buf.open_fds() == 2);
+    drop(c);
+    wait_until("the fd of the unfinished line was kept", || {
+        buf.open_fds() == 1
+    });
+    assert!(p.objects().is_empty());
+}
+
+#[test]
+fn too_many_fds_on_one_line_are_all_closed_and_the_export_refused() {
+    let p = Plane::new();
+    let buf = HostBuffer::new(1);
+    let c = Raw::connect(&p.path);
+    let mut c = c;
+    let line = Request::Export {
+        name: "many".into(),
+        dynamic: false,
+        read_only: false,
+        guests: None,
+    }
+    .to_line();
+    {
+        use rustix::net::{sendmsg, SendAncillaryBuffer, SendAncillaryMessage, SendFlags};
+        let fds = [buf.fd.as_fd(); 8];
+        let mut space = [std::mem::MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(8))];
+        let mut control = SendAncillaryBuffer::new(&mut space);
+        assert!(control.push(SendAncillaryMessage::ScmRights(&fds)));
+        sendmsg(
+            &c.stream,
+            &[std::io::IoSlice::new(&line)],
+            &mut control,
+            SendFlags::NOSIGNAL,
+        )
+        .unwrap();
+    }
+    let r = c.answer();
+    assert_eq!(r["ok"], false, "{r}");
+    assert_eq!(buf.open_fds(), 1);
+}
+
+// ---- the JSON shapes of section 11, field by field ----
+
+fn assert_type(v: &Value, what: &str, ok: impl Fn(&Value) -> bool) {
+    assert!(ok(v), "{what} has the wrong type: {v}");
+}
+
+#[test]
+fn list_json_fields_have_the_section_11_types() {
+    let (p, _buf, uuid) = plane_exporting(2, &["--dynamic", "--guests", "1"]);
+    let (h, _a) = p.open_dynamic();
+    let _ctx = p.lock(1, h);
+    let list = p.json(&["list"]);
+    let keys: Vec<&String> = list.as_object().unwrap().keys().collect();
+    assert_eq!(keys, ["objects"], "list --json is {{\"objects\": [...]}}");
+    let o = p.object(&uuid);
+    assert_type(&o["uuid"], "uuid", |v| {
+        v.as_str().is_some_and(|s| s.parse::<uuid::Uuid>().is_ok())
+    });
+    assert_type(&o["size"], "size", Value::is_u64);
+    assert_type(&o["provider"], "provider", Value::is_string);
+    assert!(["static", "dynamic"].contains(&o["exporter"].as_str().unwrap()));
+    assert!(["host", "guest"].contains(&o["placement"].as_str().unwrap()));
+    assert_type(&o["generation"], "generation", Value::is_u64);
+    assert_type(&o["export"], "export", |v| v.is_string() || v.is_null());
+    assert_eq!(o["guests"], serde_json::json!([1]));
+    assert_type(&o["fences_pending"], "fences_pending", Value::is_u64);
+    assert_type(&o["shm_offset"], "shm_offset", |v| {
+        v.is_null() || v.is_u64()
+    });
+    let holder = &o["lock_holder"];
+    assert_eq!(holder["guest"], 1, "{holder}");
+    assert_type(&holder["stamp"], "lock_holder.stamp", Value::is_u64);
+    assert_eq!(holder.as_object().unwrap().len(), 2, "{holder}");
+    let attachments = o["attachments"].as_array().unwrap();
+    assert_eq!(attachments.len(), 1);
+    let a = &attachments[0];
+    assert_eq!(a["guest"], 1);
+    assert!(["static", "dynamic"].contains(&a["importer"].as_str().unwrap()));
+    assert_type(&a["pins"], "pins", Value::is_u64);
+    assert_type(&a["cached_dir"], "cached_dir", |v| {
+        v.is_null() || v.as_u64().is_some_and(|d| d <= 2)
+    });
+    assert_type(&a["mappings"], "mappings", Value::is_u64);
+    let mut fields: Vec<&str> = a.as_object().unwrap().keys().map(String::as_str).collect();
+    fields.sort_unstable();
+    assert_eq!(
+        fields,
+        ["cached_dir", "guest", "importer", "mappings", "pins"]
+    );
+}
+
+#[test]
+fn stats_json_fields_have_the_section_11_types() {
+    let (p, _buf, _) = plane_exporting(1, &["--guests", "1"]);
+    p.open_ok(1, "cam0");
+    let stats = p.json(&["stats"]);
+    let mut keys: Vec<&str> = stats
+        .as_object()
+        .unwrap()
+        .keys()
+        .map(String::as_str)
+        .collect();
+    keys.sort_unstable();
+    assert_eq!(keys, ["recent_syncs", "requests", "syncs"]);
+    for (opcode, by_status) in stats["requests"].as_object().unwrap() {
+        for (status, n) in by_status.as_object().unwrap() {
+            assert!(n.is_u64(), "{opcode}/{status}: {n}");
+        }
+    }
+    for (flags, n) in stats["syncs"].as_object().unwrap() {
+        assert!(
+            flags.starts_with("START|") || flags.starts_with("END|"),
+            "{flags}"
+        );
+        assert!(n.is_u64(), "{flags}: {n}");
+    }
+    for s in stats["recent_syncs"].as_array().unwrap() {
+        assert!(s["uuid"].is_string() && s["flags"].is_u64(), "{s}");
+    }
+}

@@ -24,6 +24,21 @@ impl DmabufBackend {
         if !self.state.lock().has_events(self.guest) {
             return;
         }
+        // Section 8: a move re-places the window mapping before MOVE_NOTIFY.
+        // The model queued the channel messages of whatever raised these
+        // events before the events themselves; wait (holding no lock) until
+        // the front-end has handled every message posted so far, so the
+        // driver never reads the window between the event and the re-map.
+        if let Some(channel) = self.link.channel() {
+            let posted = channel.posted();
+            if !channel.wait(posted, self.settings.channel_wait) {
+                log::warn!(
+                    "guest {}: back-end channel did not catch up in {:?}; delivering events anyway",
+                    self.guest,
+                    self.settings.channel_wait
+                );
+            }
+        }
         let Some(vring) = vrings.get(usize::from(EVENTQ)) else {
             return;
         };

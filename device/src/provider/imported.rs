@@ -6,6 +6,7 @@ use std::sync::OnceLock;
 
 use rustix::fs::{fcntl_getfl, seek, OFlags, SeekFrom};
 
+use super::memfd::{pread_exact, pwrite_all};
 use super::mmap::Mapping;
 use super::sync::{dma_buf_sync, emulated_sync, SyncRecord};
 use super::{check_alloc_size, check_range, page_size, Backing, ProviderError};
@@ -14,6 +15,11 @@ use super::{check_alloc_size, check_range, page_size, Backing, ProviderError};
 /// copied through a shared mapping made on first use (dma-bufs have no
 /// `pread`/`pwrite`), read-only when the fd was opened read-only. The caller
 /// brackets CPU access with syncs (section 9); `read_at`/`write_at` do not.
+///
+/// An fd that is not a dma-buf (a memfd or file standing in for one) is
+/// never mapped: its owner can truncate it at any time, and a mapping
+/// touched past the new end would kill the daemon with `SIGBUS`. Its bytes
+/// go through `pread`/`pwrite`, where a shrunk file is an error.
 #[derive(Debug)]
 pub struct KernelDmabuf {
     fd: OwnedFd,
@@ -94,6 +100,9 @@ impl Backing for KernelDmabuf {
         if buf.is_empty() {
             return Ok(());
         }
+        if self.emulation.is_some() {
+            return pread_exact(self.fd.as_fd(), offset, buf);
+        }
         self.mapping()?.read(offset, buf)
     }
 
@@ -102,7 +111,22 @@ impl Backing for KernelDmabuf {
         if data.is_empty() {
             return Ok(());
         }
+        if self.emulation.is_some() {
+            let mode = fcntl_getfl(&self.fd).map_err(|e| ProviderError::host("F_GETFL", e))?;
+            if mode & OFlags::RWMODE == OFlags::RDONLY {
+                return Err(read_only_write());
+            }
+            return pwrite_all(self.fd.as_fd(), offset, data);
+        }
         self.mapping()?.write(offset, data)
+    }
+}
+
+/// The answer to a write into a buffer open read-only.
+pub(crate) fn read_only_write() -> ProviderError {
+    ProviderError::Host {
+        op: "write to a read-only dma-buf",
+        source: std::io::Error::from_raw_os_error(libc::EACCES),
     }
 }
 
@@ -201,6 +225,38 @@ mod tests {
         assert!(!b.is_real_dmabuf());
         b.sync(START | RW).expect("emulated");
         assert!(b.sync(START).is_err(), "flags checked like the kernel");
+    }
+
+    #[test]
+    fn host_fd_shrunk_by_its_owner_is_an_error_not_sigbus() {
+        // A memfd (or file) handed over by `ctl export` stays the host's: it
+        // can be truncated at any time. Touching a shared mapping past the
+        // new end would kill the daemon with SIGBUS.
+        let size = 4 * page_size();
+        let fd = fake_dmabuf(size);
+        let owner = fd.try_clone().expect("dup");
+        let b = crate::provider::import_host_fd(fd).expect("import");
+        b.write_at(3 * page_size(), b"tail").expect("write");
+        let mut out = [0u8; 4];
+        b.read_at(3 * page_size(), &mut out).expect("read");
+        assert_eq!(&out, b"tail");
+        ftruncate(&owner, page_size()).expect("the owner shrinks it");
+        assert!(b.read_at(3 * page_size(), &mut out).is_err());
+        let mut head = [1u8; 4];
+        b.read_at(0, &mut head)
+            .expect("what is left is still readable");
+        assert_eq!(head, [0; 4]);
+    }
+
+    #[test]
+    fn read_only_host_fd_refuses_writes() {
+        let fd = fake_dmabuf(page_size());
+        let path = format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&fd));
+        let ro: OwnedFd = std::fs::File::open(path).expect("reopen read-only").into();
+        let b = crate::provider::import_host_fd(ro).expect("import");
+        assert!(!b.is_real_dmabuf());
+        let err = b.write_at(0, b"x").expect_err("read-only");
+        assert_eq!(err.raw_os_error(), Some(libc::EACCES));
     }
 
     #[test]

@@ -125,41 +125,60 @@ impl Backing for MemfdBacking {
 
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), ProviderError> {
         check_range(offset, buf.len(), self.size)?;
-        let mut done = 0;
-        while done < buf.len() {
-            match pread(&self.fd, &mut buf[done..], offset + done as u64) {
-                Ok(0) => {
-                    return Err(ProviderError::Host {
-                        op: "pread",
-                        source: std::io::ErrorKind::UnexpectedEof.into(),
-                    })
-                }
-                Ok(n) => done += n,
-                Err(Errno::INTR) => {}
-                Err(e) => return Err(ProviderError::host("pread", e)),
-            }
-        }
-        Ok(())
+        pread_exact(self.fd.as_fd(), offset, buf)
     }
 
     fn write_at(&self, offset: u64, data: &[u8]) -> Result<(), ProviderError> {
         check_range(offset, data.len(), self.size)?;
-        let mut done = 0;
-        while done < data.len() {
-            match pwrite(&self.fd, &data[done..], offset + done as u64) {
-                Ok(0) => {
-                    return Err(ProviderError::Host {
-                        op: "pwrite",
-                        source: std::io::ErrorKind::WriteZero.into(),
-                    })
-                }
-                Ok(n) => done += n,
-                Err(Errno::INTR) => {}
-                Err(e) => return Err(ProviderError::host("pwrite", e)),
-            }
-        }
-        Ok(())
+        pwrite_all(self.fd.as_fd(), offset, data)
     }
+}
+
+/// Fills `buf` from `fd` at `offset` with `pread`; a file that ends early
+/// (shrunk by its owner) is an error, never a fault.
+pub(crate) fn pread_exact(
+    fd: BorrowedFd<'_>,
+    offset: u64,
+    buf: &mut [u8],
+) -> Result<(), ProviderError> {
+    let mut done = 0;
+    while done < buf.len() {
+        match pread(fd, &mut buf[done..], offset + done as u64) {
+            Ok(0) => {
+                return Err(ProviderError::Host {
+                    op: "pread",
+                    source: std::io::ErrorKind::UnexpectedEof.into(),
+                })
+            }
+            Ok(n) => done += n,
+            Err(Errno::INTR) => {}
+            Err(e) => return Err(ProviderError::host("pread", e)),
+        }
+    }
+    Ok(())
+}
+
+/// Writes all of `data` to `fd` at `offset` with `pwrite`.
+pub(crate) fn pwrite_all(
+    fd: BorrowedFd<'_>,
+    offset: u64,
+    data: &[u8],
+) -> Result<(), ProviderError> {
+    let mut done = 0;
+    while done < data.len() {
+        match pwrite(fd, &data[done..], offset + done as u64) {
+            Ok(0) => {
+                return Err(ProviderError::Host {
+                    op: "pwrite",
+                    source: std::io::ErrorKind::WriteZero.into(),
+                })
+            }
+            Ok(n) => done += n,
+            Err(Errno::INTR) => {}
+            Err(e) => return Err(ProviderError::host("pwrite", e)),
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -14,6 +14,10 @@ use super::{check_range, ProviderError};
 /// The memory is shared with the kernel, the front-end and the guest, so no
 /// Rust reference to it is ever made: bytes are copied in and out through
 /// raw pointers.
+///
+/// Only for fds whose size cannot change under the mapping (kernel
+/// dma-bufs): a file its owner truncates makes every access past the new
+/// end a `SIGBUS`, so other fds are read with `pread` instead.
 pub(crate) struct Mapping {
     ptr: NonNull<u8>,
     len: usize,
@@ -83,10 +87,7 @@ impl Mapping {
     /// Copies `data` to `offset`.
     pub(crate) fn write(&self, offset: u64, data: &[u8]) -> Result<(), ProviderError> {
         if !self.writable {
-            return Err(ProviderError::Host {
-                op: "write to a read-only dma-buf",
-                source: std::io::Error::from_raw_os_error(libc::EACCES),
-            });
+            return Err(super::imported::read_only_write());
         }
         let start = self.start(offset, data.len())?;
         // SAFETY: `start..start + data.len()` lies within the live mapping

@@ -25,7 +25,8 @@ pub use imported::KernelDmabuf;
 pub use memfd::{MemfdBacking, MemfdProvider};
 pub use sync::{dma_buf_sync, validate_sync_flags, SyncCall, SyncRecord};
 pub use udmabuf::{
-    udmabuf_create, udmabuf_from_list, UdmabufProvider, UDMABUF_DEFAULT_SIZE_LIMIT, UDMABUF_NODE,
+    udmabuf_create, udmabuf_from_list, UdmabufProvider, UDMABUF_DEFAULT_LIST_LIMIT,
+    UDMABUF_DEFAULT_SIZE_LIMIT, UDMABUF_NODE,
 };
 
 /// Errors of the host memory layer. Each keeps the host errno.
@@ -46,6 +47,9 @@ pub enum ProviderError {
     BadSize { size: u64, max: u64 },
     #[error("range {offset}+{len} is outside the buffer of {size} bytes")]
     OutOfRange { offset: u64, len: u64, size: u64 },
+    /// Memory the provider cannot turn into a dma-buf (udmabuf's rules).
+    #[error("{0}")]
+    Unsuitable(String),
 }
 
 impl ProviderError {
@@ -210,6 +214,14 @@ fn log_fallback(what: &str, e: &ProviderError) {
         ProviderError::MissingDevice { .. } => log::info!("provider: skipping {what}: {e}"),
         _ => log::warn!("provider: skipping {what}: {e}"),
     }
+}
+
+/// A zero-filled memfd of `size` bytes with `seals`, for other modules'
+/// tests (guest RAM as a front-end seals it).
+#[cfg(test)]
+pub(crate) fn sealed_memfd_for_tests(size: u64, seals: rustix::fs::SealFlags) -> OwnedFd {
+    #[allow(clippy::expect_used)]
+    memfd::sealed_memfd(size, rustix::fs::MemfdFlags::CLOEXEC, seals).expect("sealed memfd")
 }
 
 /// The host page size.

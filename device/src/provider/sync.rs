@@ -25,33 +25,45 @@ const DMA_BUF_IOCTL_SYNC: Opcode = opcode::write::<DmaBufSync>(b'b', 0);
 /// The bits the kernel accepts (`DMA_BUF_SYNC_VALID_FLAGS_MASK`).
 const VALID_FLAGS: u64 = sync_flags::RW | sync_flags::END;
 
-/// How many `EAGAIN` answers in a row one call retries before giving up, so a
-/// misbehaving exporter cannot spin the daemon forever. `EINTR` (a signal)
-/// is always retried.
-const MAX_EAGAIN_RETRIES: u32 = 1000;
+/// How many `EINTR`/`EAGAIN` answers in a row one call retries before giving
+/// up, so a misbehaving exporter or a signal storm cannot spin the daemon
+/// (and the guest request waiting on it) forever.
+const MAX_RETRIES: u32 = 1000;
 
 const SYNC_OP: &str = "DMA_BUF_IOCTL_SYNC";
 
 /// One `DMA_BUF_IOCTL_SYNC` on a kernel dma-buf. `EINTR` and `EAGAIN` are
-/// retried (section 9); any other answer is `ProviderError::Host`.
+/// retried (section 9), at most [`MAX_RETRIES`] times; any other answer, or
+/// the last `EINTR`/`EAGAIN`, is `ProviderError::Host`.
 pub fn dma_buf_sync(fd: BorrowedFd<'_>, flags: u64) -> Result<(), ProviderError> {
-    let mut eagain = 0;
-    loop {
+    retry_sync(|| {
         // SAFETY: DMA_BUF_IOCTL_SYNC takes a pointer to a `struct dma_buf_sync`
         // (one u64) that the kernel only reads; `DmaBufSync` has that layout
         // and `Setter` passes a pointer to its own copy, live for the call.
-        let ret = unsafe {
+        unsafe {
             ioctl(
                 fd,
                 Setter::<DMA_BUF_IOCTL_SYNC, _>::new(DmaBufSync { flags }),
             )
-        };
-        match ret {
+        }
+    })
+}
+
+/// Runs `call` until it succeeds, fails with something other than
+/// `EINTR`/`EAGAIN`, or has been retried [`MAX_RETRIES`] times.
+fn retry_sync(mut call: impl FnMut() -> rustix::io::Result<()>) -> Result<(), ProviderError> {
+    let mut retries = 0;
+    loop {
+        match call() {
             Ok(()) => return Ok(()),
-            Err(Errno::INTR) => continue,
-            Err(Errno::AGAIN) if eagain < MAX_EAGAIN_RETRIES => {
-                eagain += 1;
-                std::thread::yield_now();
+            Err(e @ (Errno::INTR | Errno::AGAIN)) => {
+                if retries == MAX_RETRIES {
+                    return Err(ProviderError::host(SYNC_OP, e));
+                }
+                retries += 1;
+                if e == Errno::AGAIN {
+                    std::thread::yield_now();
+                }
             }
             Err(e) => return Err(ProviderError::host(SYNC_OP, e)),
         }
@@ -188,6 +200,38 @@ mod tests {
             "{err:?}"
         );
         assert_eq!(err.raw_os_error(), Some(libc::ENOTTY));
+    }
+
+    #[test]
+    fn sync_retries_eintr_and_eagain_a_bounded_number_of_times() {
+        let mut calls = 0;
+        let transient = retry_sync(|| {
+            calls += 1;
+            match calls {
+                1 => Err(Errno::INTR),
+                2 => Err(Errno::AGAIN),
+                _ => Ok(()),
+            }
+        });
+        assert!(transient.is_ok());
+        assert_eq!(calls, 3);
+        for errno in [Errno::INTR, Errno::AGAIN] {
+            let mut calls = 0;
+            let err = retry_sync(|| {
+                calls += 1;
+                Err(errno)
+            })
+            .expect_err("never succeeds");
+            assert_eq!(calls, MAX_RETRIES + 1, "{errno:?}");
+            assert_eq!(err.raw_os_error(), Some(errno.raw_os_error()));
+        }
+        let mut calls = 0;
+        let err = retry_sync(|| {
+            calls += 1;
+            Err(Errno::IO)
+        })
+        .expect_err("EIO");
+        assert_eq!((calls, err.raw_os_error()), (1, Some(libc::EIO)));
     }
 
     #[test]

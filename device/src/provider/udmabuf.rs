@@ -21,6 +21,12 @@ pub const UDMABUF_DEFAULT_SIZE_LIMIT: u64 = 64 << 20;
 
 const SIZE_LIMIT_PARAM: &str = "/sys/module/udmabuf/parameters/size_limit_mb";
 
+/// The udmabuf module's limit on `UDMABUF_CREATE_LIST` items when its
+/// `list_limit` parameter cannot be read.
+pub const UDMABUF_DEFAULT_LIST_LIMIT: u32 = 1024;
+
+const LIST_LIMIT_PARAM: &str = "/sys/module/udmabuf/parameters/list_limit";
+
 /// `UDMABUF_FLAGS_CLOEXEC`: the new dma-buf fd is close-on-exec.
 const UDMABUF_FLAGS_CLOEXEC: u32 = 1;
 
@@ -178,6 +184,15 @@ fn udmabuf_size_limit() -> u64 {
     }
 }
 
+/// The module's item limit of `UDMABUF_CREATE_LIST`: `list_limit` if
+/// readable, else 1024.
+fn udmabuf_list_limit() -> u32 {
+    std::fs::read_to_string(LIST_LIMIT_PARAM)
+        .ok()
+        .and_then(|text| text.trim().parse::<u32>().ok())
+        .unwrap_or(UDMABUF_DEFAULT_LIST_LIMIT)
+}
+
 /// Opens a device node read-write; a missing node is `MissingDevice`.
 pub(crate) fn open_node(
     node: &'static str,
@@ -202,6 +217,7 @@ pub(crate) fn open_node(
 pub struct UdmabufProvider {
     dev: OwnedFd,
     max_object_size: u64,
+    list_limit: u32,
 }
 
 impl UdmabufProvider {
@@ -211,7 +227,24 @@ impl UdmabufProvider {
         Ok(UdmabufProvider {
             dev,
             max_object_size: udmabuf_size_limit(),
+            list_limit: udmabuf_list_limit(),
         })
+    }
+
+    /// A provider over `dev` as if it were `/dev/udmabuf` (tests of the
+    /// callers' fallbacks, where any other fd answers `ENOTTY`).
+    #[cfg(test)]
+    pub(crate) fn with_device(dev: OwnedFd, max_object_size: u64, list_limit: u32) -> Self {
+        UdmabufProvider {
+            dev,
+            max_object_size,
+            list_limit,
+        }
+    }
+
+    /// Most items one `UDMABUF_CREATE_LIST` may carry (`list_limit`).
+    pub fn list_limit(&self) -> u32 {
+        self.list_limit
     }
 
     /// The open `/dev/udmabuf`, for [`udmabuf_from_list`].

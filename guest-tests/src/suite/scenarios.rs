@@ -1561,6 +1561,13 @@ fn nothing_left(vmm: &LoopbackVmm, held: &Held) -> Check {
     ensure_eq!(d.acquire_fini(held.ctx)?, Err(Status::NoEnt));
     if held.shm {
         if let Some(shm) = vmm.shm() {
+            // SHMEM_UNMAP travels on the back-end channel, which the
+            // front-end serves on its own thread: the reset's answer does
+            // not wait for it (section 1), so give it a bounded moment.
+            let deadline = std::time::Instant::now() + Duration::from_secs(2);
+            while !shm.mappings().is_empty() && std::time::Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(2));
+            }
             ensure!(
                 shm.mappings().is_empty(),
                 "window still mapped: {:?}",
