@@ -291,7 +291,15 @@ pub fn start(config: Config) -> Result<DaemonHandle, DaemonError> {
         channel_wait: CHANNEL_WAIT,
     });
 
-    // Bind every socket before anything runs, so a bad path fails the start.
+    let shared = Arc::new(Shared {
+        stopping: AtomicBool::new(false),
+        stop_event: EventFd::new(EFD_NONBLOCK).map_err(io_error("creating the stop eventfd"))?,
+        connections: Mutex::new(vec![None; config.socket_paths.len()]),
+    });
+
+    // Bind every socket before anything runs, so a bad path fails the start
+    // (and once a socket exists, the daemon's idle set of fds is complete:
+    // the control plane, if any, is the only thing started after this).
     let mut listeners = Vec::with_capacity(config.socket_paths.len());
     for path in &config.socket_paths {
         let listener = Listener::new(path, true).map_err(|source| DaemonError::Listen {
@@ -300,12 +308,6 @@ pub fn start(config: Config) -> Result<DaemonHandle, DaemonError> {
         })?;
         listeners.push(listener);
     }
-
-    let shared = Arc::new(Shared {
-        stopping: AtomicBool::new(false),
-        stop_event: EventFd::new(EFD_NONBLOCK).map_err(io_error("creating the stop eventfd"))?,
-        connections: Mutex::new(vec![None; config.socket_paths.len()]),
-    });
     let mut handle = DaemonHandle {
         state: Arc::clone(&state),
         shared: Arc::clone(&shared),

@@ -18,6 +18,19 @@ fn fds_of(child: &Child) -> usize {
         .count()
 }
 
+/// The daemon's idle fd count: the same on reads 50 ms apart (a daemon
+/// still starting up, on a loaded machine, must not set a low baseline).
+fn idle_fds(child: &Child) -> usize {
+    let mut last = fds_of(child);
+    poll_until("the daemon's fd count to settle", || {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        let now = fds_of(child);
+        let settled = now == last;
+        last = now;
+        settled.then_some(now)
+    })
+}
+
 fn signal(child: &Child, sig: i32) {
     let pid = i32::try_from(child.id()).expect("pid");
     // SAFETY: kill only sends a signal to the child we spawned.
@@ -51,7 +64,7 @@ fn the_binary_serves_reconnects_and_stops_on_sigterm() {
     let dir = tempfile::tempdir().expect("tempdir");
     let socket = dir.path().join("dmabuf.sock");
     let mut child = spawn(&socket, &["--queues", "2"]);
-    let baseline = fds_of(&child);
+    let baseline = idle_fds(&child);
     let mut old = 0;
     for round in 0..3 {
         let mut vm = Vm::connect_with(
