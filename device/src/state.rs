@@ -100,7 +100,19 @@ impl DeviceState {
     }
 
     fn timer_loop(&self) {
+        let (lock, cv) = &self.timer;
         loop {
+            // Read the change count before looking at the model: a change
+            // made after this (a new deadline) ends the wait below at once,
+            // however the threads interleave. Reading it after the model
+            // would lose a wake-up that landed in between.
+            let seen = {
+                let t = lock.lock().unwrap_or_else(PoisonError::into_inner);
+                if t.stop {
+                    return;
+                }
+                t.generation
+            };
             let deadline = {
                 let mut ex = self.lock();
                 let now = Instant::now();
@@ -110,15 +122,10 @@ impl DeviceState {
                 }
                 ex.next_deadline()
             };
-            let (lock, cv) = &self.timer;
-            let t = lock.lock().unwrap_or_else(PoisonError::into_inner);
-            if t.stop {
-                return;
-            }
-            let seen = t.generation;
             let wait = deadline.map_or(Duration::from_secs(3600), |d| {
                 d.saturating_duration_since(Instant::now())
             });
+            let t = lock.lock().unwrap_or_else(PoisonError::into_inner);
             let (t, _) = cv
                 .wait_timeout_while(t, wait, |t| !t.stop && t.generation == seen)
                 .unwrap_or_else(PoisonError::into_inner);
@@ -126,5 +133,91 @@ impl DeviceState {
                 return;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, Instant};
+
+    use virtio_dmabuf_protocol::{FenceUsage, Reply, Request, Status};
+
+    use super::DeviceState;
+    use crate::exporter::{Exporter, ExporterConfig, GuestCaps, NoFrontend, Origin};
+    use crate::provider::MemfdProvider;
+
+    fn submit(state: &DeviceState, token: u64, req: Request) -> Option<Result<Reply, Status>> {
+        let mut ex = state.lock();
+        let r = ex.submit(0, Origin { queue: 0, token }, token, req, Instant::now());
+        state.changed(&ex);
+        r
+    }
+
+    /// Every new deadline reaches the timer thread, however the threads
+    /// interleave: many short WAITs each time out promptly.
+    #[test]
+    fn timer_thread_never_misses_a_new_deadline() {
+        let mut ex = Exporter::new(
+            ExporterConfig::default(),
+            Box::new(MemfdProvider::new(1 << 20)),
+            1,
+        );
+        ex.connect(0, GuestCaps::default(), Box::new(NoFrontend));
+        let state = DeviceState::new(ex).expect("state");
+        let timer = state.spawn_timer().expect("timer");
+        let page = crate::exporter::page_size();
+        let object = match submit(
+            &state,
+            1,
+            Request::Create {
+                size: page,
+                dynamic: false,
+                cache_mapping: false,
+                guest_pages: None,
+            },
+        ) {
+            Some(Ok(Reply::Object(o))) => o.object,
+            r => panic!("{r:?}"),
+        };
+        let ctx = match submit(&state, 2, Request::AcquireInit) {
+            Some(Ok(Reply::Acquire { ctx, .. })) => ctx,
+            r => panic!("{r:?}"),
+        };
+        let lock = Request::Lock {
+            ctx,
+            object,
+            try_lock: false,
+            slow: false,
+        };
+        assert_eq!(submit(&state, 3, lock), Some(Ok(Reply::Empty)));
+        let fence = Request::FenceAttach {
+            ctx,
+            object,
+            usage: FenceUsage::Write,
+        };
+        assert!(matches!(
+            submit(&state, 4, fence),
+            Some(Ok(Reply::Fence(_)))
+        ));
+        for token in 100..2100u64 {
+            let wait = Request::Wait {
+                object,
+                usage: FenceUsage::Write,
+                timeout_ns: 200_000,
+            };
+            assert_eq!(submit(&state, token, wait), None, "parks");
+            let deadline = Instant::now() + Duration::from_secs(5);
+            loop {
+                let done = state.lock().take_completions_for(0);
+                if let Some(c) = done.into_iter().find(|c| c.origin.token == token) {
+                    assert_eq!(c.response, Err(Status::TimedOut));
+                    break;
+                }
+                assert!(Instant::now() < deadline, "WAIT {token} never timed out");
+                std::thread::yield_now();
+            }
+        }
+        state.stop_timer();
+        timer.join().expect("timer thread");
     }
 }

@@ -1576,6 +1576,11 @@ fn nothing_left(vmm: &LoopbackVmm, held: &Held) -> Check {
         }
     }
     if let Some(u) = held.exported {
+        // SHARED_OBJECT_REMOVE also travels on the back-end channel.
+        let deadline = std::time::Instant::now() + Duration::from_secs(2);
+        while vmm.backend_shared_objects().contains(&u) && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(2));
+        }
         ensure!(
             !vmm.backend_shared_objects().contains(&u),
             "shared object {u} not removed"
