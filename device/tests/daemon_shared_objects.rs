@@ -231,7 +231,12 @@ fn channel_messages_ask_for_an_ack_exactly_when_reply_ack_is_live() {
     );
     let obj = vm.create(PAGE).object;
     assert!(matches!(vm.export_uuid(obj), Ok(Reply::Uuid(_))));
-    let headers = vm.peer().with(|st| st.headers.clone());
+    // Nothing is awaited without REPLY_ACK: the message may still be on its
+    // way to the front-end's channel thread when the guest has its answer.
+    let headers = poll_until("SHARED_OBJECT_ADD at the front-end", || {
+        let h = vm.peer().with(|st| st.headers.clone());
+        (!h.is_empty()).then_some(h)
+    });
     assert_eq!(headers, [(6, 0x1)], "no NEED_REPLY without REPLY_ACK");
     d.stop();
 }
