@@ -918,3 +918,22 @@ fn stats_json_fields_have_the_section_11_types() {
         assert!(s["uuid"].is_string() && s["flags"].is_u64(), "{s}");
     }
 }
+
+#[test]
+fn the_control_socket_appears_only_as_mode_0600_and_leaves_no_staging_behind() {
+    use std::os::unix::fs::PermissionsExt;
+    let p = Plane::new();
+    let mode = std::fs::metadata(&p.path).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600);
+    let parent = p.path.parent().unwrap();
+    let names: Vec<String> = std::fs::read_dir(parent)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(
+        names,
+        vec!["ctl.sock".to_owned()],
+        "only the socket is left"
+    );
+    request(&p.path, &Request::List {}, None).unwrap();
+}

@@ -17,7 +17,7 @@ use std::collections::{HashMap, VecDeque};
 use std::io::{self, IoSliceMut};
 use std::mem::MaybeUninit;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
-use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
@@ -159,11 +159,12 @@ fn start(
 }
 
 fn bind(path: &Path) -> io::Result<UnixListener> {
-    match UnixListener::bind(path) {
-        Err(e) if e.kind() == io::ErrorKind::AddrInUse => {
-            let is_socket = std::fs::symlink_metadata(path)?.file_type().is_socket();
-            let live = UnixStream::connect(path).is_ok();
-            if !is_socket || live {
+    // A live socket or any other file at `path` is refused; a stale socket
+    // (nothing accepts on it) is replaced.
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) => {
+            let is_socket = meta.file_type().is_socket();
+            if !is_socket || UnixStream::connect(path).is_ok() {
                 return Err(io::Error::new(
                     io::ErrorKind::AddrInUse,
                     format!(
@@ -178,11 +179,34 @@ fn bind(path: &Path) -> io::Result<UnixListener> {
                 ));
             }
             log::info!("replacing the stale socket {}", path.display());
-            std::fs::remove_file(path)?;
-            UnixListener::bind(path)
         }
-        other => other,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
     }
+    // Bind in a fresh directory only we can enter, make the socket 0600,
+    // then move it into place: under a permissive umask there is no moment
+    // at which another user could connect.
+    let parent = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let private = parent.join(format!(".dmabuf-ctl-{}-{}", std::process::id(), unique()));
+    std::fs::DirBuilder::new().mode(0o700).create(&private)?;
+    let staged = private.join("ctl");
+    let bound = UnixListener::bind(&staged).and_then(|listener| {
+        std::fs::set_permissions(&staged, std::fs::Permissions::from_mode(0o600))?;
+        std::fs::rename(&staged, path)?;
+        Ok(listener)
+    });
+    let _ = std::fs::remove_file(&staged);
+    let _ = std::fs::remove_dir(&private);
+    bound
+}
+
+/// A number no other call in this process gets (private directory names).
+fn unique() -> u64 {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
 }
 
 /// What the subscribers and the loop hand to each other (one thread).
