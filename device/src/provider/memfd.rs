@@ -268,17 +268,7 @@ mod tests {
         let b = p.allocate(page_size()).expect("allocate");
         for bad in [START, END, END | 1 << 3, READ | 1 << 8] {
             let err = b.sync(bad).expect_err("kernel refuses these");
-            assert!(
-                matches!(
-                    err,
-                    ProviderError::Host {
-                        op: "DMA_BUF_IOCTL_SYNC",
-                        ..
-                    }
-                ),
-                "{err:?}"
-            );
-            assert_eq!(err.raw_os_error(), Some(libc::EINVAL));
+            crate::provider::sync::assert_sync_refused(&err, libc::EINVAL);
         }
         assert!(p.record().is_empty(), "refused calls are not recorded");
     }

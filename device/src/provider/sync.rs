@@ -173,6 +173,22 @@ pub(crate) fn emulated_sync(
     Ok(())
 }
 
+/// Test check: a sync call failed in `DMA_BUF_IOCTL_SYNC` with `errno`.
+#[cfg(test)]
+pub(crate) fn assert_sync_refused(err: &ProviderError, errno: i32) {
+    assert!(
+        matches!(
+            err,
+            ProviderError::Host {
+                op: "DMA_BUF_IOCTL_SYNC",
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    assert_eq!(err.raw_os_error(), Some(errno));
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -189,17 +205,7 @@ mod tests {
     fn real_sync_ioctl_on_memfd_reaches_kernel_and_is_enotty() {
         let fd = memfd_create("sync-test", MemfdFlags::CLOEXEC).expect("memfd_create");
         let err = dma_buf_sync(fd.as_fd(), START | READ).expect_err("a memfd is no dma-buf");
-        assert!(
-            matches!(
-                err,
-                ProviderError::Host {
-                    op: "DMA_BUF_IOCTL_SYNC",
-                    ..
-                }
-            ),
-            "{err:?}"
-        );
-        assert_eq!(err.raw_os_error(), Some(libc::ENOTTY));
+        assert_sync_refused(&err, libc::ENOTTY);
     }
 
     #[test]
