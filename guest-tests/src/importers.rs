@@ -27,8 +27,9 @@ use virtio_dmabuf_protocol::{
 
 use crate::driver::{begin_cpu_access_request, Driver, DriverError, Outcome};
 use crate::host::{ExportOptions, HostControl};
+use crate::session::{Session, SessionError};
 use crate::vmm::shm::{memfd_with, ShmError};
-use crate::vmm::{LoopbackVmm, VmmError};
+use crate::vmm::VmmError;
 
 /// Why an importer program stopped.
 #[derive(Debug, thiserror::Error)]
@@ -37,6 +38,8 @@ pub enum ImporterError {
     Driver(#[from] DriverError),
     #[error(transparent)]
     Vmm(#[from] VmmError),
+    #[error(transparent)]
+    Session(#[from] SessionError),
     #[error(transparent)]
     Shm(#[from] ShmError),
     #[error("{what}: {source}")]
@@ -173,13 +176,13 @@ impl FrameFormat {
 /// path at object offsets (OBJECT).
 #[derive(Debug)]
 pub struct MappedBuffer<'a> {
-    vmm: &'a LoopbackVmm,
+    vmm: &'a dyn Session,
     object: u64,
     map: &'a MapReply,
 }
 
 impl<'a> MappedBuffer<'a> {
-    pub fn new(vmm: &'a LoopbackVmm, object: u64, map: &'a MapReply) -> Self {
+    pub fn new(vmm: &'a dyn Session, object: u64, map: &'a MapReply) -> Self {
         MappedBuffer { vmm, object, map }
     }
 
@@ -258,7 +261,7 @@ impl<'a> MappedBuffer<'a> {
 
 /// The window when `use_window` and the window can carry the data, else
 /// the copy path.
-fn data_path(vmm: &LoopbackVmm, info: &Info, use_window: bool) -> DataPath {
+fn data_path(vmm: &dyn Session, info: &Info, use_window: bool) -> DataPath {
     if use_window && window_live(vmm, info) {
         DataPath::Window
     } else {
@@ -278,7 +281,7 @@ fn place_writable(d: &Driver, object: u64, path: DataPath) -> Result<Option<u64>
 /// The CPU writes `data` at the start of `object`, bracketed by
 /// `BEGIN/END_CPU_ACCESS(TO_DEVICE)`: through the window at `window`, else
 /// with `TRANSFER_TO_HOST`.
-fn cpu_write(vmm: &LoopbackVmm, object: u64, window: Option<u64>, data: &[u8]) -> Result<()> {
+fn cpu_write(vmm: &dyn Session, object: u64, window: Option<u64>, data: &[u8]) -> Result<()> {
     let d = vmm.driver();
     ok(
         "BEGIN_CPU_ACCESS",
@@ -303,14 +306,14 @@ fn release(d: &Driver, object: u64, placed: bool) -> Result<()> {
     ok("RELEASE", d.release(object))
 }
 
-fn info(vmm: &LoopbackVmm) -> Result<Info> {
+fn info(vmm: &dyn Session) -> Result<Info> {
     ok("GET_INFO", vmm.driver().get_info())
 }
 
 /// Whether the window can carry this guest's data: `HOST_SHM` live and the
 /// front-end holding the region.
-fn window_live(vmm: &LoopbackVmm, info: &Info) -> bool {
-    info.caps & caps::HOST_SHM != 0 && vmm.shm().is_some()
+fn window_live(vmm: &dyn Session, info: &Info) -> bool {
+    info.caps & caps::HOST_SHM != 0 && (vmm.capabilities().shm_size > 0)
 }
 
 fn expect_space(map: &MapReply, path: DataPath) -> Result<()> {
@@ -336,7 +339,7 @@ fn expect_space(map: &MapReply, path: DataPath) -> Result<()> {
 /// frame through the address space the `MAP` reply names, compares its
 /// checksum with the producer's and unmaps.
 pub fn display_scanout(
-    vmm: &LoopbackVmm,
+    vmm: &dyn Session,
     format: FrameFormat,
     frames: u32,
     use_window: bool,
@@ -392,7 +395,7 @@ pub fn display_scanout(
 /// the GPU takes the lock again, drops the stale mapping, maps again and
 /// finds the new generation and the same bytes.
 pub fn gpu_render(
-    vmm: &LoopbackVmm,
+    vmm: &dyn Session,
     host: &dyn HostControl,
     format: FrameFormat,
     use_window: bool,
@@ -524,7 +527,7 @@ pub fn gpu_render(
 /// through the space the reply names. A write is `EPERM` either way. The
 /// export is revoked at the end. The VMM must be guest 0.
 pub fn camera_capture(
-    vmm: &LoopbackVmm,
+    vmm: &dyn Session,
     host: &dyn HostControl,
     name: &str,
     format: FrameFormat,
@@ -565,7 +568,7 @@ pub fn camera_capture(
 }
 
 fn camera_read(
-    vmm: &LoopbackVmm,
+    vmm: &dyn Session,
     name: &str,
     format: FrameFormat,
     buffer: &[u8],
@@ -752,7 +755,7 @@ impl Drop for SharedFileMapping {
 /// `GET_SHARED_OBJECT` and maps it. The bytes the guest wrote are there,
 /// later guest writes show through the same mapping (it is the buffer, not
 /// a copy), and the device's writes show to the guest.
-pub fn blob_by_uuid(vmm: &mut LoopbackVmm, format: FrameFormat) -> Result<Report> {
+pub fn blob_by_uuid(vmm: &mut dyn Session, format: FrameFormat) -> Result<Report> {
     let info = info(vmm)?;
     if info.caps & caps::SHARED_OBJECTS == 0 {
         return Err(ImporterError::Unavailable(
@@ -780,8 +783,18 @@ pub fn blob_by_uuid(vmm: &mut LoopbackVmm, format: FrameFormat) -> Result<Report
             })
         }
     };
-    // The other device's side.
-    let file = vmm.get_shared_object(uuid)?;
+    // The other device's side: the fd the front-end gets back, which only
+    // our own front-end can show.
+    let Some(front_end) = vmm.loopback_mut() else {
+        let d = vmm.driver();
+        release(d, object, window.is_some())?;
+        return Err(ImporterError::Unavailable(
+            "the other device's side (GET_SHARED_OBJECT) is the front-end's; \
+             a real VMM keeps it"
+                .into(),
+        ));
+    };
+    let file = front_end.get_shared_object(uuid)?;
     let fd_size = std::io::Seek::seek(&mut &file, std::io::SeekFrom::End(0)).map_err(|source| {
         ImporterError::Io {
             what: "size of the shared object's fd",

@@ -16,5 +16,6 @@
 pub mod driver;
 pub mod host;
 pub mod importers;
+pub mod session;
 pub mod suite;
 pub mod vmm;

@@ -31,6 +31,7 @@ use dmabuf_guest_tests::driver::ChainLayout;
 use dmabuf_guest_tests::host::{
     ExportOptions, HostAttachment, HostControl, HostLockHolder, HostObject, HostSync,
 };
+use dmabuf_guest_tests::session::Loopback;
 use dmabuf_guest_tests::suite::scenarios::{
     all, with_short_fence_timeout, with_small_quotas, DaemonSettings, Quotas, Scenario, Target,
 };
@@ -164,7 +165,9 @@ impl HostControl for Ctl {
 
 fn target(d: &DaemonHandle, daemon: DaemonSettings) -> Target {
     Target {
-        sockets: d.socket_paths().to_vec(),
+        front_end: Arc::new(Loopback {
+            sockets: d.socket_paths().to_vec(),
+        }),
         options: Default::default(),
         host: d
             .control_socket()

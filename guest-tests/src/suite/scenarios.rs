@@ -14,7 +14,7 @@ use std::time::Duration;
 use virtio_dmabuf_protocol::{
     attach_flags, caps, create_flags, encode_request, lock_flags, map_flags, AddressSpace,
     Direction, Event, EventType, FenceUsage, Info, MapReply, Opcode, Reply, Request, RequestHeader,
-    Segment, Status, CONTROLQ, EVENT_SIZE, INFO_SIZE, REQ_HDR_SIZE, RESP_HDR_SIZE,
+    Segment, Status, CONFIG_SIZE, CONTROLQ, EVENT_SIZE, INFO_SIZE, REQ_HDR_SIZE, RESP_HDR_SIZE,
 };
 
 use super::{Check, Stop, Suite};
@@ -22,9 +22,9 @@ use crate::driver::{
     begin_cpu_access_request, lock_request, reply_capacity, BatchItem, ChainLayout, Desc, Driver,
     RawChain, Ticket,
 };
+use crate::session::{read_device_config, FrontEnd, Loopback, Session, SessionError};
 use crate::vmm::{LoopbackVmm, VmmOptions};
 use crate::{ensure, ensure_eq, skip};
-use vhost::vhost_user::VhostUserProtocolFeatures;
 
 pub use crate::host::{ExportOptions, HostControl};
 
@@ -70,11 +70,12 @@ pub struct DaemonSettings {
     pub quotas: Option<Quotas>,
 }
 
-/// Where the daemon under test listens.
+/// The device under test: the front-end that opens sessions, the options
+/// every session starts from, the host side, what the daemon runs with.
 #[derive(Debug, Clone)]
 pub struct Target {
-    /// One socket per guest (`--socket-count`): guest 0 first.
-    pub sockets: Vec<PathBuf>,
+    /// Where sessions come from (one guest per socket or device).
+    pub front_end: Arc<dyn FrontEnd>,
     /// Options every session starts from.
     pub options: VmmOptions,
     /// The daemon's control plane, if the scenarios may use it.
@@ -84,9 +85,17 @@ pub struct Target {
 }
 
 impl Target {
+    /// The loopback VMM on one socket.
     pub fn new(socket: impl Into<PathBuf>) -> Self {
-        Target {
+        Target::on(Loopback {
             sockets: vec![socket.into()],
+        })
+    }
+
+    /// Sessions from `front_end`, default options, no host control.
+    pub fn on(front_end: impl FrontEnd + 'static) -> Self {
+        Target {
+            front_end: Arc::new(front_end),
             options: VmmOptions::default(),
             host: None,
             daemon: DaemonSettings::default(),
@@ -102,28 +111,48 @@ impl Target {
     }
 
     /// A session as guest 0.
-    pub fn connect(&self) -> Result<LoopbackVmm, Stop> {
+    pub fn connect(&self) -> Result<Box<dyn Session>, Stop> {
         self.connect_with(|_| {})
     }
 
     /// A session as guest 0 with adjusted options.
-    pub fn connect_with(&self, adjust: impl FnOnce(&mut VmmOptions)) -> Result<LoopbackVmm, Stop> {
+    pub fn connect_with(
+        &self,
+        adjust: impl FnOnce(&mut VmmOptions),
+    ) -> Result<Box<dyn Session>, Stop> {
         let mut options = self.options.clone();
         adjust(&mut options);
-        let socket = self
-            .sockets
-            .first()
-            .ok_or_else(|| Stop::Fail("target has no socket".into()))?;
-        Ok(LoopbackVmm::connect(socket, options)?)
+        self.open(0, &options)
     }
 
     /// A session as guest `index`, or a skip if the target has fewer.
-    pub fn connect_guest(&self, index: usize) -> Result<LoopbackVmm, Stop> {
-        let Some(socket) = self.sockets.get(index) else {
+    pub fn connect_guest(&self, index: usize) -> Result<Box<dyn Session>, Stop> {
+        self.open(index, &self.options)
+    }
+
+    fn open(&self, index: usize, options: &VmmOptions) -> Result<Box<dyn Session>, Stop> {
+        let guests = self.front_end.guests();
+        if index >= guests {
             skip!(
-                "the target serves {} guest socket(s), the scenario needs {}",
-                self.sockets.len(),
+                "the target serves {guests} guest(s), the scenario needs {}",
                 index + 1
+            )
+        }
+        match self.front_end.connect(index, options) {
+            Ok(s) => Ok(s),
+            Err(SessionError::Unsupported(why)) => Err(Stop::Skip(why)),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// A loopback VMM session as guest 0, for what only this process's own
+    /// front-end can show (the back-end channel's view, vring stops,
+    /// reconnects), or a skip on a real front-end.
+    pub fn connect_loopback(&self) -> Result<LoopbackVmm, Stop> {
+        let Some(socket) = self.front_end.loopback_socket(0) else {
+            skip!(
+                "needs the loopback VMM's own view; the front-end is {}",
+                self.front_end.describe()
             )
         };
         Ok(LoopbackVmm::connect(socket, self.options.clone())?)
@@ -237,6 +266,10 @@ pub fn all() -> Vec<Scenario> {
         (
             "fence_wait_parks_until_signal",
             fence_wait_parks_until_signal,
+        ),
+        (
+            "shared_objects_resolve_locally",
+            shared_objects_resolve_locally,
         ),
         (
             "shared_objects_export_and_lookup",
@@ -397,25 +430,21 @@ fn need_cap(d: &Driver, cap: u32, name: &str, negotiated: bool) -> Result<Info, 
     Ok(i)
 }
 
-fn shm_negotiated(vmm: &LoopbackVmm) -> bool {
-    let n = vmm.negotiated();
-    n.shm_size > 0 && n.protocol.contains(VhostUserProtocolFeatures::BACKEND_REQ)
+/// The front-end acked SHMEM with the back-end channel and shows the
+/// guest region 0.
+fn shm_negotiated(vmm: &dyn Session) -> bool {
+    vmm.capabilities().shm_size > 0
 }
 
-fn shared_object_negotiated(vmm: &LoopbackVmm) -> bool {
-    let p = vmm.negotiated().protocol;
-    p.contains(VhostUserProtocolFeatures::SHARED_OBJECT)
-        && p.contains(VhostUserProtocolFeatures::BACKEND_REQ)
+/// The front-end acked SHARED_OBJECT with the back-end channel, as far as
+/// the guest can tell (a real VMM does not say: then only `GET_INFO` does).
+fn shared_object_negotiated(vmm: &dyn Session) -> bool {
+    vmm.capabilities().shared_object.unwrap_or(false)
 }
 
 /// One past the highest guest RAM address of the session.
-fn ram_end(vmm: &LoopbackVmm) -> u64 {
-    vmm.options()
-        .ram
-        .iter()
-        .map(|&(g, s)| g + s)
-        .max()
-        .unwrap_or(0)
+fn ram_end(vmm: &dyn Session) -> u64 {
+    vmm.ram_end()
 }
 
 /// A one-page object locked by a fresh context `a` and a LOCK of a second
@@ -473,34 +502,38 @@ fn export_name(prefix: &str) -> String {
 
 fn config_space_matches_get_info(t: &Target) -> Check {
     let mut vmm = t.connect()?;
-    let cfg = vmm.config();
+    let window = vmm.capabilities().config_window;
+    let cfg = read_device_config(&mut *vmm)?;
     let i = info(vmm.driver())?;
     ensure_eq!(i.version, 1);
     ensure!(cfg.num_queues >= 2, "num_queues {}", cfg.num_queues);
     ensure_eq!(i.num_queues, cfg.num_queues);
+    ensure_eq!(u64::from(cfg.num_queues), vmm.capabilities().queue_num);
+    if window < CONFIG_SIZE as u32 {
+        // A stand-in device shows only the first fields (section 1); the
+        // rest is checked against GET_INFO alone.
+        ensure!(window >= 8, "config window of {window} bytes");
+        ensure_eq!(i.page_size, cfg.page_size);
+        ensure!(i.page_size >= 4096 && i.page_size.is_power_of_two());
+        ensure_eq!(i.caps & caps::HOST_SHM, 0, "a stand-in has no region");
+        ensure_eq!(i.shm_size, 0);
+        return Ok(());
+    }
     ensure!(cfg.page_size >= 4096 && cfg.page_size.is_power_of_two());
     ensure_eq!(i.page_size, cfg.page_size);
     ensure_eq!(i.max_segments, cfg.max_segments);
     // shm_size is what is live: the region when SHMEM and the back-end
     // channel were negotiated, else zero.
-    let live = if shm_negotiated(&vmm) {
-        vmm.negotiated().shm_size
-    } else {
-        0
-    };
+    let live = vmm.capabilities().shm_size;
     ensure_eq!(cfg.shm_size, live);
     ensure_eq!(i.shm_size, cfg.shm_size);
-    ensure_eq!(
-        i.caps & caps::HOST_SHM != 0,
-        cfg.shm_size != 0 && vmm.shm().is_some()
-    );
-    ensure_eq!(u64::from(cfg.num_queues), vmm.negotiated().queue_num);
+    ensure_eq!(i.caps & caps::HOST_SHM != 0, cfg.shm_size != 0);
     // A longer read has the requested size, zero past the structure.
-    let long = vmm.get_config(0, 64)?;
+    let long = vmm.read_config(0, 64)?;
     ensure_eq!(long.len(), 64);
     ensure_eq!(&long[..24], &cfg.to_bytes()[..]);
     ensure!(long[24..].iter().all(|&b| b == 0));
-    let tail = vmm.get_config(16, 16)?;
+    let tail = vmm.read_config(16, 16)?;
     ensure_eq!(&tail[..8], &cfg.to_bytes()[16..24]);
     Ok(())
 }
@@ -1145,21 +1178,22 @@ fn shm_window_sees_transfers_both_ways(t: &Target) -> Check {
     let vmm = t.connect()?;
     let d = vmm.driver();
     need_cap(d, caps::HOST_SHM, "HOST_SHM", shm_negotiated(&vmm))?;
-    let Some(shm) = vmm.shm() else {
-        skip!("no shared memory window negotiated")
-    };
+    // The front-end's side of the window, where it is this process.
+    let shm = vmm.loopback().and_then(LoopbackVmm::shm);
     let pg = page(d)?;
     let object = create(d, 2, 0)?;
     let (off, len) = d.map_shm(object, true)??;
     ensure_eq!(len, 2 * pg);
     ensure_eq!(off % pg, 0);
-    ensure!(
-        shm.mappings()
-            .iter()
-            .any(|m| m.offset == off && m.len == len && m.writable),
-        "{:?}",
-        shm.mappings()
-    );
+    if let Some(shm) = shm {
+        ensure!(
+            shm.mappings()
+                .iter()
+                .any(|m| m.offset == off && m.len == len && m.writable),
+            "{:?}",
+            shm.mappings()
+        );
+    }
     // Written by TRANSFER, read through the window.
     let a = pattern(2 * pg as usize, 7);
     ensure_eq!(d.transfer_to_host(object, 0, &a)?, Ok(()));
@@ -1167,7 +1201,7 @@ fn shm_window_sees_transfers_both_ways(t: &Target) -> Check {
     // Written through the window, read by TRANSFER.
     let b = pattern(100, 99);
     vmm.shm_write(off + pg - 50, &b)?;
-    ensure_eq!(d.transfer_from_host(object, pg - 50, 100)?, Ok(b));
+    ensure_eq!(d.transfer_from_host(object, pg - 50, 100)?, Ok(b.clone()));
     // One window mapping per object; a different writability is EBUSY.
     ensure_eq!(d.map_shm(object, false)?, Err(Status::Busy));
     ensure_eq!(
@@ -1176,15 +1210,21 @@ fn shm_window_sees_transfers_both_ways(t: &Target) -> Check {
         "counted per use, same offset"
     );
     ensure_eq!(d.unmap_shm(object)?, Ok(()));
-    ensure!(
-        shm.mappings().iter().any(|m| m.offset == off),
-        "still used once"
-    );
+    if let Some(shm) = shm {
+        ensure!(
+            shm.mappings().iter().any(|m| m.offset == off),
+            "still used once"
+        );
+    }
+    // Still mapped: the bytes are there.
+    ensure_eq!(vmm.shm_read(off + pg - 50, 100)?, b);
     ensure_eq!(d.unmap_shm(object)?, Ok(()));
-    ensure!(
-        shm.mappings().iter().all(|m| m.offset != off),
-        "window mapping removed"
-    );
+    if let Some(shm) = shm {
+        ensure!(
+            shm.mappings().iter().all(|m| m.offset != off),
+            "window mapping removed"
+        );
+    }
     ensure_eq!(d.release(object)?, Ok(()));
     Ok(())
 }
@@ -1347,8 +1387,40 @@ fn fence_wait_parks_until_signal(t: &Target) -> Check {
 
 // ---- shared objects (section 7.2) ----
 
+/// `EXPORT_UUID` and `OPEN BY_UUID` of the guest's own UUID, on any
+/// front-end: the UUID resolves locally, an unknown one is `ENOENT`, and the
+/// UUID dies with the object.
+fn shared_objects_resolve_locally(t: &Target) -> Check {
+    let vmm = t.connect()?;
+    let d = vmm.driver();
+    need_cap(
+        d,
+        caps::SHARED_OBJECTS,
+        "SHARED_OBJECTS",
+        shared_object_negotiated(&vmm),
+    )?;
+    let object = create(d, 1, 0)?;
+    let uuid = match d.export_uuid(object)? {
+        Ok(u) => u,
+        Err(Status::NotSupported) => {
+            skip!("EXPORT_UUID needs a REAL_DMABUF object or --allow-memfd-shared-objects")
+        }
+        Err(s) => return Err(Stop::Fail(format!("EXPORT_UUID: {s}"))),
+    };
+    ensure_eq!(d.export_uuid(object)?, Ok(uuid), "one UUID per object");
+    let o = d.open_by_uuid(uuid)??;
+    ensure_eq!(o.object, object);
+    ensure_eq!(d.release(object)?, Ok(()), "drops the OPEN reference");
+    ensure_eq!(
+        d.open_by_uuid(*uuid::Uuid::new_v4().as_bytes())?,
+        Err(Status::NoEnt)
+    );
+    ensure_eq!(d.release(object)?, Ok(()));
+    Ok(())
+}
+
 fn shared_objects_export_and_lookup(t: &Target) -> Check {
-    let mut vmm = t.connect()?;
+    let mut vmm = t.connect_loopback()?;
     let d = vmm.driver();
     need_cap(
         d,
@@ -1507,7 +1579,7 @@ fn host_export_open_and_revoke(t: &Target) -> Check {
 // ---- section 6: lifetimes ----
 
 fn vring_stop_cancels_waiting_and_keeps_state(t: &Target) -> Check {
-    let mut vmm = t.connect()?;
+    let mut vmm = t.connect_loopback()?;
     let (object, a, _, parked) = parked_lock(vmm.driver())?;
     let bases = vmm.stop_vrings()?;
     // The waiting chain came back before GET_VRING_BASE answered.
@@ -1532,7 +1604,7 @@ struct Held {
     exported: Option<uuid::Uuid>,
 }
 
-fn hold_everything(vmm: &LoopbackVmm) -> Result<Held, Stop> {
+fn hold_everything(vmm: &dyn Session) -> Result<Held, Stop> {
     let d = vmm.driver();
     let object = create(d, 2, 0)?;
     let attachment = d.attach(object, attach_flags::DYNAMIC_IMPORTER)??;
@@ -1540,7 +1612,7 @@ fn hold_everything(vmm: &LoopbackVmm) -> Result<Held, Stop> {
     let _ = m;
     let (ctx, _) = d.acquire_init()??;
     ensure_eq!(d.lock(ctx, object, 0)?, Ok(()));
-    let shm = vmm.shm().is_some() && d.map_shm(object, true)?.is_ok();
+    let shm = (vmm.capabilities().shm_size > 0) && d.map_shm(object, true)?.is_ok();
     let exported = match d.export_uuid(object)? {
         Ok(u) => Some(uuid::Uuid::from_bytes(u)),
         Err(_) => None,
@@ -1554,13 +1626,13 @@ fn hold_everything(vmm: &LoopbackVmm) -> Result<Held, Stop> {
     })
 }
 
-fn nothing_left(vmm: &LoopbackVmm, held: &Held) -> Check {
+fn nothing_left(vmm: &dyn Session, held: &Held) -> Check {
     let d = vmm.driver();
     ensure_eq!(d.release(held.object)?, Err(Status::NoEnt));
     ensure_eq!(d.detach(held.attachment)?, Err(Status::NoEnt));
     ensure_eq!(d.acquire_fini(held.ctx)?, Err(Status::NoEnt));
     if held.shm {
-        if let Some(shm) = vmm.shm() {
+        if let Some(shm) = vmm.loopback().and_then(LoopbackVmm::shm) {
             // SHMEM_UNMAP travels on the back-end channel, which the
             // front-end serves on its own thread: the reset's answer does
             // not wait for it (section 1), so give it a bounded moment.
@@ -1575,7 +1647,7 @@ fn nothing_left(vmm: &LoopbackVmm, held: &Held) -> Check {
             );
         }
     }
-    if let Some(u) = held.exported {
+    if let (Some(u), Some(vmm)) = (held.exported, vmm.loopback()) {
         // SHARED_OBJECT_REMOVE also travels on the back-end channel.
         let deadline = std::time::Instant::now() + Duration::from_secs(2);
         while vmm.backend_shared_objects().contains(&u) && std::time::Instant::now() < deadline {
@@ -1608,7 +1680,7 @@ fn device_reset_releases_everything(t: &Target) -> Check {
 }
 
 fn reconnect_leaves_nothing_behind(t: &Target) -> Check {
-    let vmm = t.connect()?;
+    let vmm = t.connect_loopback()?;
     let held = hold_everything(&vmm)?;
     let before = info(vmm.driver())?;
     let vmm = vmm.reconnect()?;

@@ -12,11 +12,14 @@ use virtio_dmabuf_protocol::{
 use super::{create, export_name, info, listed, page, pattern, Check, Stop, Target, SETTLE};
 use crate::driver::{begin_cpu_access_request, lock_request};
 use crate::host::{ExportOptions, HostControl, HostLockHolder};
-use crate::vmm::LoopbackVmm;
+use crate::session::Session;
 use crate::{ensure, ensure_eq};
 
+/// A session as guest 0 and one as guest 1.
+type TwoGuests = (Box<dyn Session>, Box<dyn Session>);
+
 /// Sessions as guests 0 and 1.
-fn two_guests(t: &Target) -> Result<(LoopbackVmm, LoopbackVmm), Stop> {
+fn two_guests(t: &Target) -> Result<TwoGuests, Stop> {
     Ok((t.connect_guest(0)?, t.connect_guest(1)?))
 }
 
@@ -214,8 +217,8 @@ pub(super) fn two_guests_disconnect_releases_the_lock(t: &Target) -> Check {
         ensure!(!d1.settle(&parked, SETTLE)?, "the lock is guest 0's");
         ensure!(!d1.poll(&reader)?, "guest 0's WRITE fence is pending");
         ensure_eq!(listed(host, o1.uuid)?.fences_pending, 1);
-        // Guest 0's VMM goes away holding the lock, its fence unsignalled.
-        g0.disconnect();
+        // Guest 0 goes away (its VMM disconnects, or it resets the device) holding the lock, its fence unsignalled.
+        g0.end();
         ensure_eq!(
             d1.complete_within(parked, Duration::from_secs(5))?,
             Ok(Reply::Empty),

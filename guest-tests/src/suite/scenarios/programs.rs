@@ -6,7 +6,7 @@ use crate::importers::{
     blob_by_uuid, camera_capture, display_scanout, gpu_render, DataPath, FrameFormat,
     ImporterError, Report,
 };
-use crate::vmm::LoopbackVmm;
+use crate::session::Session;
 use crate::{ensure, ensure_eq};
 
 use super::{need_cap, shared_object_negotiated, shm_negotiated, Check, Stop, Target};
@@ -30,7 +30,7 @@ fn program(r: Result<Report, ImporterError>) -> Result<Report, Stop> {
 /// The path a program that prefers the window must take: the window when
 /// the front-end negotiated it (its absence from `GET_INFO` is then a
 /// failure), else the copy path.
-fn preferred(vmm: &LoopbackVmm) -> DataPath {
+fn preferred(vmm: &dyn Session) -> DataPath {
     if shm_negotiated(vmm) {
         DataPath::Window
     } else {
