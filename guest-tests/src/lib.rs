@@ -15,7 +15,9 @@
 
 pub mod driver;
 pub mod host;
+pub mod host_link;
 pub mod importers;
+pub mod pci;
 pub mod session;
 pub mod suite;
 pub mod vmm;

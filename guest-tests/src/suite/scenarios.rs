@@ -1626,6 +1626,19 @@ fn hold_everything(vmm: &dyn Session) -> Result<Held, Stop> {
     })
 }
 
+/// For a front-end that dies mid-request: a session holding state of every
+/// kind (an object attached, mapped, locked, in the window, published)
+/// with a `LOCK` of a second context parked behind the lock. The session is
+/// returned so nothing is released; the caller then goes away without a
+/// word and the host checks that the daemon let go of everything.
+pub fn hold_state_with_a_parked_request(t: &Target) -> Result<Box<dyn Session>, Stop> {
+    let vmm = t.connect()?;
+    hold_everything(&vmm)?;
+    let (_, _, _, parked) = parked_lock(vmm.driver())?;
+    ensure!(!vmm.driver().poll(&parked)?, "the LOCK is parked");
+    Ok(vmm)
+}
+
 fn nothing_left(vmm: &dyn Session, held: &Held) -> Check {
     let d = vmm.driver();
     ensure_eq!(d.release(held.object)?, Err(Status::NoEnt));
