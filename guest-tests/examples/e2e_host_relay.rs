@@ -16,9 +16,9 @@
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
-use std::time::{Duration, Instant};
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::{Duration, Instant};
 
 use dmabuf_guest_tests::host_link::{unhex, CONTENTS_FIELD};
 use dmabuf_guest_tests::vmm::shm::memfd_with;

@@ -105,7 +105,10 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    println!("front-end: {}", dmabuf_guest_tests::session::FrontEnd::describe(&front_end));
+    println!(
+        "front-end: {}",
+        dmabuf_guest_tests::session::FrontEnd::describe(&front_end)
+    );
     let host: Option<Arc<dyn HostControl>> = match &args.host_link {
         None => None,
         Some(path) => match LineHost::serial(path) {
