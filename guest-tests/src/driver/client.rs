@@ -149,6 +149,24 @@ impl ChainLayout {
         }
         out
     }
+
+    /// This layout with descriptors long enough that a chain of `readable`
+    /// and `writable` bytes has at most `budget` of them: a driver must not
+    /// make a chain longer than the queue (virtio 1.2, 2.7.5.3.1), and a
+    /// front-end may offer short queues (QEMU 10's stand-in has 64
+    /// entries). The first descriptor of each part keeps its length, so
+    /// headers stay cut where the layout cuts them.
+    pub fn within(&self, readable: usize, writable: usize, budget: usize) -> ChainLayout {
+        let count = |l: &ChainLayout| l.pieces(readable).len() + l.pieces(writable).len();
+        let mut layout = *self;
+        while count(&layout) > budget {
+            match layout.max_desc_len {
+                Some(m) if m < u32::MAX => layout.max_desc_len = Some(m.saturating_mul(2)),
+                _ => break,
+            }
+        }
+        layout
+    }
 }
 
 /// One descriptor of a raw chain.
@@ -440,8 +458,12 @@ impl Driver {
 
     /// A typed request as a batch item, cut by the current [`ChainLayout`].
     pub fn typed_item(&self, tag: u64, request: &Request, writable_len: usize) -> BatchItem {
-        let layout = self.chain_layout();
         let bytes = encode_request(tag, request);
+        let layout = self.chain_layout().within(
+            bytes.len(),
+            writable_len,
+            usize::from(self.config.queue_size),
+        );
         let chain = RawChain::chunked(&bytes, writable_len, &layout);
         BatchItem {
             chain,
@@ -1233,4 +1255,28 @@ pub fn check_response(
         }
     }
     Ok(response)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_layout_within_a_budget_keeps_its_first_cut_and_fits() {
+        let split = ChainLayout {
+            max_desc_len: Some(3),
+            first_desc_len: Some(5),
+            indirect: false,
+        };
+        // Fits already: unchanged.
+        assert_eq!(split.within(16, 8, 64), split);
+        let fitted = split.within(8192, 400, 64);
+        let count = fitted.pieces(8192).len() + fitted.pieces(400).len();
+        assert!(count <= 64, "{count} descriptors");
+        assert_eq!(fitted.pieces(8192)[0], 5, "the header cut stays");
+        assert_eq!(fitted.first_desc_len, Some(5));
+        // One descriptor per part cannot be cut finer or coarser.
+        let whole = ChainLayout::default();
+        assert_eq!(whole.within(1 << 20, 1 << 20, 2), whole);
+    }
 }

@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# QEMU 11 lane: the daemon (two guests' sockets, a 64M shared memory region,
+# two request queues) behind two vhost-user-test-device-pci devices with
+# virtio ID 37; the guest runs the whole suite (--guests 2 --expect-shm),
+# then QEMU is killed while the guest holds state and a third boot must be
+# served. Needs host-setup.sh and sid-qemu.sh; see README.md.
+#   usage: lane-qemu11.sh           (env: see the header of lane-lib.sh)
+set -euo pipefail
+source "$(dirname "$0")/lib.sh"
+source "$(dirname "$0")/lane-lib.sh"
+lane_run 11
