@@ -16,10 +16,10 @@ lane_build() {
     [ "${E2E_SKIP_BUILD:-0}" = 1 ] && return 0
     (
         cd "$E2E_REPO"
-        cargo build --release -p vhost-device-dmabuf
-        cargo build --release -p dmabuf-guest-tests --example e2e_host_relay
+        cargo build --release --locked -p vhost-device-dmabuf
+        cargo build --release --locked -p dmabuf-guest-tests --example e2e_host_relay
         if [ -z "${E2E_RUNNER:-}" ]; then
-            RUSTFLAGS="-C target-feature=+crt-static" cargo build --release \
+            RUSTFLAGS="-C target-feature=+crt-static" cargo build --release --locked \
                 --target x86_64-unknown-linux-gnu -p dmabuf-guest-tests --bin dmabuf-guest-runner
         fi
     )
