@@ -432,13 +432,22 @@ fn descriptor_splits_and_indirect_tables_are_reassembled_by_the_device() {
             .unwrap();
         assert_eq!(back, data, "{layout:?}");
     }
-    // A chain longer than the queue is refused locally, not sent.
+    // A typed request whose layout would make a chain longer than the
+    // queue gets longer descriptors instead, and arrives whole.
     d.set_chain_layout(ChainLayout {
         max_desc_len: Some(1),
         first_desc_len: None,
         indirect: false,
     });
-    let err = d.transfer_to_host(obj.object, 0, &[0u8; 100]).unwrap_err();
+    let data = [0x5au8; 100];
+    d.transfer_to_host(obj.object, 0, &data).unwrap().unwrap();
+    let back = d.transfer_from_host(obj.object, 0, 100).unwrap().unwrap();
+    assert_eq!(back, data);
+    // A raw chain longer than the queue is refused locally, not sent.
+    let header = encode_request(0x99, &Request::GetInfo);
+    let cuts: Vec<usize> = (1..header.len()).collect();
+    let too_long = RawChain::split(&header, &cuts, &[1; 128]);
+    let err = d.submit_raw(CONTROLQ, too_long).unwrap_err();
     assert!(
         matches!(
             err,

@@ -119,6 +119,22 @@ no_objects() {
     return 1
 }
 
+# The daemon's open fds, one "fd -> target" line each.
+daemon_fds() { ls -l "/proc/$daemon_pid/fd" 2>/dev/null | awk 'NR > 1 {print $9, $10, $11}' | sort; }
+
+# Fails unless the daemon holds exactly the fds it held before the first
+# VM came (waits up to 5 s for connections to close).
+same_fds() {
+    local now
+    for _ in $(seq 26); do
+        now=$(daemon_fds)
+        [ "$now" = "$fd_base" ] && return 0
+        sleep 0.2
+    done
+    fail "$1: the daemon holds $(wc -l <<<"$now") fds, $(wc -l <<<"$fd_base") before the first VM"
+    diff <(echo "$fd_base") <(echo "$now") >&2 || true
+}
+
 daemon_alive() {
     kill -0 "$daemon_pid" 2>/dev/null && return 0
     local rc=0; wait "$daemon_pid" || rc=$?; daemon_pid=
@@ -166,6 +182,8 @@ lane_run() {
     for _ in $(seq 50); do [ -S "${sock}1" ] && [ -S "$CTL" ] && break; sleep 0.1; done
     daemon_alive "at start"
     [ -S "${sock}1" ] && [ -S "$CTL" ] || die "the daemon did not create its sockets"
+    fd_base=$(daemon_fds)
+    note "daemon: $(wc -l <<<"$fd_base") fds before the first VM"
 
     # 1. The whole suite, both devices.
     t=$SECONDS
@@ -177,6 +195,7 @@ lane_run() {
     note "suite boot: $((SECONDS - t)) s"
     daemon_alive "during the suite"
     no_objects 5 || fail "objects left after the suite"
+    same_fds "after the suite"
     # recent_syncs lists hundreds of calls: kept in the file, not printed.
     "$DAEMON" ctl --control-socket "$CTL" --json stats > "$DIR/stats.json"
     log "daemon stats (all of it in $DIR/stats.json):"
@@ -205,6 +224,7 @@ lane_run() {
     check_qemu hold
     daemon_alive "when QEMU was killed"
     no_objects 5 || fail "objects left after QEMU was killed"
+    same_fds "after QEMU was killed"
     note "disconnect check: $((SECONDS - t)) s"
 
     # 3. The next connection is served.
@@ -215,6 +235,7 @@ lane_run() {
     check_qemu again
     daemon_alive "after the reconnect"
     no_objects 5 || fail "objects left after the reconnect"
+    same_fds "after the reconnect"
     note "reconnect boot: $((SECONDS - t)) s"
 
     kill -TERM "$daemon_pid"
