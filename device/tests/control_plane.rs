@@ -916,6 +916,8 @@ fn stats_json_fields_have_the_section_11_types() {
     }
     for s in stats["recent_syncs"].as_array().unwrap() {
         assert!(s["uuid"].is_string() && s["flags"].is_u64(), "{s}");
+        assert!(s["kernel"].is_boolean(), "{s}");
+        assert!(s["errno"].is_null() || s["errno"].is_i64(), "{s}");
     }
 }
 

@@ -26,6 +26,21 @@ pub struct ExportOptions {
 pub struct HostSync {
     pub uuid: [u8; 16],
     pub flags: u64,
+    /// The real ioctl on a kernel dma-buf (`true`) or the daemon's
+    /// emulation (`false`: memfd objects, guest pages without udmabuf).
+    pub kernel: bool,
+    /// The errno the call failed with, `None` when it succeeded.
+    pub errno: Option<i32>,
+}
+
+/// The environment variable that makes an emulated host sync a failure:
+/// `DMABUF_REQUIRE_KERNEL_SYNC=1` where every object must be a kernel
+/// dma-buf (the real-kernel lane, `vmm-config/e2e/lane-kernel.sh`).
+pub const REQUIRE_KERNEL_SYNC_ENV: &str = "DMABUF_REQUIRE_KERNEL_SYNC";
+
+/// Whether [`REQUIRE_KERNEL_SYNC_ENV`] is set to `1`.
+pub fn kernel_sync_required() -> bool {
+    std::env::var(REQUIRE_KERNEL_SYNC_ENV).is_ok_and(|v| v == "1")
 }
 
 /// One attachment of an object in `ctl list --json`.
@@ -86,19 +101,29 @@ pub fn syncs_during<T>(
     uuid: [u8; 16],
     action: impl FnOnce() -> T,
 ) -> Result<(T, Vec<u64>), String> {
-    let of_object = |record: Vec<HostSync>| -> Vec<u64> {
-        record
-            .into_iter()
-            .filter(|s| s.uuid == uuid)
-            .map(|s| s.flags)
-            .collect()
+    let (out, syncs) = host_syncs_during(host, uuid, action)?;
+    Ok((out, syncs.into_iter().map(|s| s.flags).collect()))
+}
+
+/// [`syncs_during`] with the whole record entries: whether each call
+/// reached the kernel, and how it ended.
+pub fn host_syncs_during<T>(
+    host: &dyn HostControl,
+    uuid: [u8; 16],
+    action: impl FnOnce() -> T,
+) -> Result<(T, Vec<HostSync>), String> {
+    let of_object = |record: Vec<HostSync>| -> Vec<HostSync> {
+        record.into_iter().filter(|s| s.uuid == uuid).collect()
     };
     let before = of_object(host.recent_syncs()?);
     let out = action();
     let after = of_object(host.recent_syncs()?);
     if !after.starts_with(&before) {
+        let flags = |v: &[HostSync]| v.iter().map(|s| s.flags).collect::<Vec<_>>();
         return Err(format!(
-            "the sync record of the object changed under the request: before {before:x?}, after {after:x?}"
+            "the sync record of the object changed under the request: before {:x?}, after {:x?}",
+            flags(&before),
+            flags(&after)
         ));
     }
     Ok((out, after[before.len()..].to_vec()))

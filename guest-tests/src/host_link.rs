@@ -244,6 +244,14 @@ pub fn parse_syncs(stats: &Value) -> Result<Vec<HostSync>, String> {
             Ok(HostSync {
                 uuid: uuid_field(s)?,
                 flags: u64_field(s, "flags")?,
+                kernel: s
+                    .get("kernel")
+                    .and_then(Value::as_bool)
+                    .ok_or_else(|| format!("no kernel in {s}"))?,
+                errno: s
+                    .get("errno")
+                    .and_then(Value::as_i64)
+                    .and_then(|e| i32::try_from(e).ok()),
             })
         })
         .collect()

@@ -29,7 +29,8 @@ use std::time::Duration;
 
 use dmabuf_guest_tests::driver::ChainLayout;
 use dmabuf_guest_tests::host::{
-    ExportOptions, HostAttachment, HostControl, HostLockHolder, HostObject, HostSync,
+    kernel_sync_required, ExportOptions, HostAttachment, HostControl, HostLockHolder, HostObject,
+    HostSync, REQUIRE_KERNEL_SYNC_ENV,
 };
 use dmabuf_guest_tests::session::Loopback;
 use dmabuf_guest_tests::suite::scenarios::{
@@ -40,6 +41,7 @@ use serde_json::Value;
 use vhost_device_dmabuf::control::{call, execute, CtlArgs, CtlCommand, Request};
 use vhost_device_dmabuf::daemon::{start, Config, DaemonHandle};
 use vhost_device_dmabuf::exporter::Limits;
+use vhost_device_dmabuf::provider::ProviderChoice;
 
 /// The daemon's control socket, through its own `ctl` client.
 #[derive(Debug)]
@@ -152,6 +154,14 @@ impl HostControl for Ctl {
                 Ok(HostSync {
                     uuid: uuid_field(s)?,
                     flags: u64_field(s, "flags")?,
+                    kernel: s
+                        .get("kernel")
+                        .and_then(Value::as_bool)
+                        .ok_or_else(|| format!("no kernel in {s}"))?,
+                    errno: s
+                        .get("errno")
+                        .and_then(Value::as_i64)
+                        .and_then(|e| i32::try_from(e).ok()),
                 })
             })
             .collect()
@@ -176,12 +186,26 @@ fn target(d: &DaemonHandle, daemon: DaemonSettings) -> Target {
     }
 }
 
+/// The host memory every daemon of the run uses: `memfd` when unset, or
+/// `udmabuf`, `dma-heap`, `auto` (the daemon's `--provider` names).
+const PROVIDER_ENV: &str = "DMABUF_PROVIDER";
+
+fn provider_choice() -> Result<ProviderChoice, String> {
+    match std::env::var(PROVIDER_ENV) {
+        Err(std::env::VarError::NotPresent) => Ok(ProviderChoice::Memfd),
+        Ok(name) => name.parse().map_err(|e| format!("{PROVIDER_ENV}: {e}")),
+        Err(e) => Err(format!("{PROVIDER_ENV}: {e}")),
+    }
+}
+
 fn daemon(
     dir: &Path,
     name: &str,
+    provider: ProviderChoice,
     adjust: impl FnOnce(&mut Config),
 ) -> Result<DaemonHandle, String> {
     let mut cfg = Config::new(dir.join(format!("{name}-0.sock")));
+    cfg.provider = provider;
     cfg.socket_paths.push(dir.join(format!("{name}-1.sock")));
     cfg.request_queues = 2;
     cfg.shm_size = 64 << 20;
@@ -336,6 +360,21 @@ fn main() -> ExitCode {
         }
         return ExitCode::SUCCESS;
     }
+    let provider = match provider_choice() {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("conformance: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    println!(
+        "conformance: provider {provider} ({PROVIDER_ENV}), emulated host syncs {} ({REQUIRE_KERNEL_SYNC_ENV})",
+        if kernel_sync_required() {
+            "fail"
+        } else {
+            "allowed"
+        }
+    );
     let mut suite = Suite::new().with_args(args).verbose(true);
     let dir = tempfile::tempdir().expect("temporary directory");
 
@@ -348,7 +387,7 @@ fn main() -> ExitCode {
         if !selected {
             continue;
         }
-        let d = match daemon(dir.path(), mode.daemon, mode.configure) {
+        let d = match daemon(dir.path(), mode.daemon, provider, mode.configure) {
             Ok(d) => d,
             Err(e) => {
                 let first = mode.runs.first().map_or(mode.daemon, |r| r.name);

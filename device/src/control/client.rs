@@ -239,15 +239,55 @@ pub fn run_ctl(args: CtlArgs) -> ExitCode {
     }
 }
 
+/// Opens the buffer to send: read-write, or read-only with `--read-only`.
+///
+/// A kernel dma-buf cannot be opened again through its `/proc/self/fd/N`
+/// link (its inode has no open: `ENXIO`), and that is the way a program
+/// hands its dma-buf to `ctl` (an inherited fd N). For that path, and
+/// `/dev/fd/N`, an `ENXIO` makes `ctl` send a duplicate of fd N itself,
+/// whose access mode must allow what was asked.
 fn open_buffer(path: &Path, read_only: bool) -> Result<File, CtlError> {
-    OpenOptions::new()
-        .read(true)
-        .write(!read_only)
-        .open(path)
-        .map_err(|source| CtlError::Open {
-            path: path.to_owned(),
-            source,
-        })
+    let open_error = |source| CtlError::Open {
+        path: path.to_owned(),
+        source,
+    };
+    match OpenOptions::new().read(true).write(!read_only).open(path) {
+        Ok(file) => Ok(file),
+        Err(e) if e.raw_os_error() == Some(libc::ENXIO) => match own_fd_number(path) {
+            Some(n) => duplicate_own_fd(n, read_only).map_err(open_error),
+            None => Err(open_error(e)),
+        },
+        Err(e) => Err(open_error(e)),
+    }
+}
+
+/// N of `/proc/self/fd/N`, `/proc/<this process>/fd/N` or `/dev/fd/N`.
+fn own_fd_number(path: &Path) -> Option<i32> {
+    let text = path.to_str()?;
+    let own = format!("/proc/{}/fd/", std::process::id());
+    ["/proc/self/fd/", "/dev/fd/", own.as_str()]
+        .iter()
+        .find_map(|prefix| text.strip_prefix(prefix))
+        .and_then(|n| n.parse().ok())
+}
+
+/// A close-on-exec duplicate of this process's fd `n`, refused with
+/// `EACCES` when `n` is not open for writing and a writable export was
+/// asked for.
+fn duplicate_own_fd(n: i32, read_only: bool) -> io::Result<File> {
+    // SAFETY: F_DUPFD_CLOEXEC only reads the fd table; a number that is
+    // not an open fd is EBADF, and no memory of ours is involved.
+    let dup = unsafe { libc::fcntl(n, libc::F_DUPFD_CLOEXEC, 0) };
+    if dup < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `dup` is a new fd nobody else owns; it is wrapped once, here.
+    let file = unsafe { <File as std::os::fd::FromRawFd>::from_raw_fd(dup) };
+    let mode = rustix::fs::fcntl_getfl(&file)?;
+    if !read_only && mode & rustix::fs::OFlags::RWMODE != rustix::fs::OFlags::RDWR {
+        return Err(io::Error::from_raw_os_error(libc::EACCES));
+    }
+    Ok(file)
 }
 
 /// Writes the request line; the fd rides on the `sendmsg` of its first
@@ -349,5 +389,58 @@ mod tests {
             },
         };
         assert!(matches!(execute(&args), Err(CtlError::Open { .. })));
+    }
+
+    #[test]
+    fn own_fd_paths_are_recognised() {
+        let own = format!("/proc/{}/fd/7", std::process::id());
+        for (path, n) in [
+            ("/proc/self/fd/7", Some(7)),
+            ("/dev/fd/12", Some(12)),
+            (own.as_str(), Some(7)),
+            ("/proc/1/fd/7", None),
+            ("/proc/self/fd/x", None),
+            ("/dev/shm/frame", None),
+        ] {
+            assert_eq!(own_fd_number(Path::new(path)), n, "{path}");
+        }
+    }
+
+    #[test]
+    fn a_real_dmabuf_goes_through_proc_self_fd() {
+        use crate::provider::{open_provider, page_size, ProviderChoice};
+        let Ok(p) = open_provider(ProviderChoice::Auto, 1 << 20) else {
+            return;
+        };
+        if !p.makes_real_dmabufs() {
+            println!("ctl export of a real dma-buf skipped: no udmabuf or dma-heap on this host");
+            return;
+        }
+        let b = p.allocate(page_size()).expect("allocate");
+        let path = PathBuf::from(format!(
+            "/proc/self/fd/{}",
+            std::os::fd::AsRawFd::as_raw_fd(&b.fd())
+        ));
+        let again = OpenOptions::new().read(true).write(true).open(&path);
+        assert_eq!(
+            again.map(|_| ()).map_err(|e| e.raw_os_error()),
+            Err(Some(libc::ENXIO)),
+            "a dma-buf has no open of its own"
+        );
+        let sent = open_buffer(&path, false).expect("fd N itself");
+        let ino = |fd: BorrowedFd<'_>| rustix::fs::fstat(fd).expect("fstat").st_ino;
+        assert_eq!(ino(sent.as_fd()), ino(b.fd()));
+        assert!(open_buffer(&path, true).is_ok());
+    }
+
+    #[test]
+    fn a_read_only_fd_is_not_sent_for_a_writable_export() {
+        let file = tempfile::tempfile().expect("temp file");
+        let path = format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&file));
+        let ro = File::open(&path).expect("reopen read-only");
+        let n = std::os::fd::AsRawFd::as_raw_fd(&ro);
+        let err = duplicate_own_fd(n, false).expect_err("read-only fd");
+        assert_eq!(err.raw_os_error(), Some(libc::EACCES));
+        assert!(duplicate_own_fd(n, true).is_ok());
     }
 }

@@ -818,24 +818,22 @@ impl Exporter {
         let Some(backing) = &o.backing else {
             return Err(Status::NoEnt);
         };
-        let entry = sync::SyncEntry {
+        let mut entry = sync::SyncEntry {
             uuid: uuid::Uuid::from_bytes(o.uuid),
             flags,
+            kernel: backing.is_real_dmabuf(),
+            errno: None,
         };
-        match backing.sync(flags) {
-            Ok(()) => {
-                self.stats.syncs.record(entry);
-                Ok(())
-            }
-            Err(e) => {
-                log::error!(
-                    "host sync {} on {} failed: {e}",
-                    sync::flags_name(flags),
-                    entry.uuid
-                );
-                self.stats.syncs.failed += 1;
-                Err(Status::Io)
-            }
+        let result = backing.sync(flags);
+        if let Err(e) = &result {
+            log::error!(
+                "host sync {} on {} failed: {e}",
+                sync::flags_name(flags),
+                entry.uuid
+            );
+            entry.errno = Some(e.raw_os_error().unwrap_or(libc::EIO));
         }
+        self.stats.syncs.record(entry);
+        result.map_err(|_| Status::Io)
     }
 }

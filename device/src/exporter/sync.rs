@@ -42,14 +42,22 @@ pub fn flags_name(flags: u64) -> String {
 /// How many recent host syncs `ctl stats` lists.
 pub const RECENT_SYNCS: usize = 1024;
 
-/// One host sync the device issued.
+/// One host sync the device issued (`ctl stats --json`, `recent_syncs`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 pub struct SyncEntry {
     pub uuid: uuid::Uuid,
     pub flags: u64,
+    /// True when the call was the real `DMA_BUF_IOCTL_SYNC` on a kernel
+    /// dma-buf; false when it went to the emulation (memfd objects, guest
+    /// pages without udmabuf, a host fd that is no dma-buf).
+    pub kernel: bool,
+    /// `None` when the call succeeded; else the errno it failed with (the
+    /// kernel's when `kernel` is true), after which the request was `EIO`.
+    pub errno: Option<i32>,
 }
 
-/// Counters by flag set, and the last [`RECENT_SYNCS`] calls in order.
+/// Counters of successful calls by flag set, and the last [`RECENT_SYNCS`]
+/// calls in order, refused ones included.
 #[derive(Debug, Default, Clone)]
 pub struct SyncRecord {
     pub by_flags: BTreeMap<String, u64>,
@@ -60,7 +68,11 @@ pub struct SyncRecord {
 
 impl SyncRecord {
     pub fn record(&mut self, entry: SyncEntry) {
-        *self.by_flags.entry(flags_name(entry.flags)).or_insert(0) += 1;
+        if entry.errno.is_some() {
+            self.failed += 1;
+        } else {
+            *self.by_flags.entry(flags_name(entry.flags)).or_insert(0) += 1;
+        }
         if self.recent.len() == RECENT_SYNCS {
             self.recent.pop_front();
         }
@@ -84,6 +96,25 @@ mod tests {
         assert_eq!(for_device(Direction::FromDevice), 0x5);
         assert_eq!(for_device(Direction::ToDevice), 0x6);
         assert_eq!(for_device(Direction::Bidirectional), 0x7);
+    }
+
+    #[test]
+    fn refused_syncs_are_listed_but_not_counted_by_flags() {
+        let mut r = SyncRecord::default();
+        let entry = |errno| SyncEntry {
+            uuid: uuid::Uuid::nil(),
+            flags: 0x6,
+            kernel: true,
+            errno,
+        };
+        r.record(entry(None));
+        r.record(entry(Some(libc::EINVAL)));
+        assert_eq!(r.by_flags.get("END|WRITE"), Some(&1));
+        assert_eq!(r.failed, 1);
+        assert_eq!(
+            r.recent.iter().map(|e| e.errno).collect::<Vec<_>>(),
+            [None, Some(libc::EINVAL)]
+        );
     }
 
     #[test]

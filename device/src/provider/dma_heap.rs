@@ -103,9 +103,10 @@ impl Provider for DmaHeapProvider {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::provider::dma_buf_sync;
     use crate::provider::page_size;
     use rustix::fs::{memfd_create, MemfdFlags};
-    use virtio_dmabuf_protocol::sync_flags::{END, RW, START};
+    use virtio_dmabuf_protocol::sync_flags::{END, READ, RW, START};
 
     #[test]
     fn dma_heap_ioctl_number_matches_the_contract() {
@@ -146,6 +147,41 @@ mod tests {
             Err(other) => panic!("{DMA_HEAP_SYSTEM_NODE} exists but cannot be used: {other}"),
             Ok(p) => exercise_real_dma_heap(&p),
         }
+    }
+
+    /// The system heap, or `None` with the reason printed where the host
+    /// has none.
+    fn real_heap(test: &str) -> Option<DmaHeapProvider> {
+        match DmaHeapProvider::open(16 * page_size()) {
+            Ok(p) => Some(p),
+            Err(ProviderError::MissingDevice { node, .. }) => {
+                println!("{test} skipped: {node} does not exist on this host");
+                None
+            }
+            Err(e) => panic!("{DMA_HEAP_SYSTEM_NODE} exists but cannot be used: {e}"),
+        }
+    }
+
+    #[test]
+    fn dma_heap_kernel_refuses_bad_sync_flags_with_einval() {
+        let Some(p) = real_heap("dma-heap bad sync flags") else {
+            return;
+        };
+        let fd = dma_heap_alloc(p.heap.as_fd(), page_size()).expect("alloc");
+        crate::provider::sync::assert_kernel_refuses_bad_flags(fd.as_fd());
+    }
+
+    #[test]
+    fn dma_heap_end_without_start_is_accepted() {
+        let Some(p) = real_heap("dma-heap END without START") else {
+            return;
+        };
+        // The system heap keeps no CPU-access state: its end_cpu_access
+        // syncs whatever attachments are mapped (none here) and answers 0.
+        let fd = dma_heap_alloc(p.heap.as_fd(), page_size()).expect("alloc");
+        dma_buf_sync(fd.as_fd(), END | RW).expect("END on a fresh buffer");
+        dma_buf_sync(fd.as_fd(), END | READ).expect("END again");
+        println!("dma-heap (system): END without START is OK");
     }
 
     /// The real path, run where the host has the system heap.

@@ -106,8 +106,11 @@ pub trait Provider: Debug + Send {
 /// Takes ownership of a host dma-buf fd (a GPU, camera or codec buffer).
 ///
 /// The size comes from `lseek(SEEK_END)` (the dma-buf core answers it with the
-/// buffer size); it must be non-zero and a page multiple.
+/// buffer size); it must be non-zero and a page multiple. A udmabuf gets one
+/// `START|RW` first, as the udmabuf provider's own buffers do (its driver
+/// refuses an END before any START).
 pub fn import_dmabuf(fd: OwnedFd) -> Result<Box<dyn Backing>, ProviderError> {
+    udmabuf::prime_if_udmabuf(&fd)?;
     Ok(Box::new(imported::import(fd, "imported")?))
 }
 
@@ -116,6 +119,7 @@ pub fn import_dmabuf(fd: OwnedFd) -> Result<Box<dyn Backing>, ProviderError> {
 /// mappable fd (a memfd standing in for a device buffer) works the same way
 /// but its syncs go to the recording emulation, as memfd objects' do.
 pub fn import_host_fd(fd: OwnedFd) -> Result<Box<dyn Backing>, ProviderError> {
+    udmabuf::prime_if_udmabuf(&fd)?;
     Ok(Box::new(imported::import_detect(fd, "imported")?))
 }
 

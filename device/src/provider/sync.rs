@@ -189,6 +189,38 @@ pub(crate) fn assert_sync_refused(err: &ProviderError, errno: i32) {
     assert_eq!(err.raw_os_error(), Some(errno));
 }
 
+/// Test check on a real dma-buf: the flags the kernel's `dma_buf_ioctl`
+/// refuses are `EINVAL` from the kernel itself ([`dma_buf_sync`] does not
+/// check them first), and the emulation's check agrees with it on both the
+/// refused and the accepted ones.
+#[cfg(test)]
+pub(crate) fn assert_kernel_refuses_bad_flags(fd: BorrowedFd<'_>) {
+    use sync_flags::{END, READ, RW, START, WRITE};
+    for bad in [
+        0,
+        END,
+        1 << 3,
+        READ | 1 << 3,
+        END | WRITE | 1 << 8,
+        RW | 1 << 63,
+    ] {
+        let err = dma_buf_sync(fd, bad).expect_err("the kernel refuses these flags");
+        assert_sync_refused(&err, libc::EINVAL);
+        assert!(validate_sync_flags(bad).is_err(), "{bad:#x}");
+    }
+    for ok in [
+        START | READ,
+        END | READ,
+        START | WRITE,
+        END | WRITE,
+        START | RW,
+        END | RW,
+    ] {
+        dma_buf_sync(fd, ok).unwrap_or_else(|e| panic!("{ok:#x}: {e}"));
+        assert!(validate_sync_flags(ok).is_ok(), "{ok:#x}");
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -6,10 +6,11 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use rustix::fs::{MemfdFlags, SealFlags};
 use rustix::io::Errno;
 use rustix::ioctl::{ioctl, opcode, Ioctl, IoctlOutput, Opcode};
-use virtio_dmabuf_protocol::ProviderKind;
+use virtio_dmabuf_protocol::{sync_flags, ProviderKind};
 
 use super::imported::{import, KernelDmabuf};
 use super::memfd::sealed_memfd;
+use super::sync::dma_buf_sync;
 use super::{check_alloc_size, Backing, Provider, ProviderError};
 
 /// The udmabuf device node.
@@ -165,6 +166,41 @@ pub fn udmabuf_from_list(
     create_fd::<UDMABUF_CREATE_LIST>(dev, &arg, "UDMABUF_CREATE_LIST")
 }
 
+/// Makes a new udmabuf ready for every sync the daemon issues.
+///
+/// udmabuf's `end_cpu_access` is `EINVAL` until a `begin_cpu_access` has
+/// built the driver's sg table (`end_cpu_udmabuf` in udmabuf.c), so the
+/// first END the daemon sends before any START (the attach-time mapping,
+/// a fresh `MAP`, section 9) would fail. One `START|RW` right after
+/// creation builds the table, mapped BIDIRECTIONAL so later syncs of any
+/// direction go through it; that first START does no cache maintenance of
+/// its own. It is not a guest's sync, so it is not in the daemon's record.
+fn prime(dmabuf: &OwnedFd) -> Result<(), ProviderError> {
+    dma_buf_sync(dmabuf.as_fd(), sync_flags::START | sync_flags::RW)
+}
+
+/// True when `fd` is a dma-buf the udmabuf driver exported (`exp_name` in
+/// its `/proc/self/fdinfo` entry).
+pub(crate) fn is_udmabuf(fd: BorrowedFd<'_>) -> bool {
+    let info = format!("/proc/self/fdinfo/{}", fd.as_raw_fd());
+    std::fs::read_to_string(info).is_ok_and(|text| {
+        text.lines().any(|line| {
+            line.split_once(':')
+                .is_some_and(|(key, value)| key == "exp_name" && value.trim() == "udmabuf")
+        })
+    })
+}
+
+/// [`prime`] for a udmabuf made by someone else and handed to the daemon (a
+/// host export, a shared object): one its maker never synced refuses the
+/// daemon's first END the same way.
+pub(crate) fn prime_if_udmabuf(fd: &OwnedFd) -> Result<(), ProviderError> {
+    if is_udmabuf(fd.as_fd()) {
+        prime(fd)?;
+    }
+    Ok(())
+}
+
 /// The module's per-buffer limit: `size_limit_mb` if readable, else 64 MiB.
 fn udmabuf_size_limit() -> u64 {
     let Ok(text) = std::fs::read_to_string(SIZE_LIMIT_PARAM) else {
@@ -258,6 +294,7 @@ impl UdmabufProvider {
         items: &[(BorrowedFd<'_>, u64, u64)],
     ) -> Result<KernelDmabuf, ProviderError> {
         let fd = udmabuf_from_list(self.dev.as_fd(), items)?;
+        prime(&fd)?;
         import(fd, "udmabuf")
     }
 }
@@ -282,6 +319,7 @@ impl Provider for UdmabufProvider {
         // is closed when this function returns.
         let memfd = sealed_memfd(size, MemfdFlags::CLOEXEC, SealFlags::SHRINK)?;
         let fd = udmabuf_create(self.dev.as_fd(), memfd.as_fd(), 0, size)?;
+        prime(&fd)?;
         Ok(Box::new(KernelDmabuf::new(fd, size, "udmabuf")?))
     }
 }
@@ -358,6 +396,83 @@ mod tests {
             Err(other) => panic!("{UDMABUF_NODE} exists but cannot be used: {other}"),
             Ok(p) => exercise_real_udmabuf(&p),
         }
+    }
+
+    /// `/dev/udmabuf`, or `None` with the reason printed where the host
+    /// has none.
+    fn real_udmabuf(test: &str) -> Option<UdmabufProvider> {
+        match UdmabufProvider::open() {
+            Ok(p) => Some(p),
+            Err(ProviderError::MissingDevice { node, .. }) => {
+                println!("{test} skipped: {node} does not exist on this host");
+                None
+            }
+            Err(e) => panic!("{UDMABUF_NODE} exists but cannot be used: {e}"),
+        }
+    }
+
+    /// A udmabuf straight from `UDMABUF_CREATE`, without the provider's
+    /// priming START.
+    fn raw_udmabuf(p: &UdmabufProvider, size: u64) -> OwnedFd {
+        let memfd = sealed_memfd(size, MemfdFlags::CLOEXEC, SealFlags::SHRINK).expect("memfd");
+        udmabuf_create(p.device(), memfd.as_fd(), 0, size).expect("UDMABUF_CREATE")
+    }
+
+    #[test]
+    fn udmabuf_kernel_refuses_bad_sync_flags_with_einval() {
+        let Some(p) = real_udmabuf("udmabuf bad sync flags") else {
+            return;
+        };
+        let fd = raw_udmabuf(&p, page_size());
+        crate::provider::sync::assert_kernel_refuses_bad_flags(fd.as_fd());
+    }
+
+    #[test]
+    fn udmabuf_end_without_start_is_einval_until_a_first_start() {
+        let Some(p) = real_udmabuf("udmabuf END without START") else {
+            return;
+        };
+        // end_cpu_udmabuf answers EINVAL while the driver has no sg table;
+        // the first begin_cpu_udmabuf builds it.
+        let fd = raw_udmabuf(&p, page_size());
+        let err = dma_buf_sync(fd.as_fd(), END | RW).expect_err("no sg table yet");
+        crate::provider::sync::assert_sync_refused(&err, libc::EINVAL);
+        dma_buf_sync(fd.as_fd(), START | RW).expect("the first START builds it");
+        dma_buf_sync(fd.as_fd(), END | RW).expect("END after START");
+        dma_buf_sync(fd.as_fd(), END | RW).expect("a second END without START");
+        println!("udmabuf: END without START is EINVAL on a fresh buffer, OK after any START");
+    }
+
+    #[test]
+    fn a_udmabuf_handed_over_is_primed_too() {
+        let Some(p) = real_udmabuf("udmabuf import priming") else {
+            return;
+        };
+        let fd = raw_udmabuf(&p, page_size());
+        assert!(is_udmabuf(fd.as_fd()), "fdinfo names the exporter");
+        let b = crate::provider::import_host_fd(fd).expect("import");
+        assert!(b.is_real_dmabuf());
+        b.sync(END | RW)
+            .expect("END before any START of the daemon's");
+        let other =
+            sealed_memfd(page_size(), MemfdFlags::CLOEXEC, SealFlags::SHRINK).expect("memfd");
+        assert!(!is_udmabuf(other.as_fd()));
+    }
+
+    #[test]
+    fn udmabuf_buffers_are_primed_so_an_end_may_come_first() {
+        let Some(p) = real_udmabuf("udmabuf priming") else {
+            return;
+        };
+        let b = p.allocate(page_size()).expect("allocate");
+        b.sync(END | RW)
+            .expect("END before any START of the daemon's");
+        let m =
+            sealed_memfd(2 * page_size(), MemfdFlags::CLOEXEC, SealFlags::SHRINK).expect("memfd");
+        let list = p
+            .from_list(&[(m.as_fd(), page_size(), page_size())])
+            .expect("UDMABUF_CREATE_LIST");
+        list.sync(END | RW).expect("END first on a listed udmabuf");
     }
 
     /// The real path, run where the host has `/dev/udmabuf`.

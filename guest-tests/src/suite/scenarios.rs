@@ -33,6 +33,7 @@ mod host_side;
 mod limits;
 mod locking;
 mod programs;
+mod vgem;
 
 /// Per-guest quotas as `GET_INFO` reports them (section 7.1).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -343,6 +344,10 @@ pub fn all() -> Vec<Scenario> {
         (
             "importer_blob_shared_by_uuid",
             programs::importer_blob_shared_by_uuid,
+        ),
+        (
+            "vgem_buffer_opened_synced_evicted_and_revoked",
+            vgem::vgem_buffer_opened_synced_evicted_and_revoked,
         ),
         (
             "vring_stop_cancels_waiting_and_keeps_state",

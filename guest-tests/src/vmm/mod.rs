@@ -148,14 +148,24 @@ struct GuestRam {
 }
 
 impl GuestRam {
+    /// Each region is a memfd sealed against shrinking and growing once
+    /// sized, as QEMU's `memory-backend-memfd` seals its RAM: the daemon
+    /// may then turn guest pages into a udmabuf (which needs
+    /// `F_SEAL_SHRINK`, section 10), and no mapping of it can fault past
+    /// a new end.
     fn new(regions: &[(u64, u64)]) -> Result<Self, VmmError> {
+        use rustix::fs::{fcntl_add_seals, memfd_create, MemfdFlags, SealFlags};
         let mut ranges = Vec::with_capacity(regions.len());
         for (i, &(gpa, size)) in regions.iter().enumerate() {
-            let fd =
-                rustix::fs::memfd_create(format!("guest-ram-{i}"), rustix::fs::MemfdFlags::CLOEXEC)
-                    .map_err(|e| io_err("memfd_create")(e.into()))?;
+            let fd = memfd_create(
+                format!("guest-ram-{i}"),
+                MemfdFlags::CLOEXEC | MemfdFlags::ALLOW_SEALING,
+            )
+            .map_err(|e| io_err("memfd_create")(e.into()))?;
             let file = File::from(fd);
             file.set_len(size).map_err(io_err("sizing guest RAM"))?;
+            fcntl_add_seals(&file, SealFlags::SHRINK | SealFlags::GROW)
+                .map_err(|e| io_err("sealing guest RAM")(e.into()))?;
             let size = usize::try_from(size)
                 .map_err(|_| VmmError::Unsupported(format!("RAM region of {size:#x} bytes")))?;
             ranges.push((GuestAddress(gpa), size, Some(FileOffset::new(file, 0))));

@@ -5,12 +5,13 @@
 use std::time::Duration;
 
 use virtio_dmabuf_protocol::{
-    attach_flags, create_flags, map_flags, Direction, EventType, ObjectReply, Status, EVENT_SIZE,
+    attach_flags, caps, create_flags, map_flags, obj_flags, Direction, EventType, ObjectReply,
+    Segment, Status, EVENT_SIZE,
 };
 
 use super::{info, listed, next_event, page, Check, Stop, Target, SETTLE};
 use crate::driver::{Driver, DriverError, Outcome};
-use crate::host::{syncs_during, HostControl};
+use crate::host::{host_syncs_during, kernel_sync_required, HostControl, REQUIRE_KERNEL_SYNC_ENV};
 use crate::{ensure, ensure_eq, skip};
 
 /// The section 9 table written out from the contract's numbers, so the
@@ -32,22 +33,103 @@ const DIRECTIONS: [Direction; 3] = [
     Direction::Bidirectional,
 ];
 
-/// Runs one request and returns its outcome with the host syncs the daemon
-/// recorded for the object meanwhile.
-fn with_syncs<T>(
-    host: &dyn HostControl,
-    uuid: [u8; 16],
-    request: impl FnOnce() -> Result<Outcome<T>, DriverError>,
-) -> Result<(Outcome<T>, Vec<u64>), Stop> {
-    let (r, syncs) = syncs_during(host, uuid, request).map_err(Stop::Fail)?;
-    Ok((r?, syncs))
+fn dir_name(dir: Direction) -> &'static str {
+    match dir {
+        Direction::FromDevice => "FROM_DEVICE",
+        Direction::ToDevice => "TO_DEVICE",
+        Direction::Bidirectional => "BIDIRECTIONAL",
+    }
+}
+
+/// Who answered a row's host syncs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Answer {
+    /// The real `DMA_BUF_IOCTL_SYNC` on a kernel dma-buf, every time.
+    Kernel,
+    /// The daemon's emulation (memfd objects, guest pages without udmabuf).
+    Emulated,
+    /// Some of each: objects of one kind went to different places.
+    Mixed,
+    /// The row issues no sync (a refused `MAP`).
+    NoSync,
+}
+
+impl Answer {
+    fn name(self) -> &'static str {
+        match self {
+            Answer::Kernel => "kernel",
+            Answer::Emulated => "emulated",
+            Answer::Mixed => "mixed",
+            Answer::NoSync => "none",
+        }
+    }
+}
+
+/// The section 9 rows as the daemon's record shows them: the syncs of one
+/// request at a time, and for each row whether they reached the kernel.
+struct Table<'a> {
+    host: &'a dyn HostControl,
+    rows: Vec<(String, Answer)>,
+}
+
+impl Table<'_> {
+    /// Runs one request (an instance of `row`) and returns its outcome with
+    /// the flags of the host syncs the daemon recorded for the object
+    /// meanwhile.
+    fn syncs<T>(
+        &mut self,
+        row: String,
+        uuid: [u8; 16],
+        request: impl FnOnce() -> Result<Outcome<T>, DriverError>,
+    ) -> Result<(Outcome<T>, Vec<u64>), Stop> {
+        let (r, syncs) = host_syncs_during(self.host, uuid, request).map_err(Stop::Fail)?;
+        let answer = if syncs.is_empty() {
+            Answer::NoSync
+        } else if syncs.iter().all(|s| s.kernel) {
+            Answer::Kernel
+        } else if syncs.iter().all(|s| !s.kernel) {
+            Answer::Emulated
+        } else {
+            Answer::Mixed
+        };
+        match self.rows.iter_mut().find(|(r, _)| *r == row) {
+            Some((_, seen)) if *seen != answer => *seen = Answer::Mixed,
+            Some(_) => {}
+            None => self.rows.push((row, answer)),
+        }
+        Ok((r?, syncs.iter().map(|s| s.flags).collect()))
+    }
+
+    fn answer(&self, row: &str) -> Option<Answer> {
+        self.rows.iter().find(|(r, _)| r == row).map(|(_, a)| *a)
+    }
+
+    /// `section 9: ROW=kernel ROW=emulated ...`, in the order first seen.
+    fn line(&self) -> String {
+        let rows: Vec<String> = self
+            .rows
+            .iter()
+            .map(|(row, a)| format!("{row}={}", a.name()))
+            .collect();
+        format!("section 9: {}", rows.join(" "))
+    }
+
+    /// The rows whose syncs did not all reach the kernel.
+    fn not_kernel(&self) -> Vec<&str> {
+        self.rows
+            .iter()
+            .filter(|(_, a)| matches!(a, Answer::Emulated | Answer::Mixed))
+            .map(|(row, _)| row.as_str())
+            .collect()
+    }
 }
 
 /// `MAP(d)` of a cached mapping is `END | rw(d)`, its `UNMAP` `START | rw(d)`,
 /// for every direction the cache serves.
-fn cached_rows(host: &dyn HostControl, d: &Driver, uuid: [u8; 16], att: u64) -> Check {
+fn cached_rows(table: &mut Table<'_>, d: &Driver, uuid: [u8; 16], att: u64) -> Check {
     for dir in DIRECTIONS {
-        let (m, syncs) = with_syncs(host, uuid, || d.map(att, dir, 8, 0))?;
+        let row = format!("MAP({},cached)", dir_name(dir));
+        let (m, syncs) = table.syncs(row, uuid, || d.map(att, dir, 8, 0))?;
         let m = m?;
         ensure!(m.map_flags & map_flags::CACHED != 0, "{dir:?}: {m:?}");
         ensure_eq!(
@@ -55,7 +137,8 @@ fn cached_rows(host: &dyn HostControl, d: &Driver, uuid: [u8; 16], att: u64) -> 
             vec![END | rw(dir)],
             "MAP({dir:?}) of a cached mapping"
         );
-        let (r, syncs) = with_syncs(host, uuid, || d.unmap(m.mapping, 0))?;
+        let row = format!("UNMAP({},cached)", dir_name(dir));
+        let (r, syncs) = table.syncs(row, uuid, || d.unmap(m.mapping, 0))?;
         ensure_eq!(r, Ok(()));
         ensure_eq!(
             syncs,
@@ -66,31 +149,60 @@ fn cached_rows(host: &dyn HostControl, d: &Driver, uuid: [u8; 16], att: u64) -> 
     Ok(())
 }
 
+/// Prints which rows reached a real dma-buf (`section 9: ROW=kernel ...`);
+/// with `DMABUF_REQUIRE_KERNEL_SYNC=1` a row the emulation answered fails.
 pub(super) fn sync_table_in_the_daemon_record(t: &Target) -> Check {
-    let host = t.host()?;
+    let mut table = Table {
+        host: t.host()?,
+        rows: Vec::new(),
+    };
+    let checked = sync_table(t, &mut table);
+    if !table.rows.is_empty() {
+        println!("{}", table.line());
+    }
+    checked?;
+    let not_kernel = table.not_kernel();
+    if kernel_sync_required() && !not_kernel.is_empty() {
+        return Err(Stop::Fail(format!(
+            "{REQUIRE_KERNEL_SYNC_ENV}=1, but these rows did not all reach a kernel dma-buf: {}",
+            not_kernel.join(" ")
+        )));
+    }
+    Ok(())
+}
+
+/// BEGIN/END_CPU_ACCESS in every direction: `START | rw(d)`, `END | rw(d)`.
+fn cpu_access_rows(table: &mut Table<'_>, d: &Driver, o: &ObjectReply, kind: &str) -> Check {
+    for dir in DIRECTIONS {
+        let row = format!("BEGIN_CPU_ACCESS({}{kind})", dir_name(dir));
+        let (r, syncs) = table.syncs(row, o.uuid, || d.begin_cpu_access(o.object, dir))?;
+        ensure_eq!(r, Ok(()));
+        ensure_eq!(syncs, vec![START | rw(dir)], "BEGIN_CPU_ACCESS({dir:?})");
+        let row = format!("END_CPU_ACCESS({}{kind})", dir_name(dir));
+        let (r, syncs) = table.syncs(row, o.uuid, || d.end_cpu_access(o.object, dir))?;
+        ensure_eq!(r, Ok(()));
+        ensure_eq!(syncs, vec![END | rw(dir)], "END_CPU_ACCESS({dir:?})");
+    }
+    Ok(())
+}
+
+fn sync_table(t: &Target, table: &mut Table<'_>) -> Check {
     let vmm = t.connect()?;
     let d = vmm.driver();
     let pg = page(d)?;
     // CPU access.
     let o = d.create(pg, 0)??;
-    for dir in DIRECTIONS {
-        let (r, syncs) = with_syncs(host, o.uuid, || d.begin_cpu_access(o.object, dir))?;
-        ensure_eq!(r, Ok(()));
-        ensure_eq!(syncs, vec![START | rw(dir)], "BEGIN_CPU_ACCESS({dir:?})");
-        let (r, syncs) = with_syncs(host, o.uuid, || d.end_cpu_access(o.object, dir))?;
-        ensure_eq!(r, Ok(()));
-        ensure_eq!(syncs, vec![END | rw(dir)], "END_CPU_ACCESS({dir:?})");
-    }
+    cpu_access_rows(table, d, &o, "")?;
     // The BIDIRECTIONAL cache of a disagreement: a dynamic importer of a
     // static exporter ...
     let a = d.attach(o.object, attach_flags::DYNAMIC_IMPORTER)??;
-    cached_rows(host, d, o.uuid, a)?;
+    cached_rows(table, d, o.uuid, a)?;
     ensure_eq!(d.detach(a)?, Ok(()));
     ensure_eq!(d.release(o.object)?, Ok(()));
     // ... and a static importer of a dynamic exporter.
     let od = d.create(pg, create_flags::DYNAMIC)??;
     let s = d.attach(od.object, 0)??;
-    cached_rows(host, d, od.uuid, s)?;
+    cached_rows(table, d, od.uuid, s)?;
     ensure_eq!(d.detach(s)?, Ok(()));
     ensure_eq!(d.release(od.object)?, Ok(()));
     // CACHE_MAPPING: the first MAP(TO_DEVICE) becomes the cache.
@@ -98,13 +210,15 @@ pub(super) fn sync_table_in_the_daemon_record(t: &Target) -> Check {
     let c = d.attach(oc.object, 0)??;
     let first = d.map(c, Direction::ToDevice, 8, 0)??;
     ensure_eq!(d.unmap(first.mapping, 0)?, Ok(()));
-    let (m, syncs) = with_syncs(host, oc.uuid, || d.map(c, Direction::ToDevice, 8, 0))?;
+    let row = format!("MAP({},cached)", dir_name(Direction::ToDevice));
+    let (m, syncs) = table.syncs(row, oc.uuid, || d.map(c, Direction::ToDevice, 8, 0))?;
     let m = m?;
     ensure!(m.map_flags & map_flags::CACHED != 0);
     ensure_eq!(syncs, vec![END | rw(Direction::ToDevice)]);
     // A refused MAP (another direction than the cache's) syncs nothing.
     for dir in [Direction::FromDevice, Direction::Bidirectional] {
-        let (r, syncs) = with_syncs(host, oc.uuid, || d.map(c, dir, 8, 0))?;
+        let row = format!("MAP({},refused)", dir_name(dir));
+        let (r, syncs) = table.syncs(row, oc.uuid, || d.map(c, dir, 8, 0))?;
         ensure_eq!(r.map(|m| m.mapping), Err(Status::Busy), "{dir:?}");
         ensure_eq!(
             syncs,
@@ -112,11 +226,37 @@ pub(super) fn sync_table_in_the_daemon_record(t: &Target) -> Check {
             "a refused MAP({dir:?}) issues no sync"
         );
     }
-    let (r, syncs) = with_syncs(host, oc.uuid, || d.unmap(m.mapping, 0))?;
+    let row = format!("UNMAP({},cached)", dir_name(Direction::ToDevice));
+    let (r, syncs) = table.syncs(row, oc.uuid, || d.unmap(m.mapping, 0))?;
     ensure_eq!(r, Ok(()));
     ensure_eq!(syncs, vec![START | rw(Direction::ToDevice)]);
     ensure_eq!(d.detach(c)?, Ok(()));
     ensure_eq!(d.release(oc.object)?, Ok(()));
+    // CPU access on guest pages: a udmabuf made over the front-end's RAM
+    // with UDMABUF_CREATE_LIST where the host allows it (REAL_DMABUF in the
+    // reply), the emulation otherwise (section 10).
+    if info(d)?.caps & caps::GUEST_PAGES != 0 {
+        let pages = d.pool().alloc(pg, pg)?;
+        let entries = [Segment {
+            addr: pages.gpa,
+            len: pg,
+        }];
+        let g = d.create_guest(pg, false, &entries)??;
+        cpu_access_rows(table, d, &g, ",guest-pages")?;
+        let real = g.obj_flags & obj_flags::REAL_DMABUF != 0;
+        let row = format!(
+            "BEGIN_CPU_ACCESS({},guest-pages)",
+            dir_name(Direction::ToDevice)
+        );
+        ensure_eq!(
+            table.answer(&row) == Some(Answer::Kernel),
+            real,
+            "REAL_DMABUF in CREATE's reply ({:#x}) says whether guest pages reach the kernel",
+            g.obj_flags
+        );
+        ensure_eq!(d.release(g.object)?, Ok(()));
+        d.pool().free(pages);
+    }
     Ok(())
 }
 
