@@ -89,6 +89,12 @@ pub trait HostControl: std::fmt::Debug + Send + Sync {
     fn recent_syncs(&self) -> Result<Vec<HostSync>, String>;
     /// `list --json`: every object.
     fn objects(&self) -> Result<Vec<HostObject>, String>;
+    /// Whether the daemon runs under the same kernel as this program, so
+    /// an fd of this kernel (a GPU buffer, a dma-buf) can be handed to it.
+    /// A host reached from inside a guest gets copies of bytes instead.
+    fn shares_our_kernel(&self) -> bool {
+        true
+    }
 }
 
 /// The host syncs `host` recorded for `uuid` while `action` ran: the

@@ -134,6 +134,11 @@ impl<C: Read + Write + Send> HostControl for LineHost<C> {
     fn objects(&self) -> Result<Vec<HostObject>, String> {
         parse_objects(&self.call(&json!({"cmd": "list"}))?)
     }
+
+    /// The daemon is on the other side of the VM boundary.
+    fn shares_our_kernel(&self) -> bool {
+        false
+    }
 }
 
 /// Every byte of the file behind `fd`, from offset 0.
