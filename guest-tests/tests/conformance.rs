@@ -29,9 +29,9 @@ use std::time::Duration;
 
 use dmabuf_guest_tests::driver::ChainLayout;
 use dmabuf_guest_tests::host::{
-    kernel_sync_required, ExportOptions, HostAttachment, HostControl, HostLockHolder, HostObject,
-    HostSync, REQUIRE_KERNEL_SYNC_ENV,
+    kernel_sync_required, ExportOptions, HostControl, HostObject, HostSync, REQUIRE_KERNEL_SYNC_ENV,
 };
+use dmabuf_guest_tests::host_link::{parse_objects, parse_syncs};
 use dmabuf_guest_tests::session::Loopback;
 use dmabuf_guest_tests::suite::scenarios::{
     all, with_short_fence_timeout, with_small_quotas, DaemonSettings, Quotas, Scenario, Target,
@@ -51,60 +51,6 @@ impl Ctl {
     fn call(&self, req: &Request) -> Result<Value, String> {
         call(&self.0, req, None).map_err(|e| e.to_string())
     }
-}
-
-fn uuid_field(v: &Value) -> Result<[u8; 16], String> {
-    v.get("uuid")
-        .and_then(Value::as_str)
-        .and_then(|s| uuid::Uuid::parse_str(s).ok())
-        .map(|u| *u.as_bytes())
-        .ok_or_else(|| format!("no uuid in {v}"))
-}
-
-fn u64_field(v: &Value, key: &str) -> Result<u64, String> {
-    v.get(key)
-        .and_then(Value::as_u64)
-        .ok_or_else(|| format!("no {key} in {v}"))
-}
-
-fn array<'a>(v: &'a Value, key: &str) -> Result<&'a Vec<Value>, String> {
-    v.get(key)
-        .and_then(Value::as_array)
-        .ok_or_else(|| format!("no {key} array in {v}"))
-}
-
-fn host_object(o: &Value) -> Result<HostObject, String> {
-    let attachments = array(o, "attachments")?
-        .iter()
-        .map(|a| {
-            Ok(HostAttachment {
-                guest: u64_field(a, "guest")? as usize,
-                dynamic_importer: a.get("importer").and_then(Value::as_str) == Some("dynamic"),
-                pins: u64_field(a, "pins")? as u32,
-                mappings: u64_field(a, "mappings")?,
-            })
-        })
-        .collect::<Result<Vec<_>, String>>()?;
-    let lock_holder = match o.get("lock_holder") {
-        Some(Value::Null) | None => None,
-        Some(h) => Some(HostLockHolder {
-            guest: h.get("guest").and_then(Value::as_u64).map(|g| g as usize),
-            stamp: h.get("stamp").and_then(Value::as_u64),
-        }),
-    };
-    Ok(HostObject {
-        uuid: uuid_field(o)?,
-        generation: u64_field(o, "generation")?,
-        dynamic: o.get("exporter").and_then(Value::as_str) == Some("dynamic"),
-        guests: array(o, "guests")?
-            .iter()
-            .filter_map(Value::as_u64)
-            .map(|g| g as usize)
-            .collect(),
-        attachments,
-        lock_holder,
-        fences_pending: u64_field(o, "fences_pending")?,
-    })
 }
 
 impl HostControl for Ctl {
@@ -147,29 +93,11 @@ impl HostControl for Ctl {
     }
 
     fn recent_syncs(&self) -> Result<Vec<HostSync>, String> {
-        let stats = self.call(&Request::Stats {})?;
-        array(&stats, "recent_syncs")?
-            .iter()
-            .map(|s| {
-                Ok(HostSync {
-                    uuid: uuid_field(s)?,
-                    flags: u64_field(s, "flags")?,
-                    kernel: s
-                        .get("kernel")
-                        .and_then(Value::as_bool)
-                        .ok_or_else(|| format!("no kernel in {s}"))?,
-                    errno: s
-                        .get("errno")
-                        .and_then(Value::as_i64)
-                        .and_then(|e| i32::try_from(e).ok()),
-                })
-            })
-            .collect()
+        parse_syncs(&self.call(&Request::Stats {})?)
     }
 
     fn objects(&self) -> Result<Vec<HostObject>, String> {
-        let list = self.call(&Request::List {})?;
-        array(&list, "objects")?.iter().map(host_object).collect()
+        parse_objects(&self.call(&Request::List {})?)
     }
 }
 

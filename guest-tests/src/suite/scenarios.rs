@@ -1392,17 +1392,15 @@ fn fence_wait_parks_until_signal(t: &Target) -> Check {
 
 // ---- shared objects (section 7.2) ----
 
-/// `EXPORT_UUID` and `OPEN BY_UUID` of the guest's own UUID, on any
-/// front-end: the UUID resolves locally, an unknown one is `ENOENT`, and the
-/// UUID dies with the object.
-fn shared_objects_resolve_locally(t: &Target) -> Check {
-    let vmm = t.connect()?;
+/// A one-page object published with `EXPORT_UUID`, or a skip where shared
+/// objects are not live (or memfd objects may not be published).
+fn exported_object(vmm: &dyn Session) -> Result<(u64, [u8; 16]), Stop> {
     let d = vmm.driver();
     need_cap(
         d,
         caps::SHARED_OBJECTS,
         "SHARED_OBJECTS",
-        shared_object_negotiated(&vmm),
+        shared_object_negotiated(vmm),
     )?;
     let object = create(d, 1, 0)?;
     let uuid = match d.export_uuid(object)? {
@@ -1412,6 +1410,16 @@ fn shared_objects_resolve_locally(t: &Target) -> Check {
         }
         Err(s) => return Err(Stop::Fail(format!("EXPORT_UUID: {s}"))),
     };
+    Ok((object, uuid))
+}
+
+/// `EXPORT_UUID` and `OPEN BY_UUID` of the guest's own UUID, on any
+/// front-end: the UUID resolves locally, an unknown one is `ENOENT`, and the
+/// UUID dies with the object.
+fn shared_objects_resolve_locally(t: &Target) -> Check {
+    let vmm = t.connect()?;
+    let (object, uuid) = exported_object(&vmm)?;
+    let d = vmm.driver();
     ensure_eq!(d.export_uuid(object)?, Ok(uuid), "one UUID per object");
     let o = d.open_by_uuid(uuid)??;
     ensure_eq!(o.object, object);
@@ -1426,21 +1434,7 @@ fn shared_objects_resolve_locally(t: &Target) -> Check {
 
 fn shared_objects_export_and_lookup(t: &Target) -> Check {
     let mut vmm = t.connect_loopback()?;
-    let d = vmm.driver();
-    need_cap(
-        d,
-        caps::SHARED_OBJECTS,
-        "SHARED_OBJECTS",
-        shared_object_negotiated(&vmm),
-    )?;
-    let object = create(d, 1, 0)?;
-    let uuid = match d.export_uuid(object)? {
-        Ok(u) => u,
-        Err(Status::NotSupported) => {
-            skip!("EXPORT_UUID needs a REAL_DMABUF object or --allow-memfd-shared-objects")
-        }
-        Err(s) => return Err(Stop::Fail(format!("EXPORT_UUID: {s}"))),
-    };
+    let (object, uuid) = exported_object(&vmm)?;
     let uuid = uuid::Uuid::from_bytes(uuid);
     ensure!(
         vmm.backend_shared_objects().contains(&uuid),
