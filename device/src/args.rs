@@ -1,11 +1,13 @@
 //! The command line: clap arguments, and the one place they are validated
 //! ([`TryFrom<Args>`] for [`Config`]).
 
+use std::os::fd::RawFd;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 
+use crate::activation::{ListeningSocket, SocketFdError};
 use crate::control::CtlArgs;
 use crate::daemon::{Config, ExportConfig, MAX_REQUEST_QUEUES, MAX_SOCKETS};
 use crate::exporter::{page_size, ExportSpec, Limits};
@@ -23,8 +25,11 @@ dma-heap or host dma-bufs handed to it) or wraps guest RAM pages. Each
 disconnects, everything that guest held is released and the socket accepts
 the next one).
 
-Logging: set RUST_LOG (error, warn, info (default), debug, trace).
-SIGINT and SIGTERM stop the daemon and remove its sockets.";
+Logging: set RUST_LOG (error, warn, info (default), debug, trace); debug
+shows every vhost-user message and every request with its status.
+SIGINT and SIGTERM stop the daemon and remove the sockets it bound.
+Started by systemd, it takes the sockets of a socket unit (LISTEN_FDS)
+and reports readiness (NOTIFY_SOCKET, Type=notify).";
 
 /// The whole command line: the daemon's options, or `ctl`.
 #[derive(Debug, Parser)]
@@ -56,9 +61,23 @@ pub enum Command {
 pub struct Args {
     /// vhost-user socket to listen on. With --socket-count N > 1, the
     /// sockets are PATH0 .. PATH{N-1} (guest i on PATHi); with 1 (the
-    /// default) PATH is used as is.
-    #[arg(long, value_name = "PATH", required = true)]
+    /// default) PATH is used as is. A socket handed over by systemd socket
+    /// activation (LISTEN_FDS) that is bound to this path is served as it
+    /// is instead of binding a new one.
+    #[arg(long, value_name = "PATH", required_unless_present = "socket_fds")]
     pub socket_path: Option<PathBuf>,
+
+    /// Serve on a listening Unix socket the daemon was started with instead
+    /// of binding --socket-path: the number of an inherited file descriptor,
+    /// already bound and listening. Repeatable, once per guest in guest
+    /// order (guest i is the i-th --socket-fd). The daemon never removes
+    /// such a socket's file; whoever created it does.
+    #[arg(
+        long = "socket-fd",
+        value_name = "FD",
+        conflicts_with_all = ["socket_path", "socket_count"]
+    )]
+    pub socket_fds: Vec<RawFd>,
 
     /// Number of guests, one socket each (1 to 64). Guests are fully
     /// isolated: each sees only its own objects and the exports it is
@@ -125,13 +144,17 @@ pub struct Args {
 /// Why the arguments do not make a configuration.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ArgsError {
-    #[error("--socket-path is required")]
+    #[error("--socket-path (or --socket-fd) is required: it is where front-ends connect")]
     NoSocketPath,
     #[error("--socket-count must be 1 to {MAX_SOCKETS}, not {0}")]
     SocketCount(usize),
+    #[error("--socket-fd {0} is given twice; give each guest its own socket")]
+    DuplicateSocketFd(RawFd),
+    #[error("--socket-fd: {0}")]
+    SocketFd(SocketFdError),
     #[error("--queues must be 1 to {MAX_REQUEST_QUEUES}, not {0}")]
     Queues(u16),
-    #[error("--shm-size {0} is not a multiple of the page size ({1})")]
+    #[error("--shm-size {0} is not a page multiple ({1}): use {up} or another multiple of {1}", up = round_up(*.0, *.1))]
     ShmSize(u64, u64),
     #[error("--{0} must be above 0")]
     Zero(&'static str),
@@ -145,10 +168,12 @@ impl TryFrom<Args> for Config {
     type Error = ArgsError;
 
     fn try_from(args: Args) -> Result<Config, ArgsError> {
-        let path = args.socket_path.ok_or(ArgsError::NoSocketPath)?;
-        if args.socket_count == 0 || args.socket_count > MAX_SOCKETS {
-            return Err(ArgsError::SocketCount(args.socket_count));
-        }
+        let (socket_paths, listen_sockets) = if args.socket_fds.is_empty() {
+            (socket_paths(&args)?, Vec::new())
+        } else {
+            handed_sockets(&args.socket_fds)?
+        };
+        let guests = socket_paths.len();
         if args.queues == 0 || args.queues > MAX_REQUEST_QUEUES {
             return Err(ArgsError::Queues(args.queues));
         }
@@ -170,21 +195,10 @@ impl TryFrom<Args> for Config {
             max_bytes: args.max_bytes,
             ..Limits::default()
         };
-        let socket_paths = if args.socket_count == 1 {
-            vec![path]
-        } else {
-            (0..args.socket_count)
-                .map(|i| {
-                    let mut p = path.clone().into_os_string();
-                    p.push(i.to_string());
-                    PathBuf::from(p)
-                })
-                .collect()
-        };
         let mut exports: Vec<ExportConfig> = Vec::new();
         for text in &args.exports {
-            let export = parse_export(text, args.socket_count)
-                .map_err(|why| ArgsError::Export(text.clone(), why))?;
+            let export =
+                parse_export(text, guests).map_err(|why| ArgsError::Export(text.clone(), why))?;
             if exports.iter().any(|e| e.spec.name == export.spec.name) {
                 return Err(ArgsError::DuplicateExport(export.spec.name));
             }
@@ -192,6 +206,7 @@ impl TryFrom<Args> for Config {
         }
         let mut config = Config::new(PathBuf::new());
         config.socket_paths = socket_paths;
+        config.listen_sockets = listen_sockets;
         config.provider = args.provider;
         config.shm_size = args.shm_size;
         config.request_queues = args.queues;
@@ -205,18 +220,69 @@ impl TryFrom<Args> for Config {
     }
 }
 
+/// `--socket-path` with `--socket-count`: `PATH`, or `PATH0` .. `PATH{N-1}`.
+fn socket_paths(args: &Args) -> Result<Vec<PathBuf>, ArgsError> {
+    let path = args.socket_path.clone().ok_or(ArgsError::NoSocketPath)?;
+    if args.socket_count == 0 || args.socket_count > MAX_SOCKETS {
+        return Err(ArgsError::SocketCount(args.socket_count));
+    }
+    if args.socket_count == 1 {
+        return Ok(vec![path]);
+    }
+    Ok((0..args.socket_count)
+        .map(|i| {
+            let mut p = path.clone().into_os_string();
+            p.push(i.to_string());
+            PathBuf::from(p)
+        })
+        .collect())
+}
+
+/// `--socket-fd`: each a listening Unix stream socket (duplicated), guest
+/// `i` on the `i`-th; its path is the one it is bound to (empty if none).
+fn handed_sockets(
+    fds: &[RawFd],
+) -> Result<(Vec<PathBuf>, Vec<Option<ListeningSocket>>), ArgsError> {
+    if fds.len() > MAX_SOCKETS {
+        return Err(ArgsError::SocketCount(fds.len()));
+    }
+    let mut paths = Vec::with_capacity(fds.len());
+    let mut sockets = Vec::with_capacity(fds.len());
+    for (i, &fd) in fds.iter().enumerate() {
+        if fds[..i].contains(&fd) {
+            return Err(ArgsError::DuplicateSocketFd(fd));
+        }
+        let socket = ListeningSocket::from_fd_number(fd).map_err(ArgsError::SocketFd)?;
+        paths.push(socket.path().map(PathBuf::from).unwrap_or_default());
+        sockets.push(Some(socket));
+    }
+    Ok((paths, sockets))
+}
+
+/// The smallest multiple of `page` at or above `size` (`size` itself when
+/// that overflows).
+fn round_up(size: u64, page: u64) -> u64 {
+    size.div_ceil(page.max(1))
+        .checked_mul(page.max(1))
+        .unwrap_or(size)
+}
+
 /// `NAME=PATH[,dynamic][,read-only][,guests=0:1]`.
 pub fn parse_export(text: &str, guests: usize) -> Result<ExportConfig, String> {
     let mut parts = text.split(',');
     let first = parts.next().unwrap_or_default();
     let (name, path) = first
         .split_once('=')
-        .ok_or_else(|| "expected NAME=PATH".to_owned())?;
+        .ok_or_else(|| "expected NAME=PATH[,dynamic][,read-only][,guests=0:1]".to_owned())?;
     if name.is_empty() || name.len() >= virtio_dmabuf_protocol::NAME_LEN || name.contains('\0') {
-        return Err("the name must be 1 to 31 bytes".to_owned());
+        return Err(format!(
+            "the name {name:?} is {} bytes; a name is 1 to {} bytes, without NUL",
+            name.len(),
+            virtio_dmabuf_protocol::NAME_LEN - 1
+        ));
     }
     if path.is_empty() {
-        return Err("the path is empty".to_owned());
+        return Err(format!("no path after {name}="));
     }
     let mut spec = ExportSpec {
         name: name.to_owned(),
@@ -231,12 +297,15 @@ pub fn parse_export(text: &str, guests: usize) -> Result<ExportConfig, String> {
             Some(("guests", list)) => {
                 let mut allowed = Vec::new();
                 for g in list.split(':') {
-                    let g: usize = g
-                        .parse()
-                        .map_err(|_| format!("guest {g:?} is not a socket index"))?;
+                    let g: usize = g.parse().map_err(|_| {
+                        format!(
+                            "guest {g:?} is not a socket index (guests=0:1 lists guests 0 and 1)"
+                        )
+                    })?;
                     if g >= guests {
                         return Err(format!(
-                            "guest {g} does not exist (--socket-count {guests})"
+                            "guest {g} does not exist: with {guests} socket(s) the guests are 0 to {}",
+                            guests.saturating_sub(1)
                         ));
                     }
                     if !allowed.contains(&g) {
@@ -245,7 +314,11 @@ pub fn parse_export(text: &str, guests: usize) -> Result<ExportConfig, String> {
                 }
                 spec.guests = Some(allowed);
             }
-            _ => return Err(format!("unknown option {opt:?}")),
+            _ => {
+                return Err(format!(
+                    "unknown option {opt:?} (the options are dynamic, read-only and guests=0:1)"
+                ))
+            }
         }
     }
     Ok(ExportConfig {
@@ -558,6 +631,77 @@ mod tests {
     }
 
     #[test]
+    fn socket_fd_serves_handed_listening_sockets_in_guest_order() {
+        use std::os::fd::AsRawFd;
+        use std::os::unix::net::UnixListener;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let a = UnixListener::bind(dir.path().join("a")).expect("bind");
+        let b = UnixListener::bind(dir.path().join("b")).expect("bind");
+        let (fa, fb) = (a.as_raw_fd().to_string(), b.as_raw_fd().to_string());
+        let c = config(&[
+            "--socket-fd",
+            &fa,
+            "--socket-fd",
+            &fb,
+            "--export",
+            "cam=/x,guests=1",
+        ])
+        .expect("valid");
+        assert_eq!(c.socket_paths, [dir.path().join("a"), dir.path().join("b")]);
+        assert_eq!(c.listen_sockets.len(), 2);
+        assert_eq!(
+            c.listen_sockets[1].as_ref().map(ListeningSocket::handed_as),
+            Some(b.as_raw_fd())
+        );
+        assert!(matches!(
+            config(&["--socket-fd", &fa, "--export", "cam=/x,guests=1"]),
+            Err(ArgsError::Export(..))
+        ));
+        assert!(parse(&["--socket-fd", &fa, "--socket-path", "/s"]).is_err());
+        assert!(parse(&["--socket-fd", &fa, "--socket-count", "2"]).is_err());
+        assert_eq!(
+            config(&["--socket-fd", &fa, "--socket-fd", &fa]),
+            Err(ArgsError::DuplicateSocketFd(a.as_raw_fd()))
+        );
+        let file = std::fs::File::create(dir.path().join("f")).expect("file");
+        let ff = file.as_raw_fd();
+        assert_eq!(
+            config(&["--socket-fd", &ff.to_string()]),
+            Err(ArgsError::SocketFd(SocketFdError::NotSocket(ff)))
+        );
+        assert_eq!(
+            ArgsError::SocketFd(SocketFdError::NotSocket(9)).to_string(),
+            "--socket-fd: file descriptor 9 is not a socket"
+        );
+    }
+
+    /// What an operator reads, and what to change, for each mistake.
+    #[test]
+    fn refusals_say_what_was_wrong_and_what_to_change() {
+        assert_eq!(
+            ArgsError::ShmSize(5, 4096).to_string(),
+            "--shm-size 5 is not a page multiple (4096): use 4096 or another multiple of 4096"
+        );
+        assert_eq!(
+            ArgsError::ShmSize(10000, 4096).to_string(),
+            "--shm-size 10000 is not a page multiple (4096): use 12288 or another multiple of 4096"
+        );
+        let why = |text: &str, guests| parse_export(text, guests).expect_err("refused");
+        assert_eq!(
+            why("cam=/x,fast", 1),
+            "unknown option \"fast\" (the options are dynamic, read-only and guests=0:1)"
+        );
+        assert_eq!(
+            why("cam=/x,guests=2", 2),
+            "guest 2 does not exist: with 2 socket(s) the guests are 0 to 1"
+        );
+        assert!(why("cam", 1).contains("NAME=PATH"));
+        assert!(why(&format!("{}=/x", "n".repeat(32)), 1).contains("is 32 bytes"));
+        assert_eq!(why("cam=", 1), "no path after cam=");
+        assert!(ArgsError::NoSocketPath.to_string().contains("--socket-fd"));
+    }
+
+    #[test]
     fn sizes_and_durations_parse() {
         assert_eq!(parse_size("0"), Ok(0));
         assert_eq!(parse_size("4096"), Ok(4096));
@@ -592,6 +736,8 @@ mod tests {
             "--control-socket",
             "--export",
             "--allow-memfd-shared-objects",
+            "--socket-fd",
+            "LISTEN_FDS",
             "RUST_LOG",
             "ctl",
         ] {

@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rustix::event::{poll, PollFd, PollFlags};
 use vhost::vhost_user::Listener;
@@ -28,11 +28,14 @@ use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+use crate::activation::{self, ActivationError, ListeningSocket};
 use crate::backend::relay::{ConnectionInfo, InternalEndpoint, Relay};
 use crate::backend::{BackendSettings, DmabufBackend, CHANNEL_WAIT, DEFAULT_MAX_QUEUE_SIZE};
 use crate::control::{spawn_control_plane, ControlHandle};
 use crate::exporter::{ExportSpec, Exporter, ExporterConfig, GuestId, HostError, Limits};
-use crate::provider::{self, ProviderChoice, ProviderError, UdmabufProvider};
+use crate::provider::{
+    self, ProviderChoice, ProviderError, UdmabufProvider, DMA_HEAP_SYSTEM_NODE, UDMABUF_NODE,
+};
 use crate::state::DeviceState;
 
 /// Default size of shared memory region 0 (`--shm-size`): 256 MiB.
@@ -58,6 +61,12 @@ pub struct ExportConfig {
 pub struct Config {
     /// One socket per guest; guest `i` is `socket_paths[i]`.
     pub socket_paths: Vec<PathBuf>,
+    /// Listening sockets the daemon was handed (`--socket-fd`, systemd
+    /// socket activation): guest `i` serves on `listen_sockets[i]`, when
+    /// there is one, instead of binding `socket_paths[i]` (which is then
+    /// the path that socket is bound to, or empty). Such a socket's file is
+    /// never removed by the daemon.
+    pub listen_sockets: Vec<Option<ListeningSocket>>,
     pub provider: ProviderChoice,
     /// Shared memory region 0 in bytes; 0: `SHMEM` is not offered.
     pub shm_size: u64,
@@ -82,6 +91,7 @@ impl Config {
         let limits = Limits::default();
         Config {
             socket_paths: vec![socket_path.into()],
+            listen_sockets: Vec::new(),
             provider: ProviderChoice::Memfd,
             shm_size: DEFAULT_SHM_SIZE,
             request_queues: 1,
@@ -99,11 +109,13 @@ impl Config {
 /// Why the daemon could not start or stop cleanly.
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
-    #[error("opening the {choice} provider: {source}")]
+    #[error("--provider {choice}: {source}{hint}")]
     Provider {
         choice: ProviderChoice,
         #[source]
         source: ProviderError,
+        /// What the operator can change (empty, or `"; ..."`).
+        hint: &'static str,
     },
     #[error("listening on {path}: {source}")]
     Listen {
@@ -111,20 +123,42 @@ pub enum DaemonError {
         #[source]
         source: vhost::vhost_user::Error,
     },
-    #[error("export {name:?}: opening {path}: {source}")]
+    #[error("guest {guest}: the socket handed over as fd {fd}: {source}")]
+    HandedSocket {
+        guest: GuestId,
+        fd: std::os::fd::RawFd,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Activation(#[from] ActivationError),
+    #[error(
+        "systemd handed over socket {name:?} bound to {path:?}, which is none of the \
+         daemon's sockets ({expected}): ListenStream= of the socket unit and \
+         --socket-path must name the same path"
+    )]
+    UnexpectedSocket {
+        name: String,
+        path: Option<PathBuf>,
+        expected: String,
+    },
+    #[error("--export {name}: cannot open {path}: {source}{hint}")]
     ExportOpen {
         name: String,
         path: PathBuf,
         #[source]
         source: std::io::Error,
+        /// What the operator can change (empty, or `"; ..."`).
+        hint: &'static str,
     },
-    #[error("export {name:?}: {source}")]
+    #[error("--export {name}: {path}: {source}")]
     ExportImport {
         name: String,
+        path: PathBuf,
         #[source]
         source: ProviderError,
     },
-    #[error("export {name:?}: {source}")]
+    #[error("--export {name}: {source}")]
     ExportRegister {
         name: String,
         #[source]
@@ -200,7 +234,8 @@ impl DaemonHandle {
     }
 
     /// Stops everything: live connections are hung up (their guests'
-    /// state released), threads joined, sockets removed.
+    /// state released), threads joined, the sockets it bound removed
+    /// (handed-over ones are left to their owner).
     pub fn stop(mut self) {
         self.shutdown();
     }
@@ -255,6 +290,7 @@ pub fn start(config: Config) -> Result<DaemonHandle, DaemonError> {
         provider::open_provider(config.provider, config.max_object_size).map_err(|source| {
             DaemonError::Provider {
                 choice: config.provider,
+                hint: provider_hint(&source),
                 source,
             }
         })?;
@@ -301,11 +337,28 @@ pub fn start(config: Config) -> Result<DaemonHandle, DaemonError> {
     // (and once a socket exists, the daemon's idle set of fds is complete:
     // the control plane, if any, is the only thing started after this).
     let mut listeners = Vec::with_capacity(config.socket_paths.len());
-    for path in &config.socket_paths {
-        let listener = Listener::new(path, true).map_err(|source| DaemonError::Listen {
-            path: path.clone(),
-            source,
-        })?;
+    let mut serving = Vec::with_capacity(config.socket_paths.len());
+    for (guest, path) in config.socket_paths.iter().enumerate() {
+        let listener = match config.listen_sockets.get(guest).and_then(Option::as_ref) {
+            // Handed over: accepted on as it is; its path (if any) is left
+            // alone at stop (`Listener::from` knows no path).
+            Some(socket) => {
+                let fd = socket.handed_as();
+                serving.push(format!("{} (handed over as fd {fd})", path.display()));
+                Listener::from(
+                    socket
+                        .listener()
+                        .map_err(|source| DaemonError::HandedSocket { guest, fd, source })?,
+                )
+            }
+            None => {
+                serving.push(path.display().to_string());
+                Listener::new(path, true).map_err(|source| DaemonError::Listen {
+                    path: path.clone(),
+                    source,
+                })?
+            }
+        };
         listeners.push(listener);
     }
     let mut handle = DaemonHandle {
@@ -344,23 +397,152 @@ pub fn start(config: Config) -> Result<DaemonHandle, DaemonError> {
             .map_err(io_error("starting a listener thread"))?;
         handle.listeners.push(thread);
     }
-    for path in &config.socket_paths {
-        log::info!("listening on {}", path.display());
+    for (guest, what) in serving.iter().enumerate() {
+        log::info!("guest {guest}: listening on {what}");
     }
     Ok(handle)
 }
 
 /// Starts the daemon and serves until SIGINT or SIGTERM, then stops it
 /// (sockets removed).
-pub fn run(config: Config) -> Result<(), DaemonError> {
+///
+/// Started by systemd: the sockets of a socket unit (`LISTEN_FDS`) serve
+/// the guests whose `--socket-path` they are bound to, and the service
+/// manager hears `READY=1` once every socket listens (`Type=notify`) and
+/// `STOPPING=1` on the way out.
+pub fn run(mut config: Config) -> Result<(), DaemonError> {
     // Blocked before any thread starts, so every thread inherits the mask
     // and the signals wait for `sigwait` here.
     let signals = block_stop_signals().map_err(io_error("blocking SIGINT/SIGTERM"))?;
+    take_systemd_sockets(&mut config)?;
+    raise_fd_limit(&config);
+    let guests = config.socket_paths.len();
     let handle = start(config)?;
+    notify(&format!("READY=1\nSTATUS=serving {guests} guest socket(s)"));
     let signal = wait_for_signal(&signals).map_err(io_error("waiting for a signal"))?;
     log::info!("signal {signal}: stopping");
+    notify("STOPPING=1");
     handle.stop();
     Ok(())
+}
+
+/// Tells the service manager, if there is one; a failure is only logged
+/// (the daemon serves all the same).
+fn notify(state: &str) {
+    match activation::notify(state) {
+        Ok(true) => log::debug!("sd_notify: {}", state.replace('\n', " ")),
+        Ok(false) => {}
+        Err(e) => log::warn!("telling the service manager {state:?} (NOTIFY_SOCKET): {e}"),
+    }
+}
+
+/// Socket activation: every socket systemd handed over must be bound to
+/// one of the guests' paths, and that guest serves on it.
+fn take_systemd_sockets(config: &mut Config) -> Result<(), DaemonError> {
+    for (socket, name) in activation::systemd_sockets()? {
+        let guest = socket
+            .path()
+            .and_then(|p| config.socket_paths.iter().position(|q| q == p))
+            .filter(|&g| config.listen_sockets.get(g).is_none_or(Option::is_none));
+        let Some(guest) = guest else {
+            return Err(DaemonError::UnexpectedSocket {
+                name,
+                path: socket.path().map(Path::to_path_buf),
+                expected: config
+                    .socket_paths
+                    .iter()
+                    .map(|p| p.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            });
+        };
+        log::debug!("guest {guest}: socket {name:?} handed over by systemd");
+        if config.listen_sockets.len() <= guest {
+            config.listen_sockets.resize(guest + 1, None);
+        }
+        config.listen_sockets[guest] = Some(socket);
+    }
+    Ok(())
+}
+
+/// Open files the daemon may need with `config`, per guest: up to two per
+/// object (udmabuf: the memfd and the dma-buf), three eventfds per queue,
+/// one per guest memory region (vhost-user allows up to 509) and a few for
+/// the connection; plus the daemon's own and the control clients'.
+pub fn fd_budget(config: &Config) -> u64 {
+    let queues = u64::from(config.request_queues) + 1;
+    let per_guest = 2 * u64::from(config.limits.max_objects) + 3 * queues + 512 + 64;
+    per_guest * config.socket_paths.len() as u64 + 256
+}
+
+/// Raises the soft open-file limit towards [`fd_budget`] (up to the hard
+/// limit), and says what to change when even that is too low.
+fn raise_fd_limit(config: &Config) {
+    use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
+    let need = fd_budget(config);
+    let limit = getrlimit(Resource::Nofile);
+    let mut soft = limit.current.unwrap_or(u64::MAX);
+    if soft >= need {
+        return;
+    }
+    let target = need.min(limit.maximum.unwrap_or(u64::MAX));
+    if target > soft {
+        let raised = Rlimit {
+            current: Some(target),
+            maximum: limit.maximum,
+        };
+        match setrlimit(Resource::Nofile, raised) {
+            Ok(()) => {
+                log::debug!("open file limit raised from {soft} to {target}");
+                soft = target;
+            }
+            Err(e) => log::debug!("raising the open file limit to {target}: {e}"),
+        }
+    }
+    if soft < need {
+        log::warn!(
+            "the open file limit is {soft}, below the {need} that {} guest(s) with \
+             --max-objects {} may need: raise LimitNOFILE= in the systemd unit (or \
+             ulimit -n), or lower --max-objects",
+            config.socket_paths.len(),
+            config.limits.max_objects
+        );
+    }
+}
+
+/// What an operator can do about a provider that would not open.
+fn provider_hint(e: &ProviderError) -> &'static str {
+    match e {
+        ProviderError::MissingDevice { node, .. } if *node == UDMABUF_NODE => {
+            "; load the udmabuf kernel module (modprobe udmabuf), or start with \
+             --provider auto (udmabuf, else dma-heap, else memfd) or --provider memfd"
+        }
+        ProviderError::MissingDevice { node, .. } if *node == DMA_HEAP_SYSTEM_NODE => {
+            "; the kernel needs the system dma-heap (CONFIG_DMABUF_HEAPS_SYSTEM), or \
+             start with --provider auto or --provider memfd"
+        }
+        ProviderError::Host { source, .. }
+            if source.kind() == std::io::ErrorKind::PermissionDenied =>
+        {
+            "; the daemon's user may not open the device: give it access (the \
+             device's group, a udev rule; under systemd, DeviceAllow=), or start \
+             with --provider memfd"
+        }
+        _ => "",
+    }
+}
+
+/// What an operator can do about an `--export` path that would not open.
+fn export_open_hint(e: &std::io::Error, read_only: bool) -> &'static str {
+    match (e.raw_os_error(), read_only) {
+        (Some(libc::EACCES | libc::EPERM | libc::EROFS), false) => {
+            "; it is opened read-write: add ,read-only if guests need only read it \
+             (under systemd, a path outside /dev needs ReadWritePaths=)"
+        }
+        (Some(libc::EACCES | libc::EPERM), true) => "; the daemon's user may not read it",
+        (Some(libc::ENOENT), _) => "; check the path",
+        _ => "",
+    }
 }
 
 fn register_export(exporter: &mut Exporter, export: &ExportConfig) -> Result<(), DaemonError> {
@@ -372,6 +554,7 @@ fn register_export(exporter: &mut Exporter, export: &ExportConfig) -> Result<(),
         .map_err(|source| DaemonError::ExportOpen {
             name: name.clone(),
             path: export.path.clone(),
+            hint: export_open_hint(&source, export.spec.read_only),
             source,
         })?;
     let fd = OwnedFd::from(file);
@@ -383,6 +566,7 @@ fn register_export(exporter: &mut Exporter, export: &ExportConfig) -> Result<(),
     }
     let backing = provider::import_host_fd(fd).map_err(|source| DaemonError::ExportImport {
         name: name.clone(),
+        path: export.path.clone(),
         source,
     })?;
     let uuid = exporter
@@ -476,6 +660,7 @@ impl Socket {
             Ok(None) => return Ok(()),
             Err(e) => return Err(format!("accepting a front-end: {e}")),
         };
+        let connected = Instant::now();
         let info = Arc::new(ConnectionInfo::default());
         let backend = Arc::new(DmabufBackend::new(
             guest,
@@ -531,7 +716,11 @@ impl Socket {
         backend.connection_ended();
         drop(daemon);
         backend.disconnected();
-        log::info!("guest {guest}: front-end disconnected; state released");
+        log::info!(
+            "guest {guest}: front-end disconnected after {:.1?} ({}); state released",
+            connected.elapsed(),
+            backend.summary()
+        );
         result
     }
 

@@ -12,13 +12,18 @@
 //! - [`daemon`]: start, run and stop the whole daemon.
 //! - [`args`]: the command line.
 //! - [`control`]: the host control socket and the `ctl` client.
+//! - [`activation`]: sockets handed over (`--socket-fd`, systemd socket
+//!   activation) and readiness (`sd_notify`).
+//! - [`manual`]: the man pages and shell completions, from [`args`].
 
+pub mod activation;
 pub mod args;
 pub mod backend;
 pub mod control;
 pub mod daemon;
 pub mod exporter;
 pub mod guest_memory;
+pub mod manual;
 pub mod provider;
 pub mod state;
 pub mod vhost_frontend;

@@ -350,6 +350,14 @@ fn run(inner: &Inner) {
         } else {
             exchange(inner, &message)
         };
+        log::debug!(
+            "back-end channel: {:?} {message:?}: {}",
+            message.request(),
+            match &outcome {
+                Ok(_) => "done".to_owned(),
+                Err(e) => e.to_string(),
+            }
+        );
         let mut st = inner.state();
         match outcome {
             Ok(fd) => {

@@ -49,7 +49,7 @@ use crate::vhost_frontend::{Link, VhostFrontend};
 
 use channel::Channel;
 use relay::ConnectionInfo;
-use requests::Chains;
+use requests::{Chains, Tally};
 
 /// Largest `TRANSFER_TO_HOST`/`TRANSFER_FROM_HOST` length a chain may carry
 /// (section 7.5 leaves the bound to the device): 16 MiB. Longer is `EINVAL`;
@@ -133,6 +133,8 @@ pub struct DmabufBackend {
     regions: Mutex<Vec<RegionKey>>,
     /// Exit eventfds handed to the vring workers (closed after they stop).
     exit_consumers: Mutex<Vec<RawFd>>,
+    /// What the connection's requests came to (logged at disconnect).
+    tally: Tally,
 }
 
 impl std::fmt::Debug for DmabufBackend {
@@ -163,7 +165,20 @@ impl DmabufBackend {
             chains: Mutex::new(Chains::default()),
             regions: Mutex::new(Vec::new()),
             exit_consumers: Mutex::new(Vec::new()),
+            tally: Tally::default(),
         }
+    }
+
+    /// The connection in a few words, for the line logged when it ends:
+    /// requests taken from the queues, those a quota refused, vhost-user
+    /// messages from the front-end and, with debug logging, every answer
+    /// by opcode and status.
+    pub fn summary(&self) -> String {
+        format!(
+            "{}, {} vhost-user messages",
+            self.tally.summary(locked(&self.chains).taken()),
+            self.info.messages()
+        )
     }
 
     pub fn guest(&self) -> GuestId {

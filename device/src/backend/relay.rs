@@ -50,9 +50,16 @@ const HEADER_SIZE: usize = 12;
 pub struct ConnectionInfo {
     acked_protocol_features: AtomicU64,
     channel_socket: Mutex<Option<OwnedFd>>,
+    /// Messages the front-end sent.
+    messages: AtomicU64,
 }
 
 impl ConnectionInfo {
+    /// How many messages the front-end sent on this connection.
+    pub fn messages(&self) -> u64 {
+        self.messages.load(Ordering::Relaxed)
+    }
+
     /// The protocol features of the last `SET_PROTOCOL_FEATURES`.
     pub fn acked_protocol_features(&self) -> VhostUserProtocolFeatures {
         VhostUserProtocolFeatures::from_bits_truncate(
@@ -69,6 +76,7 @@ impl ConnectionInfo {
     }
 
     fn observe(&self, request: u32, body: &[u8], fds: &[OwnedFd]) {
+        self.messages.fetch_add(1, Ordering::Relaxed);
         if request == u32::from(FrontendReq::SET_PROTOCOL_FEATURES) {
             if let Ok(bytes) = <[u8; 8]>::try_from(body) {
                 self.acked_protocol_features
@@ -215,10 +223,16 @@ impl Relay {
         let (b_in, f_out) = (back.try_clone()?, front.try_clone()?);
         let to_backend = std::thread::Builder::new()
             .name(format!("{name}-in"))
-            .spawn(move || carry(&f_in, &b_out, Some(&info)))?;
+            .spawn({
+                let name = name.to_owned();
+                move || carry(&f_in, &b_out, Some(&info), &name)
+            })?;
         let to_frontend = std::thread::Builder::new()
             .name(format!("{name}-out"))
-            .spawn(move || carry(&b_in, &f_out, None))?;
+            .spawn({
+                let name = name.to_owned();
+                move || carry(&b_in, &f_out, None, &name)
+            })?;
         Ok(Relay {
             front,
             back,
@@ -237,10 +251,11 @@ impl Relay {
 }
 
 /// Forwards messages from `from` to `to` until either side ends, then
-/// hangs up both (so the other direction ends too).
-fn carry(from: &UnixStream, to: &UnixStream, info: Option<&ConnectionInfo>) {
-    if let Err(e) = carry_messages(from, to, info) {
-        log::debug!("vhost-user relay: {e}");
+/// hangs up both (so the other direction ends too). `info` is given for
+/// the front-end's direction only.
+fn carry(from: &UnixStream, to: &UnixStream, info: Option<&ConnectionInfo>, name: &str) {
+    if let Err(e) = carry_messages(from, to, info, name) {
+        log::debug!("{name}: vhost-user relay: {e}");
     }
     let _ = from.shutdown(Shutdown::Both);
     let _ = to.shutdown(Shutdown::Both);
@@ -250,6 +265,7 @@ fn carry_messages(
     from: &UnixStream,
     to: &UnixStream,
     info: Option<&ConnectionInfo>,
+    name: &str,
 ) -> std::io::Result<()> {
     loop {
         let mut fds = Vec::new();
@@ -276,7 +292,26 @@ fn carry_messages(
         if let Some(info) = info {
             info.observe(word(0), &body, &fds);
         }
+        log::debug!(
+            "{name}: vhost-user {} {} ({size} bytes, {} fds, flags {:#x})",
+            if info.is_some() {
+                "front-end:"
+            } else {
+                "reply to"
+            },
+            request_name(word(0)),
+            fds.len(),
+            word(4)
+        );
         send_message(to, &header, &body, &fds)?;
+    }
+}
+
+/// The name of front-end request `code` (`SET_MEM_TABLE`), or its number.
+fn request_name(code: u32) -> String {
+    match FrontendReq::try_from(code) {
+        Ok(req) => format!("{req:?}"),
+        Err(()) => format!("request {code}"),
     }
 }
 

@@ -28,22 +28,23 @@
 //! back-end channel), so a vring stop never waits for one (section 1).
 //! Lock order: the table, then the model, then a vring.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::io::Read;
-use std::sync::MutexGuard;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, MutexGuard};
 use std::time::Instant;
 
 use vhost_user_backend::{VringRwLock, VringT};
 use virtio_dmabuf_protocol::{
-    encode_response, parse_request, Opcode, Reply, Request, RequestHeader, Response, Status,
-    REQ_HDR_SIZE, RESP_HDR_SIZE, SEGMENT_SIZE,
+    encode_response, parse_request, response_status, Opcode, Reply, Request, RequestHeader,
+    Response, Status, REQ_HDR_SIZE, RESP_HDR_SIZE, SEGMENT_SIZE,
 };
 use virtio_queue::{DescriptorChain, QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestAddressSpace};
 
 use super::channel::{ChannelError, MessageKind};
 use super::{locked, DmabufBackend, TRANSFER_MAX};
-use crate::exporter::Origin;
+use crate::exporter::{Exporter, GuestId, Origin};
 use crate::guest_memory::GuestRam;
 
 /// Where a chain in flight is.
@@ -100,10 +101,78 @@ impl Chains {
         self.entries.len()
     }
 
+    /// How many chains this connection took from its request queues.
+    pub(crate) fn taken(&self) -> u64 {
+        self.next_token
+    }
+
     /// Forgets every chain (device reset, disconnect).
     pub(crate) fn clear(&mut self) {
         self.entries.clear();
     }
+}
+
+/// What one connection's requests came to, for the summary logged when it
+/// ends. Costs nothing per request unless debug logging is on (or a quota
+/// refuses a request).
+#[derive(Debug, Default)]
+pub(crate) struct Tally {
+    /// Requests refused by a per-guest quota (`--max-objects`, `--max-bytes`).
+    quota_refusals: AtomicU64,
+    /// Answers by opcode and status; counted only while debug logging is on.
+    answers: Mutex<BTreeMap<(Opcode, Status), u64>>,
+}
+
+impl Tally {
+    /// `n requests (...)` for the disconnect line.
+    pub(crate) fn summary(&self, requests: u64) -> String {
+        let mut text = format!("{requests} requests");
+        let quota = self.quota_refusals.load(Ordering::Relaxed);
+        if quota > 0 {
+            text.push_str(&format!(", {quota} refused by a quota"));
+        }
+        let answers = self.answers.lock().unwrap_or_else(|e| e.into_inner());
+        if !answers.is_empty() {
+            let list: Vec<String> = answers
+                .iter()
+                .map(|((op, status), n)| format!("{op} {status} {n}"))
+                .collect();
+            text.push_str(&format!(" [{}]", list.join(", ")));
+        }
+        text
+    }
+}
+
+/// Why a per-guest quota refused `opcode` (`ENOSPC`), in the operator's
+/// terms; none when the refusal was not a quota's (section 7.1 `GET_INFO`
+/// reports the quotas to the guest).
+fn quota_refusal(
+    ex: &Exporter,
+    guest: GuestId,
+    opcode: Opcode,
+    asked: u64,
+    response: Option<&Response>,
+) -> Option<String> {
+    if !matches!(response, Some(Err(Status::NoSpc))) {
+        return None;
+    }
+    let limits = ex.config().limits;
+    let g = ex.guests.get(guest)?;
+    let held = g.held.len();
+    let why = if held >= limits.max_objects as usize {
+        format!("it holds {held} objects, the --max-objects limit")
+    } else if opcode == Opcode::Create && g.bytes.saturating_add(asked) > limits.max_bytes {
+        format!(
+            "its objects use {} bytes and {asked} more would pass --max-bytes {}",
+            g.bytes, limits.max_bytes
+        )
+    } else {
+        return None;
+    };
+    Some(format!(
+        "{opcode} refused with ENOSPC: {why}; raise the limit if the guest needs more, \
+         or look for objects it never releases (ctl list)"
+    ))
 }
 
 /// What the worker got from a ring.
@@ -338,10 +407,15 @@ impl DmabufBackend {
         if let Some(chain) = self.chains().entries.get_mut(&token) {
             chain.tag = tag;
         }
+        let opcode = request.opcode();
         if let Err(status) = check_limits(&request) {
+            self.answered(queue, tag, opcode, &Err(status), "");
             return respond(tag, &Err(status));
         }
-        let opcode = request.opcode();
+        let asked = match &request {
+            Request::Create { size, .. } => *size,
+            _ => 0,
+        };
         let map_shm_handle = match &request {
             Request::MapShm { object, .. } => Some(*object),
             _ => None,
@@ -365,6 +439,9 @@ impl DmabufBackend {
             let before = channel.as_ref().map_or(0, |c| c.posted());
             let response = ex.submit(self.guest, Origin { queue, token }, tag, request, now);
             let after = channel.as_ref().map_or(0, |c| c.posted());
+            if let Some(why) = quota_refusal(&ex, self.guest, opcode, asked, response.as_ref()) {
+                self.quota_refused(queue, &why);
+            }
             self.state.changed(&ex);
             (response, (before, after))
         };
@@ -376,9 +453,14 @@ impl DmabufBackend {
             if let Some(chain) = chains.entries.get_mut(&token) {
                 chain.stage = Stage::Parked;
             }
+            log::debug!(
+                "guest {}: queue {queue}: {opcode} tag {tag}: parked",
+                self.guest
+            );
             return Outcome::Settled { returned: false };
         };
         let Some(channel) = channel.filter(|_| posted.1 > posted.0) else {
+            self.answered(queue, tag, opcode, &response, "");
             let returned = match chains.entries.remove(&token) {
                 Some(chain) => self.return_chain(&chain, &encode_response(tag, &response)),
                 None => false,
@@ -404,7 +486,42 @@ impl DmabufBackend {
         for (kind, why) in channel.take_failures(posted.0, posted.1) {
             response = self.front_end_refused(opcode, map_shm_handle, kind, &why, response);
         }
+        self.answered(
+            queue,
+            tag,
+            opcode,
+            &response,
+            " (after the back-end channel)",
+        );
         respond(tag, &response)
+    }
+
+    /// Debug logging of one answer, and its count for the summary; nothing
+    /// at all unless debug logging is on.
+    fn answered(&self, queue: u16, tag: u64, opcode: Opcode, response: &Response, how: &str) {
+        if !log::log_enabled!(log::Level::Debug) {
+            return;
+        }
+        let status = response_status(response);
+        log::debug!(
+            "guest {}: queue {queue}: {opcode} tag {tag}: {status}{how}",
+            self.guest
+        );
+        *locked(&self.tally.answers)
+            .entry((opcode, status))
+            .or_insert(0) += 1;
+    }
+
+    /// A quota refused a request: said at warn level once per connection
+    /// (a guest that loops on it would flood the log), then at debug level;
+    /// the disconnect summary counts them all.
+    fn quota_refused(&self, queue: u16, why: &str) {
+        let before = self.tally.quota_refusals.fetch_add(1, Ordering::Relaxed);
+        if before == 0 {
+            log::warn!("guest {}: queue {queue}: {why}", self.guest);
+        } else {
+            log::debug!("guest {}: queue {queue}: {why}", self.guest);
+        }
     }
 
     /// A back-end channel message of this request failed: the guest hears
@@ -544,6 +661,7 @@ impl DmabufBackend {
                 );
                 continue;
             };
+            self.answered(chain.queue, c.tag, c.opcode, &c.response, " (was parked)");
             if self.return_chain(&chain, &encode_response(c.tag, &c.response)) {
                 touched.insert(chain.queue);
             }
@@ -577,7 +695,14 @@ impl DmabufBackend {
             };
             let bytes = match &chain.stage {
                 Stage::Answered(bytes) => bytes.clone(),
-                Stage::Taken | Stage::Parked => encode_response(chain.tag, &Err(Status::Canceled)),
+                Stage::Taken | Stage::Parked => {
+                    log::debug!(
+                        "guest {}: queue {queue}: tag {}: ECANCELED by the vring stop",
+                        self.guest,
+                        chain.tag
+                    );
+                    encode_response(chain.tag, &Err(Status::Canceled))
+                }
             };
             if self.return_chain(&chain, &bytes) {
                 touched.insert(queue);

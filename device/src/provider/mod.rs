@@ -43,7 +43,7 @@ pub enum ProviderError {
         #[source]
         source: std::io::Error,
     },
-    #[error("size {size} is not usable here (maximum {max}, page multiple required)")]
+    #[error("{}", bad_size(*size, *max))]
     BadSize { size: u64, max: u64 },
     #[error("range {offset}+{len} is outside the buffer of {size} bytes")]
     OutOfRange { offset: u64, len: u64, size: u64 },
@@ -234,6 +234,21 @@ pub fn page_size() -> u64 {
     // ours.
     let n = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
     u64::try_from(n).ok().filter(|&n| n > 0).unwrap_or(4096)
+}
+
+/// What is wrong with a size [`ProviderError::BadSize`] refused, in the
+/// terms of the rule it broke.
+fn bad_size(size: u64, max: u64) -> String {
+    let page = page_size();
+    if size == 0 {
+        format!("size 0: a buffer is at least one page ({page} bytes)")
+    } else if !size.is_multiple_of(page) {
+        format!("size {size} is not a page multiple ({page})")
+    } else if size > max {
+        format!("size {size} is above the largest allowed, {max} bytes")
+    } else {
+        format!("size {size} cannot be mapped by this process")
+    }
 }
 
 /// Checks a buffer size: non-zero, a page multiple, at most `max`.
