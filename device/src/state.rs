@@ -8,11 +8,20 @@
 //! requests or queue its events, so after every change the changer calls
 //! [`DeviceState::changed`], which writes the eventfds of the guests that
 //! have something to deliver and nudges the timer thread.
+//!
+//! The timer thread is the daemon's one place that waits for time and for
+//! the host kernel: it polls its wake-up eventfd and the host fence
+//! watches of parked requests (`exporter/host_fences.rs`) with the next
+//! deadline as the timeout, so a host fence signalling re-runs the request
+//! that waited for it, and nothing ever blocks on a fence.
 
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use rustix::event::{poll, PollFd, PollFlags, Timespec};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::exporter::{Exporter, GuestId};
@@ -26,15 +35,14 @@ pub struct DeviceState {
     guest_wake: Vec<EventFd>,
     /// Readable when host operations completed (the control plane polls it).
     control_wake: EventFd,
-    /// The timer thread sleeps on this until the next deadline or a change.
-    timer: (Mutex<TimerState>, Condvar),
+    /// The timer thread polls this (and the host fence watches) until the
+    /// next deadline: written on every change.
+    timer_wake: EventFd,
+    timer_stop: AtomicBool,
 }
 
-#[derive(Debug, Default)]
-struct TimerState {
-    generation: u64,
-    stop: bool,
-}
+/// The longest the timer thread sleeps with nothing due.
+const IDLE_WAIT: Duration = Duration::from_secs(3600);
 
 impl DeviceState {
     pub fn new(exporter: Exporter) -> std::io::Result<Arc<DeviceState>> {
@@ -46,7 +54,8 @@ impl DeviceState {
             exporter: Mutex::new(exporter),
             guest_wake,
             control_wake: EventFd::new(EFD_NONBLOCK)?,
-            timer: (Mutex::new(TimerState::default()), Condvar::new()),
+            timer_wake: EventFd::new(EFD_NONBLOCK)?,
+            timer_stop: AtomicBool::new(false),
         }))
     }
 
@@ -70,21 +79,24 @@ impl DeviceState {
     /// wakes each guest that has something to deliver, the control plane,
     /// and the timer thread (the next deadline may have moved).
     pub fn changed(&self, exporter: &Exporter) {
+        self.notify(exporter);
+        // A full counter still wakes the reader; nothing is lost.
+        let _ = self.timer_wake.write(1);
+    }
+
+    /// Wakes the guests with something to deliver and the control plane.
+    fn notify(&self, exporter: &Exporter) {
         for (guest, fd) in self.guest_wake.iter().enumerate() {
             if exporter.has_completions(guest) || exporter.has_events(guest) {
-                // A full counter still wakes the reader; nothing is lost.
                 let _ = fd.write(1);
             }
         }
         let _ = self.control_wake.write(1);
-        let (lock, cv) = &self.timer;
-        let mut t = lock.lock().unwrap_or_else(PoisonError::into_inner);
-        t.generation = t.generation.wrapping_add(1);
-        cv.notify_all();
     }
 
     /// Starts the thread that fires the model's timers (fence timeouts,
-    /// WAIT timeouts, eviction lock timeouts).
+    /// WAIT timeouts, eviction lock timeouts) and watches the host fences
+    /// parked requests wait for.
     pub fn spawn_timer(self: &Arc<Self>) -> std::io::Result<JoinHandle<()>> {
         let state = Arc::clone(self);
         std::thread::Builder::new()
@@ -94,43 +106,65 @@ impl DeviceState {
 
     /// Stops the timer thread.
     pub fn stop_timer(&self) {
-        let (lock, cv) = &self.timer;
-        lock.lock().unwrap_or_else(PoisonError::into_inner).stop = true;
-        cv.notify_all();
+        self.timer_stop.store(true, Ordering::SeqCst);
+        let _ = self.timer_wake.write(1);
     }
 
     fn timer_loop(&self) {
-        let (lock, cv) = &self.timer;
         loop {
-            // Read the change count before looking at the model: a change
-            // made after this (a new deadline) ends the wait below at once,
-            // however the threads interleave. Reading it after the model
-            // would lose a wake-up that landed in between.
-            let seen = {
-                let t = lock.lock().unwrap_or_else(PoisonError::into_inner);
-                if t.stop {
-                    return;
-                }
-                t.generation
-            };
-            let deadline = {
+            if self.timer_stop.load(Ordering::SeqCst) {
+                return;
+            }
+            // Empty the wake-up before looking at the model: a change made
+            // after this (a new deadline, a new watch) ends the poll below
+            // at once, however the threads interleave. Emptying it after
+            // the model would lose a wake-up that landed in between.
+            let _ = self.timer_wake.read();
+            let (deadline, watches) = {
                 let mut ex = self.lock();
                 let now = Instant::now();
                 if ex.next_deadline().is_some_and(|d| d <= now) {
                     ex.tick(now);
-                    self.changed(&ex);
+                    self.notify(&ex);
                 }
-                ex.next_deadline()
+                (ex.next_deadline(), ex.host_watches())
             };
-            let wait = deadline.map_or(Duration::from_secs(3600), |d| {
-                d.saturating_duration_since(Instant::now())
+            let wait = deadline.map_or(IDLE_WAIT, |d| {
+                d.saturating_duration_since(Instant::now()).min(IDLE_WAIT)
             });
-            let t = lock.lock().unwrap_or_else(PoisonError::into_inner);
-            let (t, _) = cv
-                .wait_timeout_while(t, wait, |t| !t.stop && t.generation == seen)
-                .unwrap_or_else(PoisonError::into_inner);
-            if t.stop {
-                return;
+            let timeout = Timespec {
+                tv_sec: i64::try_from(wait.as_secs()).unwrap_or(i64::MAX),
+                tv_nsec: i64::from(wait.subsec_nanos()),
+            };
+            let mut fds = Vec::with_capacity(watches.len() + 1);
+            // SAFETY: the eventfd is owned by `self`, which outlives `fds`.
+            let wake = unsafe { BorrowedFd::borrow_raw(self.timer_wake.as_raw_fd()) };
+            fds.push(PollFd::from_borrowed_fd(wake, PollFlags::IN));
+            fds.extend(
+                watches
+                    .iter()
+                    .map(|(_, fd, events)| PollFd::from_borrowed_fd(fd.as_fd(), *events)),
+            );
+            match poll(&mut fds, Some(&timeout)) {
+                Ok(_) | Err(rustix::io::Errno::INTR) => {}
+                Err(e) => {
+                    // Cannot happen with valid fds; do not spin on it.
+                    log::error!("timer thread: poll: {e}");
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+            }
+            let ready: Vec<u64> = fds
+                .iter()
+                .skip(1)
+                .zip(&watches)
+                .filter(|(fd, _)| !fd.revents().is_empty())
+                .map(|(_, (id, _, _))| *id)
+                .collect();
+            drop(fds);
+            if !ready.is_empty() {
+                let mut ex = self.lock();
+                ex.host_watches_ready(&ready, Instant::now());
+                self.notify(&ex);
             }
         }
     }
@@ -194,6 +228,7 @@ mod tests {
             ctx,
             object,
             usage: FenceUsage::Write,
+            host: false,
         };
         assert!(matches!(
             submit(&state, 4, fence),

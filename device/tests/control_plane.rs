@@ -901,7 +901,29 @@ fn stats_json_fields_have_the_section_11_types() {
         .map(String::as_str)
         .collect();
     keys.sort_unstable();
-    assert_eq!(keys, ["recent_syncs", "requests", "syncs"]);
+    assert_eq!(keys, ["host_fences", "recent_syncs", "requests", "syncs"]);
+    // The project's addition (docs/protocol.md, "Host fences").
+    let h = &stats["host_fences"];
+    assert!(h["source"].is_null() || h["source"].is_string(), "{h}");
+    assert!(h["node"].is_null() || h["node"].is_string(), "{h}");
+    assert!(h["carries_errors"].is_boolean(), "{h}");
+    assert!(
+        h["source_timeout_ms"].is_null() || h["source_timeout_ms"].is_u64(),
+        "{h}"
+    );
+    for key in [
+        "installed",
+        "install_failed",
+        "signalled",
+        "errors_dropped",
+        "expired_at_source",
+        "pending",
+        "waits",
+        "wait_timeouts",
+        "watching",
+    ] {
+        assert!(h[key].is_u64(), "{key}: {h}");
+    }
     for (opcode, by_status) in stats["requests"].as_object().unwrap() {
         for (status, n) in by_status.as_object().unwrap() {
             assert!(n.is_u64(), "{opcode}/{status}: {n}");

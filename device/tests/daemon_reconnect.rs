@@ -37,6 +37,7 @@ fn busy_connection(d: &TestDaemon) -> u64 {
             ctx: a,
             object: obj,
             usage: FenceUsage::Write,
+            host: false,
         },
     ) {
         Ok(Reply::Fence(f)) => f,

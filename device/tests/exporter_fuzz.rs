@@ -98,7 +98,8 @@ fn request() -> impl Strategy<Value = Request> {
         (h(), h(), usage()).prop_map(|(ctx, object, usage)| Request::FenceAttach {
             ctx,
             object,
-            usage
+            usage,
+            host: false,
         }),
         (h(), 0u32..5000).prop_map(|(fence, error)| Request::FenceSignal { fence, error }),
         (

@@ -1540,7 +1540,8 @@ fn fence_attach_without_the_lock_is_eperm() {
             Request::FenceAttach {
                 ctx,
                 object: o,
-                usage: FenceUsage::Write
+                usage: FenceUsage::Write,
+                host: false,
             }
         ),
         Status::Perm
@@ -1666,7 +1667,8 @@ fn fence_quota_is_enospc() {
             Request::FenceAttach {
                 ctx,
                 object: o,
-                usage: FenceUsage::Write
+                usage: FenceUsage::Write,
+                host: false,
             }
         ),
         Status::NoSpc

@@ -75,6 +75,16 @@ pub struct HostObject {
     pub fences_pending: u64,
 }
 
+/// The daemon's host fence source (`ctl stats --json`, `host_fences`;
+/// `docs/protocol.md`, "Host fences").
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct HostFenceSource {
+    /// `"sw_sync"`, `"vgem"`, or `None` when the daemon found none.
+    pub source: Option<String>,
+    /// Whether a guest's error reaches the host as the fence's error.
+    pub carries_errors: bool,
+}
+
 /// What a scenario or an importer program needs of the host.
 pub trait HostControl: std::fmt::Debug + Send + Sync {
     /// `evict UUID`: moves a dynamic object. The error is the daemon's
@@ -89,6 +99,8 @@ pub trait HostControl: std::fmt::Debug + Send + Sync {
     fn recent_syncs(&self) -> Result<Vec<HostSync>, String>;
     /// `list --json`: every object.
     fn objects(&self) -> Result<Vec<HostObject>, String>;
+    /// `stats --json`: the host fence source the daemon found at start.
+    fn host_fences(&self) -> Result<HostFenceSource, String>;
     /// Whether the daemon runs under the same kernel as this program, so
     /// an fd of this kernel (a GPU buffer, a dma-buf) can be handed to it.
     /// A host reached from inside a guest gets copies of bytes instead.

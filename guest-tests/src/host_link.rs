@@ -17,7 +17,8 @@ use std::sync::{Mutex, PoisonError};
 use serde_json::{json, Value};
 
 use crate::host::{
-    ExportOptions, HostAttachment, HostControl, HostLockHolder, HostObject, HostSync,
+    ExportOptions, HostAttachment, HostControl, HostFenceSource, HostLockHolder, HostObject,
+    HostSync,
 };
 
 /// The field of an `export` line that carries the buffer's bytes.
@@ -133,6 +134,10 @@ impl<C: Read + Write + Send> HostControl for LineHost<C> {
 
     fn objects(&self) -> Result<Vec<HostObject>, String> {
         parse_objects(&self.call(&json!({"cmd": "list"}))?)
+    }
+
+    fn host_fences(&self) -> Result<HostFenceSource, String> {
+        parse_host_fences(&self.call(&json!({"cmd": "stats"}))?)
     }
 
     /// The daemon is on the other side of the VM boundary.
@@ -260,6 +265,20 @@ pub fn parse_syncs(stats: &Value) -> Result<Vec<HostSync>, String> {
             })
         })
         .collect()
+}
+
+/// The `host_fences` of a `stats` answer.
+pub fn parse_host_fences(stats: &Value) -> Result<HostFenceSource, String> {
+    let h = stats
+        .get("host_fences")
+        .ok_or_else(|| format!("no host_fences in {stats}"))?;
+    Ok(HostFenceSource {
+        source: h.get("source").and_then(Value::as_str).map(str::to_owned),
+        carries_errors: h
+            .get("carries_errors")
+            .and_then(Value::as_bool)
+            .ok_or_else(|| format!("no carries_errors in {h}"))?,
+    })
 }
 
 #[cfg(test)]

@@ -29,9 +29,10 @@ use std::time::Duration;
 
 use dmabuf_guest_tests::driver::ChainLayout;
 use dmabuf_guest_tests::host::{
-    kernel_sync_required, ExportOptions, HostControl, HostObject, HostSync, REQUIRE_KERNEL_SYNC_ENV,
+    kernel_sync_required, ExportOptions, HostControl, HostFenceSource, HostObject, HostSync,
+    REQUIRE_KERNEL_SYNC_ENV,
 };
-use dmabuf_guest_tests::host_link::{parse_objects, parse_syncs};
+use dmabuf_guest_tests::host_link::{parse_host_fences, parse_objects, parse_syncs};
 use dmabuf_guest_tests::session::Loopback;
 use dmabuf_guest_tests::suite::scenarios::{
     all, with_short_fence_timeout, with_small_quotas, DaemonSettings, Quotas, Scenario, Target,
@@ -98,6 +99,10 @@ impl HostControl for Ctl {
 
     fn objects(&self) -> Result<Vec<HostObject>, String> {
         parse_objects(&self.call(&Request::List {})?)
+    }
+
+    fn host_fences(&self) -> Result<HostFenceSource, String> {
+        parse_host_fences(&self.call(&Request::Stats {})?)
     }
 }
 

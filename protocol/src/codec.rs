@@ -385,10 +385,17 @@ fn decode_payload(
         }
         Opcode::FenceAttach => {
             let p = payload_as(RawFenceAttachPayload::from_le_bytes, payload)?;
+            let usage = fence_usage(p.usage)?;
+            let host = flags & fence_attach_flags::HOST != 0;
+            // A host reservation has no BOOKKEEP fences to install into.
+            if host && usage == FenceUsage::Bookkeep {
+                return Err(Status::Inval);
+            }
             Request::FenceAttach {
                 ctx: p.ctx,
                 object: p.object,
-                usage: fence_usage(p.usage)?,
+                usage,
+                host,
             }
         }
         Opcode::FenceSignal => {
@@ -489,6 +496,7 @@ fn request_flags(request: &Request) -> u32 {
             bit(*try_lock, lock_flags::TRY) | bit(*slow, lock_flags::SLOW)
         }
         Request::MapShm { writable, .. } => bit(*writable, map_shm_flags::WRITABLE),
+        Request::FenceAttach { host, .. } => bit(*host, fence_attach_flags::HOST),
         _ => 0,
     }
 }
@@ -617,7 +625,9 @@ pub fn encode_request(tag: u64, request: &Request) -> Vec<u8> {
             };
             out.extend_from_slice(&p.to_le_bytes());
         }
-        Request::FenceAttach { ctx, object, usage } => {
+        Request::FenceAttach {
+            ctx, object, usage, ..
+        } => {
             let p = RawFenceAttachPayload {
                 ctx: *ctx,
                 object: *object,

@@ -138,6 +138,7 @@ impl Opcode {
             Opcode::Attach => attach_flags::ALL,
             Opcode::Lock => lock_flags::ALL,
             Opcode::MapShm => map_shm_flags::WRITABLE,
+            Opcode::FenceAttach => fence_attach_flags::ALL,
             _ => 0,
         }
     }
@@ -194,6 +195,17 @@ pub mod map_shm_flags {
     pub const WRITABLE: u32 = 0x1;
 }
 
+/// `FENCE_ATTACH` flags: an addition of this project to section 7.6
+/// (`docs/protocol.md`, "Host fences"); a device without it answers
+/// `EINVAL` to any bit.
+pub mod fence_attach_flags {
+    /// The fence must also reach the host: it is installed in the kernel
+    /// dma-buf's reservation (`EOPNOTSUPP` where that cannot be done,
+    /// `EINVAL` with usage BOOKKEEP).
+    pub const HOST: u32 = 0x1;
+    pub const ALL: u32 = HOST;
+}
+
 /// `obj_flags` of the `CREATE`/`OPEN` reply (section 7.2).
 pub mod obj_flags {
     pub const DYNAMIC: u32 = 0x1;
@@ -218,6 +230,12 @@ pub mod caps {
     pub const REAL_DMABUF: u32 = 1 << 4;
     pub const FENCES: u32 = 1 << 5;
     pub const HOST_EXPORTS: u32 = 1 << 6;
+    /// An addition of this project (`docs/protocol.md`, "Host fences"): the
+    /// host has a source of signalable fences, so a fence attached to an
+    /// object backed by a kernel dma-buf is also installed in that
+    /// dma-buf's reservation, and `FENCE_ATTACH` with
+    /// `fence_attach_flags::HOST` works.
+    pub const HOST_FENCES: u32 = 1 << 7;
 }
 
 /// `DMA_BUF_IOCTL_SYNC` flags (section 9, `include/uapi/linux/dma-buf.h`).
@@ -545,6 +563,8 @@ pub enum Request {
         ctx: u64,
         object: u64,
         usage: FenceUsage,
+        /// `fence_attach_flags::HOST`: the fence must reach the host.
+        host: bool,
     },
     FenceSignal {
         fence: u64,

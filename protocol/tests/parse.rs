@@ -661,7 +661,8 @@ fn two_field_payloads_decode_in_wire_order() {
         Request::FenceAttach {
             ctx: 1,
             object: 2,
-            usage: FenceUsage::Write
+            usage: FenceUsage::Write,
+            host: false,
         }
     );
 }

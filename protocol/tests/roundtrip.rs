@@ -128,8 +128,15 @@ fn request() -> impl Strategy<Value = Request> {
                 len,
             }
         }),
-        (any::<u64>(), any::<u64>(), usage())
-            .prop_map(|(ctx, object, usage)| Request::FenceAttach { ctx, object, usage }),
+        (any::<u64>(), any::<u64>(), usage(), any::<bool>()).prop_map(
+            |(ctx, object, usage, host)| Request::FenceAttach {
+                ctx,
+                object,
+                usage,
+                // The HOST flag with BOOKKEEP is refused by the parser.
+                host: host && usage != FenceUsage::Bookkeep,
+            }
+        ),
         (any::<u64>(), any::<u32>())
             .prop_map(|(fence, error)| Request::FenceSignal { fence, error }),
         (any::<u64>(), usage(), any::<u64>()).prop_map(|(object, usage, timeout_ns)| {

@@ -14,7 +14,11 @@
 # device/tests/*.rs and guest-tests/tests/rings.rs run on memfd or no host
 # memory at all), and the suite's transport and quota modes (no-event-idx,
 # split, small-quotas, short-fence-timeout: same host memory calls as full/).
-#   usage: lane-kernel.sh [SCENARIO FILTER...]   (default: full/ no-shm-daemon/)
+# The host fence scenarios (docs/protocol.md, "Host fences") run in full/
+# on a vgem, a udmabuf and a dma-heap buffer, and in short-fence-timeout/
+# for the timeout; each must pass, not skip.
+#   usage: lane-kernel.sh [SCENARIO FILTER...]
+#          (default: full/ no-shm-daemon/ short-fence-timeout/host_fences)
 #   env:   E2E_DIR, E2E_QEMU (default: the system qemu-system-x86_64),
 #          E2E_TIMEOUT (boot timeout, 600 s), E2E_SKIP_BUILD=1 (reuse the
 #          binaries of the last build), CARGO_TARGET_DIR
@@ -102,7 +106,8 @@ grep -a '^\(FAIL\|SKIP\) ' <<<"$console" >&2 || true
 # What each kernel exporter answers for END without START, and the rows.
 while IFS= read -r line; do
     note "$line"
-done < <(grep -aE '^(udmabuf|dma-heap).*END without START|^section 9: ' <<<"$console" | sort -u)
+done < <(grep -aE '^(udmabuf|dma-heap).*END without START|^section 9: |^host fence error ' <<<"$console" | sort -u)
+grep -aE '^PASS [a-z-]+/(host_fences_|fence_attach_host)' <<<"$console" >&2 || true
 if grep -a '^section 9: ' <<<"$console" | grep -qE '=(emulated|mixed)( |$)'; then
     fail "a section 9 row did not reach a real dma-buf"
 fi

@@ -92,7 +92,46 @@ pub(crate) fn stats(payload: &Value) -> String {
     out.push_str(&format!(
         "\n{recent} recent host syncs (--json lists them)\n"
     ));
+    if let Some(h) = payload.get("host_fences") {
+        out.push_str(&host_fences(h));
+    }
     out
+}
+
+/// The host fence source and its counters (`docs/protocol.md`, "Host
+/// fences").
+fn host_fences(h: &Value) -> String {
+    let n = |key: &str| text(h.get(key));
+    let source = match h.get("source").and_then(Value::as_str) {
+        None => "none (guest fences stay in the device)".to_owned(),
+        Some(name) => {
+            let node = h.get("node").and_then(Value::as_str).unwrap_or("?");
+            let errors = if h.get("carries_errors").and_then(Value::as_bool) == Some(true) {
+                "carries errors"
+            } else {
+                "carries no errors"
+            };
+            let own = match h.get("source_timeout_ms").and_then(Value::as_u64) {
+                Some(ms) => format!(", signals its fences itself after {ms} ms"),
+                None => String::new(),
+            };
+            format!("{name} ({node}, {errors}{own})")
+        }
+    };
+    format!(
+        "\nhost fences: {source}\n  installed {} (failed {}), pending {}, signalled {} \
+         (errors dropped {}, expired at the source {})\n  waits for host fences {} \
+         (timed out {}), watching {}\n",
+        n("installed"),
+        n("install_failed"),
+        n("pending"),
+        n("signalled"),
+        n("errors_dropped"),
+        n("expired_at_source"),
+        n("waits"),
+        n("wait_timeouts"),
+        n("watching"),
+    )
 }
 
 /// Columns padded to their widest cell; the last one is not padded.
@@ -241,5 +280,34 @@ mod tests {
         assert!(out.contains("ENOENT=1 OK=2") || out.contains("OK=2 ENOENT=1"));
         assert!(out.contains("START|READ  4"), "{out}");
         assert!(out.contains("1 recent host syncs"));
+        assert!(!out.contains("host fences"), "{out}");
+    }
+
+    #[test]
+    fn stats_shows_the_host_fence_source_and_its_counters() {
+        let payload = json!({
+            "requests": {}, "syncs": {}, "recent_syncs": [],
+            "host_fences": {
+                "source": "vgem", "node": "/dev/dri/card0", "carries_errors": false,
+                "source_timeout_ms": 10000, "installed": 3, "install_failed": 0,
+                "signalled": 2, "errors_dropped": 1, "expired_at_source": 0, "pending": 1,
+                "waits": 4, "wait_timeouts": 1, "watching": 0
+            }
+        });
+        let out = stats(&payload);
+        assert!(
+            out.contains("host fences: vgem (/dev/dri/card0, carries no errors, signals its fences itself after 10000 ms)"),
+            "{out}"
+        );
+        assert!(
+            out.contains("installed 3 (failed 0), pending 1, signalled 2"),
+            "{out}"
+        );
+        assert!(
+            out.contains("waits for host fences 4 (timed out 1)"),
+            "{out}"
+        );
+        let none = stats(&json!({"host_fences": {"source": null}}));
+        assert!(none.contains("host fences: none"), "{none}");
     }
 }

@@ -150,9 +150,17 @@ impl Exporter {
             return Err(Status::Busy);
         }
         let object = att.object;
+        let cached = att.cached;
         let revoked = self.objects.get(&object).is_none_or(|o| o.revoked);
         if !revoked && !self.lock_available(object, pid) {
             return wait(Step::Lock(object));
+        }
+        // The cached mapping's end is a START sync: the host's fences of
+        // its direction first (`host_fences.rs`).
+        if let (false, Some(dir)) = (revoked, cached) {
+            if let Some(step) = self.host_gate_sync(object, sync::for_cpu(dir), false)? {
+                return wait(step);
+            }
         }
         self.drop_attachment(id, !revoked);
         done(Ok(Reply::Empty))
@@ -264,6 +272,12 @@ impl Exporter {
                     locked: true,
                 });
             }
+            // And the host's, on a kernel dma-buf (`host_fences.rs`).
+            if fresh_static {
+                if let Some(step) = self.host_gate(object, FenceUsage::Kernel, true)? {
+                    return wait(step);
+                }
+            }
         }
         let (cached, pinned, dynamic_exporter, cache_first) = {
             let o = self.objects.get(&object).ok_or(Status::NoEnt)?;
@@ -335,6 +349,11 @@ impl Exporter {
         }
         if matches!(lock_use, LockUse::Device) && !self.lock_available(object, pid) {
             return wait(Step::Lock(object));
+        }
+        // The sync is a START: the host's fences of its direction first
+        // (`host_fences.rs`).
+        if let Some(step) = self.host_gate_sync(object, sync::for_cpu(dir), false)? {
+            return wait(step);
         }
         // Cached or not, sync-for-cpu(dir); a cached mapping stays in the
         // attachment, this guest's handle on it ends either way.

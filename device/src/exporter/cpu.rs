@@ -11,14 +11,19 @@ pub(crate) const COPY_CHUNK: usize = 1 << 20;
 
 impl Exporter {
     /// Implicit sync before the CPU touches the buffer: wait for the fences
-    /// `dma_resv_usage_rw` names for this direction.
-    fn cpu_fences(&self, object: ObjId, dir: Direction) -> Option<Step> {
+    /// `dma_resv_usage_rw` names for this direction, the guests' and then,
+    /// on a kernel dma-buf, the host's (the same the `START` sync that
+    /// follows would wait for inside the kernel).
+    fn cpu_fences(&mut self, object: ObjId, dir: Direction) -> Result<Option<Step>, Status> {
         let usage = FenceUsage::for_cpu_access(dir);
-        (!self.fences_clear(object, usage)).then_some(Step::Fences {
-            object,
-            usage,
-            locked: false,
-        })
+        if !self.fences_clear(object, usage) {
+            return Ok(Some(Step::Fences {
+                object,
+                usage,
+                locked: false,
+            }));
+        }
+        self.host_gate(object, usage, false)
     }
 
     /// `BEGIN_CPU_ACCESS` / `END_CPU_ACCESS`: sync-for-cpu(dir) after the
@@ -32,7 +37,7 @@ impl Exporter {
     ) -> Attempt {
         let object = self.object_of(guest, handle)?;
         if begin {
-            if let Some(step) = self.cpu_fences(object, dir) {
+            if let Some(step) = self.cpu_fences(object, dir)? {
                 return wait(step);
             }
             self.host_sync(object, sync::for_cpu(dir))?;
@@ -166,7 +171,7 @@ impl Exporter {
             return Err(Status::Perm);
         }
         let dir = Direction::ToDevice;
-        if let Some(step) = self.cpu_fences(object, dir) {
+        if let Some(step) = self.cpu_fences(object, dir)? {
             return wait(step);
         }
         self.host_sync(object, sync::for_cpu(dir))?;
@@ -195,7 +200,7 @@ impl Exporter {
         let object = self.object_of(guest, handle)?;
         self.transfer_range(object, offset, len)?;
         let dir = Direction::FromDevice;
-        if let Some(step) = self.cpu_fences(object, dir) {
+        if let Some(step) = self.cpu_fences(object, dir)? {
             return wait(step);
         }
         let len = usize::try_from(len).map_err(|_| Status::Inval)?;

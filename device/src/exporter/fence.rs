@@ -10,6 +10,7 @@ use std::time::Instant;
 use virtio_dmabuf_protocol::{FenceUsage, Reply, Status};
 
 use super::{done, wait, Attempt, Exporter, GuestId, ObjId, Step};
+use crate::provider::InstalledFence;
 
 #[derive(Debug)]
 pub(crate) struct Fence {
@@ -17,6 +18,8 @@ pub(crate) struct Fence {
     pub object: ObjId,
     pub usage: FenceUsage,
     pub deadline: Instant,
+    /// Its counterpart in the host dma-buf's reservation, if installed.
+    pub host: Option<InstalledFence>,
 }
 
 /// Largest error a `FENCE_SIGNAL` may report (Linux's `MAX_ERRNO`).
@@ -32,13 +35,19 @@ impl Exporter {
         })
     }
 
-    /// `FENCE_ATTACH`: the context must hold the object's lock.
+    /// `FENCE_ATTACH`: the context must hold the object's lock. On an
+    /// object backed by a kernel dma-buf the fence is also installed in the
+    /// host's reservation when the host has a fence source; `host` (the
+    /// HOST flag) makes that a requirement: `EOPNOTSUPP` where it cannot
+    /// be done (checked after the handles, before the lock, as `MAP_SHM`
+    /// checks its capability), `EIO` when the host refuses.
     pub(crate) fn fence_attach(
         &mut self,
         guest: GuestId,
         ctx: u64,
         handle: u64,
         usage: FenceUsage,
+        host: bool,
         now: Instant,
     ) -> Attempt {
         let c = self
@@ -47,6 +56,9 @@ impl Exporter {
             .filter(|c| c.guest == guest)
             .ok_or(Status::NoEnt)?;
         let object = self.object_of(guest, handle)?;
+        if host && !self.host_fence_possible(object) {
+            return Err(Status::NotSupported);
+        }
         if !c.held.contains(&object) {
             return Err(Status::Perm);
         }
@@ -58,6 +70,17 @@ impl Exporter {
         }
         let id = self.new_handle()?;
         let deadline = now.checked_add(self.config.fence_timeout).unwrap_or(now);
+        let installed = if self.host_fence_possible(object) {
+            match self.host_install(object, usage) {
+                Ok(f) => f,
+                // Required: the guest hears the host refused.
+                Err(status) if host => return Err(status),
+                // Best effort: the fence still works among guests.
+                Err(_) => None,
+            }
+        } else {
+            None
+        };
         self.fences.insert(
             id,
             Fence {
@@ -65,6 +88,7 @@ impl Exporter {
                 object,
                 usage,
                 deadline,
+                host: installed,
             },
         );
         self.guests[guest].fences.insert(id);
@@ -90,11 +114,16 @@ impl Exporter {
         }
     }
 
-    /// Signals a fence: it leaves the reservation and its waiters are looked at.
+    /// Signals a fence: it leaves the reservation and its waiters are
+    /// looked at; its host counterpart is signalled first, so nothing the
+    /// waiters do next meets it in the kernel.
     pub(crate) fn signal_fence(&mut self, id: u64, error: u32, timed_out: bool) {
-        let Some(f) = self.fences.remove(&id) else {
+        let Some(mut f) = self.fences.remove(&id) else {
             return;
         };
+        if let Some(installed) = f.host.take() {
+            self.host_signal(f.object, installed, error);
+        }
         if error != 0 {
             log::debug!("fence {id} signalled with error {error}");
         }
@@ -120,16 +149,26 @@ impl Exporter {
         timeout_ns: u64,
     ) -> Attempt {
         let object = self.object_of(guest, handle)?;
-        if self.fences_clear(object, usage) {
+        if !self.fences_clear(object, usage) {
+            if timeout_ns == 0 {
+                return Err(Status::TimedOut);
+            }
+            return wait(Step::Fences {
+                object,
+                usage,
+                locked: false,
+            });
+        }
+        // Then the host's fences of the same usage on a kernel dma-buf.
+        if timeout_ns == 0 {
+            if self.host_busy(object, usage)? {
+                return Err(Status::TimedOut);
+            }
             return done(Ok(Reply::Empty));
         }
-        if timeout_ns == 0 {
-            return Err(Status::TimedOut);
+        match self.host_gate(object, usage, false)? {
+            Some(step) => wait(step),
+            None => done(Ok(Reply::Empty)),
         }
-        wait(Step::Fences {
-            object,
-            usage,
-            locked: false,
-        })
     }
 }

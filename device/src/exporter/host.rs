@@ -33,6 +33,8 @@ pub enum HostError {
     Pinned,
     #[error("the reservation lock was not free within the timeout")]
     LockTimeout,
+    #[error("the host's fences on the buffer did not signal within --fence-timeout")]
+    HostFenceTimeout,
     #[error("the operation was cancelled (the object was revoked or went away)")]
     Canceled,
     #[error("export name must be 1 to 31 bytes without NUL")]
@@ -82,6 +84,9 @@ pub struct StatsSnapshot {
     pub requests: BTreeMap<String, BTreeMap<String, u64>>,
     pub syncs: BTreeMap<String, u64>,
     pub recent_syncs: Vec<SyncEntry>,
+    /// The host fence source and what went through it
+    /// (`docs/protocol.md`, "Host fences").
+    pub host_fences: super::HostFenceStats,
 }
 
 /// One attachment in `ctl list --json`.
@@ -282,7 +287,7 @@ impl Exporter {
         let result = match self.attempt_evict_on(id, pid) {
             Ok((Step::Done, _)) => Some(Ok(())),
             Ok((step, _)) => {
-                match self.park(pid, owner, Work::Evict, step, now.checked_add(timeout)) {
+                match self.park(pid, owner, Work::Evict, step, now.checked_add(timeout), now) {
                     Ok(()) => None,
                     Err(status) => Some(Err(HostError::Status(status))),
                 }
@@ -310,7 +315,8 @@ impl Exporter {
         self.attempt_evict_on(id, pid)
     }
 
-    /// The order of a move: the lock as a context-less waiter, every fence,
+    /// The order of a move: the lock as a context-less waiter, every fence
+    /// (the guests' in the model, then the host's on a kernel dma-buf),
     /// then the move itself under the lock.
     fn attempt_evict_on(&mut self, id: ObjId, pid: u64) -> Attempt {
         if self.objects.get(&id).is_none_or(|o| o.revoked) {
@@ -325,6 +331,9 @@ impl Exporter {
                 usage: FenceUsage::Bookkeep,
                 locked: true,
             });
+        }
+        if let Some(step) = self.host_gate(id, FenceUsage::Bookkeep, true)? {
+            return super::wait(step);
         }
         if self.is_pinned(id) {
             return Err(Status::Busy);
@@ -490,6 +499,7 @@ impl Exporter {
                 .collect(),
             syncs: self.stats.syncs.by_flags.clone(),
             recent_syncs: self.stats.syncs.recent.iter().copied().collect(),
+            host_fences: self.host_fence_stats(),
         }
     }
 }

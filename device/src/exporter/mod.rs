@@ -14,6 +14,8 @@
 //! - `lock.rs` and `resv.rs`: acquire contexts and wait-die (7.4)
 //! - `cpu.rs`: CPU access, shared-memory window, TRANSFER (7.5)
 //! - `fence.rs`: fences and WAIT (7.6)
+//! - `host_fences.rs`: the host kernel's fences on kernel dma-bufs, both
+//!   ways (`docs/protocol.md`, "Host fences")
 //! - `events.rs`: eventq events (8)
 //! - `sync.rs`: direction to host sync (9)
 //! - `host.rs`: host exports, revoke, evict, list, stats (10, 11)
@@ -25,6 +27,7 @@ mod cpu;
 mod events;
 mod fence;
 mod host;
+mod host_fences;
 mod lock;
 mod objects;
 mod resv;
@@ -37,11 +40,12 @@ use std::time::{Duration, Instant};
 
 use virtio_dmabuf_protocol::{FenceUsage, Opcode, Request, Response, Segment, Status};
 
-use crate::provider::{Backing, Provider};
+use crate::provider::{Backing, FenceSource, Provider};
 
 pub use host::{
     AttachmentInfo, ExportSpec, HostError, HostOpId, LockHolderInfo, ObjectInfo, StatsSnapshot,
 };
+pub use host_fences::{HostFenceSetting, HostFenceStats};
 pub use session::GuestCaps;
 
 use resv::Locker;
@@ -113,6 +117,9 @@ pub struct ExporterConfig {
     pub host_exports: bool,
     /// Tests only: `EXPORT_UUID` of memfd objects.
     pub allow_memfd_shared_objects: bool,
+    /// Look for a host fence source at start (`docs/protocol.md`, "Host
+    /// fences").
+    pub host_fences: HostFenceSetting,
 }
 
 impl Default for ExporterConfig {
@@ -124,6 +131,7 @@ impl Default for ExporterConfig {
             num_queues: 2,
             host_exports: false,
             allow_memfd_shared_objects: false,
+            host_fences: HostFenceSetting::Detect,
         }
     }
 }
@@ -195,6 +203,13 @@ pub(crate) enum Step {
         object: ObjId,
         ctx: u64,
     },
+    /// The host kernel's fences on the object's dma-buf must signal: the
+    /// request runs again when `watch` fires (`host_fences.rs`).
+    HostFences {
+        object: ObjId,
+        watch: u64,
+        locked: bool,
+    },
 }
 
 /// The result of one attempt to run a request.
@@ -236,6 +251,9 @@ pub(crate) struct Pending {
     /// The acquire context whose one waiting slot it takes.
     pub ctx: Option<u64>,
     pub deadline: Option<Instant>,
+    /// `--fence-timeout` after it first waited for host fences: the bound
+    /// of that wait (the device cannot signal the host's fences).
+    pub host_deadline: Option<Instant>,
 }
 
 impl Pending {
@@ -244,10 +262,23 @@ impl Pending {
     /// their own timeout, so a spent deadline is no timer (else it would
     /// stay due and the timer thread would spin on it).
     pub fn timer(&self) -> Option<Instant> {
-        match (&self.work, self.step) {
+        let own = match (&self.work, self.step) {
             (Work::Evict, Step::Lock(_)) | (Work::Guest(_), _) => self.deadline,
             (Work::Evict, _) => None,
+        };
+        let host = match self.step {
+            Step::HostFences { .. } => self.host_deadline,
+            _ => None,
+        };
+        match (own, host) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
         }
+    }
+
+    /// True when its timer is the host-fence bound (not its own timeout).
+    fn host_timed_out(&self, now: Instant) -> bool {
+        matches!(self.step, Step::HostFences { .. }) && self.host_deadline.is_some_and(|d| d <= now)
     }
 
     pub fn guest(&self) -> Option<GuestId> {
@@ -280,12 +311,44 @@ pub struct Exporter {
     completions: Vec<Completion>,
     host_completions: Vec<(HostOpId, Result<(), HostError>)>,
     pub(crate) stats: host::Stats,
+    /// The host's source of signalable fences, found at start.
+    pub(crate) host_source: Option<FenceSource>,
+    /// What parked requests wait for on the host, by watch id.
+    pub(crate) host_watches: BTreeMap<u64, host_fences::HostWatch>,
+    pub(crate) next_watch: u64,
+    pub(crate) host_counters: host_fences::HostFenceCounters,
 }
 
 impl Exporter {
     /// A model for `num_guests` guests (one per socket), all disconnected.
     pub fn new(config: ExporterConfig, provider: Box<dyn Provider>, num_guests: usize) -> Self {
         let limit = config.limits.max_pending_events as usize;
+        let host_source = match config.host_fences {
+            HostFenceSetting::Off => None,
+            HostFenceSetting::Detect => match FenceSource::detect() {
+                Ok(s) => {
+                    log::info!(
+                        "host fences: {} ({}): guest fences on kernel dma-bufs reach the host{}",
+                        s.kind().name(),
+                        s.node().display(),
+                        match s.kind() {
+                            crate::provider::FenceSourceKind::SwSync =>
+                                "; a guest's error reaches it as ENOENT",
+                            crate::provider::FenceSourceKind::Vgem =>
+                                "; errors are not carried, and vgem signals a fence itself after 10 s",
+                        }
+                    );
+                    Some(s)
+                }
+                Err(why) => {
+                    log::info!(
+                        "host fences: no source ({why}); guest fences stay in the device, \
+                         FENCE_ATTACH with HOST is EOPNOTSUPP"
+                    );
+                    None
+                }
+            },
+        };
         Exporter {
             guests: (0..num_guests)
                 .map(|_| session::Guest::new(limit))
@@ -306,7 +369,16 @@ impl Exporter {
             completions: Vec::new(),
             host_completions: Vec::new(),
             stats: host::Stats::default(),
+            host_source,
+            host_watches: BTreeMap::new(),
+            next_watch: 1,
+            host_counters: host_fences::HostFenceCounters::default(),
         }
+    }
+
+    /// Replaces the host fence source (tests give one or take it away).
+    pub fn set_host_fence_source(&mut self, source: Option<FenceSource>) {
+        self.host_source = source;
     }
 
     pub fn config(&self) -> &ExporterConfig {
@@ -359,7 +431,7 @@ impl Exporter {
                     }
                     _ => None,
                 };
-                match self.park(pid, owner, work, step, deadline) {
+                match self.park(pid, owner, work, step, deadline, now) {
                     Ok(()) => None,
                     Err(status) => Some(Err(status)),
                 }
@@ -399,12 +471,9 @@ impl Exporter {
 
     /// The next instant at which [`Self::tick`] has something to do.
     pub fn next_deadline(&self) -> Option<Instant> {
-        let p = self.pending.values().filter_map(Pending::timer).min();
-        let f = self.fences.values().map(|f| f.deadline).min();
-        match (p, f) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
+        let p = self.pending.values().filter_map(Pending::timer);
+        let f = self.fences.values().map(|f| f.deadline);
+        p.chain(f).chain(self.next_recheck()).min()
     }
 
     /// Fires every timer due at `now`: fence timeouts, `WAIT` timeouts and
@@ -419,6 +488,7 @@ impl Exporter {
         for id in expired {
             self.signal_fence(id, Status::TimedOut as u32, true);
         }
+        self.fire_rechecks(now);
         let due: Vec<u64> = self
             .pending
             .iter()
@@ -429,8 +499,14 @@ impl Exporter {
             let Some(p) = self.pending.get(&pid) else {
                 continue;
             };
+            let host = p.host_timed_out(now);
+            if host {
+                self.host_counters.wait_timeouts += 1;
+                log::warn!("a request waited --fence-timeout for host fences: ETIMEDOUT");
+            }
             match p.work {
                 Work::Guest(_) => self.complete(pid, Err(Status::TimedOut)),
+                Work::Evict if host => self.complete_host(pid, Err(HostError::HostFenceTimeout)),
                 Work::Evict => self.complete_host(pid, Err(HostError::LockTimeout)),
             }
         }
@@ -518,9 +594,12 @@ impl Exporter {
                 offset,
                 len,
             } => self.transfer_from_host(guest, *object, *offset, *len),
-            Request::FenceAttach { ctx, object, usage } => {
-                self.fence_attach(guest, *ctx, *object, *usage, now)
-            }
+            Request::FenceAttach {
+                ctx,
+                object,
+                usage,
+                host,
+            } => self.fence_attach(guest, *ctx, *object, *usage, *host, now),
             Request::FenceSignal { fence, error } => self.fence_signal(guest, *fence, *error),
             Request::Wait {
                 object,
@@ -538,6 +617,23 @@ impl Exporter {
         work: Work,
         step: Step,
         deadline: Option<Instant>,
+        now: Instant,
+    ) -> Result<(), Status> {
+        let parked = self.park_inner(pid, owner, work, step, deadline, now);
+        if parked.is_err() {
+            self.drop_watch(step);
+        }
+        parked
+    }
+
+    fn park_inner(
+        &mut self,
+        pid: u64,
+        owner: Owner,
+        work: Work,
+        step: Step,
+        deadline: Option<Instant>,
+        now: Instant,
     ) -> Result<(), Status> {
         if let Owner::Guest { guest, .. } = owner {
             let g = &self.guests[guest];
@@ -554,7 +650,7 @@ impl Exporter {
                 ctx_slot = Some(ctx);
                 (object, Some(Locker::Ctx { ctx, stamp }))
             }
-            Step::Fences { object, locked, .. } => {
+            Step::Fences { object, locked, .. } | Step::HostFences { object, locked, .. } => {
                 if locked {
                     let o = self.objects.get_mut(&object).ok_or(Status::NoEnt)?;
                     if o.resv.is_free() {
@@ -564,6 +660,7 @@ impl Exporter {
                 (object, None)
             }
         };
+        let host_deadline = self.host_wait_started(step, None, now);
         if let Some(locker) = waiter {
             let o = self.objects.get_mut(&object).ok_or(Status::NoEnt)?;
             o.resv.enqueue(resv::Waiter {
@@ -588,10 +685,28 @@ impl Exporter {
                 object,
                 ctx: ctx_slot,
                 deadline,
+                host_deadline,
             },
         );
         self.mark_dirty(object);
         Ok(())
+    }
+
+    /// The host-fence bound of a request now at `step`: kept from its
+    /// first host wait, set by this one, or none.
+    fn host_wait_started(
+        &mut self,
+        step: Step,
+        before: Option<Instant>,
+        now: Instant,
+    ) -> Option<Instant> {
+        match (step, before) {
+            (Step::HostFences { .. }, None) => {
+                self.host_counters.waits += 1;
+                Some(now.checked_add(self.config.fence_timeout).unwrap_or(now))
+            }
+            (_, before) => before,
+        }
     }
 
     /// Ends a parked guest request with `response`, releasing the lock it
@@ -625,6 +740,7 @@ impl Exporter {
 
     fn remove_pending(&mut self, pid: u64) -> Option<Pending> {
         let p = self.pending.remove(&pid)?;
+        self.drop_watch(p.step);
         if let Some(o) = self.objects.get_mut(&p.object) {
             o.resv.remove(pid);
             if o.resv.is_held_by_anon(pid) {
@@ -707,6 +823,11 @@ impl Exporter {
             .filter(|(_, p)| p.object == object)
             .filter_map(|(id, p)| match p.step {
                 Step::Fences { usage, .. } if self.fences_clear(object, usage) => Some(*id),
+                Step::HostFences { watch, .. }
+                    if self.host_watches.get(&watch).is_none_or(|w| w.fired) =>
+                {
+                    Some(*id)
+                }
                 _ => None,
             })
             .collect();
@@ -734,7 +855,7 @@ impl Exporter {
                 ),
                 Owner::Host(_) => self.complete_host(pid, Ok(())),
             },
-            Ok((step, _)) => self.repark(pid, step),
+            Ok((step, _)) => self.repark(pid, step, now),
             Err(status) => match owner {
                 Owner::Guest { .. } => self.complete(pid, Err(status)),
                 Owner::Host(_) => self.complete_host(pid, Err(HostError::Status(status))),
@@ -743,11 +864,21 @@ impl Exporter {
     }
 
     /// A retried request still waits, maybe for something else now.
-    fn repark(&mut self, pid: u64, step: Step) {
+    fn repark(&mut self, pid: u64, step: Step, now: Instant) {
+        let Some(p) = self.pending.get(&pid) else {
+            self.drop_watch(step);
+            return;
+        };
+        let (old, before) = (p.step, p.host_deadline);
+        if old != step {
+            self.drop_watch(old);
+        }
+        let host_deadline = self.host_wait_started(step, before, now);
         let Some(p) = self.pending.get_mut(&pid) else {
             return;
         };
         p.step = step;
+        p.host_deadline = host_deadline;
         match step {
             Step::Lock(object) => {
                 p.object = object;
@@ -762,7 +893,7 @@ impl Exporter {
                 }
                 self.dirty.insert(object);
             }
-            Step::Fences { object, locked, .. } => {
+            Step::Fences { object, locked, .. } | Step::HostFences { object, locked, .. } => {
                 p.object = object;
                 if locked {
                     if let Some(o) = self.objects.get_mut(&object) {

@@ -161,6 +161,9 @@ impl Exporter {
         if g.caps.shared_objects {
             c |= caps::SHARED_OBJECTS;
         }
+        if self.host_source.is_some() {
+            c |= caps::HOST_FENCES;
+        }
         if self.provider.makes_real_dmabufs() {
             c |= caps::REAL_DMABUF;
         }

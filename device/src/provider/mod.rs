@@ -6,6 +6,10 @@
 //! ([`dma_buf_sync`]); memfd buffers get an emulation that validates the flags
 //! as the kernel does, orders memory and records every call in a
 //! [`SyncRecord`] (section 9).
+//!
+//! Host fences (`docs/protocol.md`, "Host fences"): `sync_file.rs` reads
+//! the kernel's fences on a dma-buf without waiting, `fence_source.rs`
+//! makes fences the daemon can signal (sw_sync, vgem) and installs them.
 
 use std::fmt::{self, Debug};
 use std::os::fd::{BorrowedFd, OwnedFd};
@@ -14,16 +18,28 @@ use std::str::FromStr;
 use virtio_dmabuf_protocol::ProviderKind;
 
 mod dma_heap;
+mod fence_source;
 mod imported;
 mod memfd;
 mod mmap;
 mod sync;
+mod sync_file;
 mod udmabuf;
 
 pub use dma_heap::{dma_heap_alloc, DmaHeapProvider, DMA_HEAP_SYSTEM_NODE};
+#[cfg(test)]
+pub(crate) use fence_source::TestGpuBuffer;
+pub use fence_source::{
+    find_vgem_card, FenceSource, FenceSourceKind, InstalledFence, Signalled, DRI_DIR, SW_SYNC_NODE,
+    VGEM_FENCE_LIFETIME,
+};
 pub use imported::KernelDmabuf;
 pub use memfd::{MemfdBacking, MemfdProvider};
 pub use sync::{dma_buf_sync, validate_sync_flags, SyncCall, SyncRecord};
+pub use sync_file::{
+    export_sync_file, host_fences, import_sync_file, poll_now, FenceInfo, FenceStatus, HostAccess,
+    HostFences, SyncFile,
+};
 pub use udmabuf::{
     udmabuf_create, udmabuf_from_list, UdmabufProvider, UDMABUF_DEFAULT_LIST_LIMIT,
     UDMABUF_DEFAULT_SIZE_LIMIT, UDMABUF_NODE,

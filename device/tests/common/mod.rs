@@ -7,7 +7,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use vhost_device_dmabuf::exporter::{
-    Completion, Exporter, ExporterConfig, Frontend, GuestCaps, HostError, Limits, Origin,
+    Completion, Exporter, ExporterConfig, Frontend, GuestCaps, HostError, HostFenceSetting, Limits,
+    Origin,
 };
 use vhost_device_dmabuf::provider::{Backing, MemfdProvider, Provider, SyncRecord};
 use virtio_dmabuf_protocol::*;
@@ -107,6 +108,8 @@ impl Dev {
             num_queues: 3,
             host_exports: true,
             allow_memfd_shared_objects: true,
+            // The model's rules alone, whatever the host offers.
+            host_fences: HostFenceSetting::Off,
         };
         let mut ex = Exporter::new(config, Box::new(provider), guests);
         let mut fe = Vec::new();
@@ -304,7 +307,15 @@ impl Dev {
     }
 
     pub fn fence(&mut self, guest: usize, ctx: u64, object: u64, usage: FenceUsage) -> u64 {
-        match self.ok(guest, Request::FenceAttach { ctx, object, usage }) {
+        match self.ok(
+            guest,
+            Request::FenceAttach {
+                ctx,
+                object,
+                usage,
+                host: false,
+            },
+        ) {
             Reply::Fence(f) => f,
             r => panic!("{r:?}"),
         }

@@ -1075,7 +1075,25 @@ impl Driver {
         object: u64,
         usage: FenceUsage,
     ) -> Result<Outcome<u64>, DriverError> {
-        self.typed(Request::FenceAttach { ctx, object, usage }, |r| match r {
+        self.fence_attach_with(ctx, object, usage, false)
+    }
+
+    /// `FENCE_ATTACH`, with `fence_attach_flags::HOST` when `host`: the
+    /// fence must also reach the host's reservation of the dma-buf.
+    pub fn fence_attach_with(
+        &self,
+        ctx: u64,
+        object: u64,
+        usage: FenceUsage,
+        host: bool,
+    ) -> Result<Outcome<u64>, DriverError> {
+        let request = Request::FenceAttach {
+            ctx,
+            object,
+            usage,
+            host,
+        };
+        self.typed(request, |r| match r {
             Reply::Fence(f) => Ok(f),
             other => Err(other),
         })

@@ -29,6 +29,7 @@ use crate::{ensure, ensure_eq, skip};
 pub use crate::host::{ExportOptions, HostControl};
 
 mod guests;
+mod host_fences;
 mod host_side;
 mod limits;
 mod locking;
@@ -350,6 +351,22 @@ pub fn all() -> Vec<Scenario> {
             vgem::vgem_buffer_opened_synced_evicted_and_revoked,
         ),
         (
+            "fence_attach_host_flag_follows_host_fences",
+            host_fences::fence_attach_host_flag_follows_host_fences,
+        ),
+        (
+            "host_fences_vgem_buffer_both_ways",
+            host_fences::host_fences_vgem_buffer_both_ways,
+        ),
+        (
+            "host_fences_udmabuf_both_ways",
+            host_fences::host_fences_udmabuf_both_ways,
+        ),
+        (
+            "host_fences_dma_heap_buffer_both_ways",
+            host_fences::host_fences_dma_heap_buffer_both_ways,
+        ),
+        (
             "vring_stop_cancels_waiting_and_keeps_state",
             vring_stop_cancels_waiting_and_keeps_state,
         ),
@@ -387,10 +404,16 @@ pub fn with_small_quotas() -> Vec<Scenario> {
 /// Scenarios for a daemon started with a short `--fence-timeout`
 /// ([`DaemonSettings::fence_timeout`], at most 2 s).
 pub fn with_short_fence_timeout() -> Vec<Scenario> {
-    vec![(
-        "fence_timeout_signals_a_hung_fence",
-        limits::fence_timeout_signals_a_hung_fence,
-    )]
+    vec![
+        (
+            "fence_timeout_signals_a_hung_fence",
+            limits::fence_timeout_signals_a_hung_fence,
+        ),
+        (
+            "host_fences_time_out_with_the_fence_timeout",
+            host_fences::host_fences_time_out_with_the_fence_timeout,
+        ),
+    ]
 }
 
 /// Runs every scenario (subject to the suite's filters) against `target`.

@@ -91,24 +91,29 @@ const PRIME_FLAGS: u32 = (libc::O_CLOEXEC | libc::O_RDWR) as u32;
 
 /// An open vgem DRM node.
 #[derive(Debug)]
-struct VgemCard {
-    file: File,
+pub(super) struct VgemCard {
+    pub(super) file: File,
 }
 
 /// A dumb buffer on the card and its dma-buf.
 #[derive(Debug)]
-struct DumbBuffer {
-    pitch: u32,
-    size: u64,
-    dmabuf: OwnedFd,
+pub(super) struct DumbBuffer {
+    pub(super) pitch: u32,
+    pub(super) size: u64,
+    /// Its GEM handle on the card that made it (valid while that card is
+    /// open).
+    pub(super) handle: u32,
+    pub(super) dmabuf: OwnedFd,
 }
 
-fn ioctl_error(what: &str, e: Errno) -> Stop {
+pub(super) fn ioctl_error(what: &str, e: Errno) -> Stop {
     Stop::Fail(format!("{what}: {e}"))
 }
 
 /// Runs an ioctl, retrying `EINTR` and `EAGAIN` as libdrm's `drmIoctl` does.
-fn retrying<T>(mut call: impl FnMut() -> rustix::io::Result<T>) -> rustix::io::Result<T> {
+pub(super) fn retrying<T>(
+    mut call: impl FnMut() -> rustix::io::Result<T>,
+) -> rustix::io::Result<T> {
     loop {
         match call() {
             Err(Errno::INTR | Errno::AGAIN) => continue,
@@ -143,7 +148,7 @@ fn driver_name(card: BorrowedFd<'_>) -> rustix::io::Result<Vec<u8>> {
 
 impl VgemCard {
     /// The first `/dev/dri/card*` driven by vgem, or why there is none.
-    fn find() -> Result<VgemCard, String> {
+    pub(super) fn find() -> Result<VgemCard, String> {
         let mut seen = Vec::new();
         let entries = std::fs::read_dir("/dev/dri")
             .map_err(|e| format!("no vgem card: /dev/dri: {e} (is the vgem module loaded?)"))?;
@@ -186,7 +191,12 @@ impl VgemCard {
 
     /// `DRM_IOCTL_MODE_CREATE_DUMB`, then `DRM_IOCTL_PRIME_HANDLE_TO_FD`
     /// with `DRM_CLOEXEC | DRM_RDWR`.
-    fn create_dumb(&self, width: u32, height: u32, bpp: u32) -> Result<DumbBuffer, Stop> {
+    pub(super) fn create_dumb(
+        &self,
+        width: u32,
+        height: u32,
+        bpp: u32,
+    ) -> Result<DumbBuffer, Stop> {
         let card = self.file.as_fd();
         let mut dumb = DrmModeCreateDumb {
             height,
@@ -233,6 +243,7 @@ impl VgemCard {
         Ok(DumbBuffer {
             pitch: dumb.pitch,
             size: dumb.size,
+            handle: dumb.handle,
             dmabuf,
         })
     }

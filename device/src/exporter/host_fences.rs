@@ -1,0 +1,820 @@
+//! Implicit sync across the VM boundary (`docs/protocol.md`, "Host
+//! fences"): the host kernel's fences on an object's dma-buf and the
+//! guests' fences, each visible to the other side.
+//!
+//! - **Host to guest.** For an object backed by a kernel dma-buf, every
+//!   wait of the model also waits for the host's fences of the matching
+//!   usage: `WAIT`, the implicit wait of `BEGIN_CPU_ACCESS` and the copy
+//!   path, a static importer's fresh `MAP`, eviction, and every host sync
+//!   the kernel would make wait (a `START` sync waits inside
+//!   `DMA_BUF_IOCTL_SYNC` for the fences of its direction, with the model
+//!   lock held: `UNMAP` and `DETACH` of a cached mapping park first). A
+//!   waiting request parks on a *watch*: a sync_file of the fences (or the
+//!   dma-buf itself) that the timer thread polls with the model's timers;
+//!   readiness re-runs the request from the top. No thread blocks on a
+//!   host fence, and `--fence-timeout` bounds the wait (`ETIMEDOUT`): the
+//!   device cannot signal a fence it does not own, so the request fails
+//!   rather than touch a buffer the host may still be writing.
+//! - **Guest to host.** `FENCE_ATTACH` on such an object installs a fence
+//!   from the host's fence source ([`crate::provider::FenceSource`]) in the
+//!   dma-buf's reservation, with the matching usage; it is signalled when
+//!   the model signals the guest's fence (by the guest, by the fence
+//!   timeout, at reset or revoke), with the error where the source can
+//!   carry one.
+//!
+//! User space sees a reservation in two views only (what a reader waits
+//! for, KERNEL and WRITE fences; what a writer waits for, those and READ
+//! fences), so a wait for KERNEL fences alone (a static importer's `MAP`,
+//! `WAIT(KERNEL)`) sees the host's WRITE fences too. The guests' own WRITE
+//! fences installed there are subtracted (counted with
+//! `SYNC_IOC_FILE_INFO`), so such a `MAP` never waits for the work its own
+//! guest fenced; while both kinds are pending the watch is looked at again
+//! every [`MIXED_RECHECK`].
+
+use std::os::fd::{AsFd, OwnedFd};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rustix::event::PollFlags;
+use serde::Serialize;
+use virtio_dmabuf_protocol::{sync_flags, FenceUsage, Status};
+
+use super::{Exporter, ObjId, Step};
+use crate::provider::{host_fences, HostAccess, HostFences, Signalled};
+
+/// How often a watch whose sync_file also holds guest fences is looked at
+/// again (it becomes readable only when those signal too).
+pub(crate) const MIXED_RECHECK: Duration = Duration::from_millis(20);
+
+/// Whether the exporter looks for a host fence source at start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum HostFenceSetting {
+    /// Use the best source the host offers (sw_sync, vgem), if any.
+    #[default]
+    Detect,
+    /// None: guest fences stay in the model (tests).
+    Off,
+}
+
+/// What a parked request's host fences are watched through.
+#[derive(Debug)]
+pub(crate) struct HostWatch {
+    pub object: ObjId,
+    /// A sync_file, or a duplicate of the dma-buf fd.
+    pub fd: Arc<OwnedFd>,
+    pub events: PollFlags,
+    /// Look again at this instant even if `fd` is not readable (the
+    /// mixed case).
+    pub recheck: Option<Instant>,
+    /// Readable (or due): the waiter runs again.
+    pub fired: bool,
+}
+
+/// Counters behind `ctl stats`'s `host_fences`.
+#[derive(Debug, Default, Clone)]
+pub(crate) struct HostFenceCounters {
+    pub installed: u64,
+    pub install_failed: u64,
+    pub signalled: u64,
+    pub errors_dropped: u64,
+    pub expired_at_source: u64,
+    pub waits: u64,
+    pub wait_timeouts: u64,
+}
+
+/// `ctl stats --json` `host_fences`: the source the daemon found at start
+/// and what went through it.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct HostFenceStats {
+    /// `"sw_sync"`, `"vgem"`, or `null` when the host offers none.
+    pub source: Option<&'static str>,
+    /// The node it is reached through.
+    pub node: Option<String>,
+    /// Whether a guest's error reaches the host as the fence's error.
+    pub carries_errors: bool,
+    /// The source signals its fences itself after this long (vgem: 10 s).
+    pub source_timeout_ms: Option<u64>,
+    /// Guest fences installed in host dma-bufs, and installs that failed.
+    pub installed: u64,
+    pub install_failed: u64,
+    /// Installed fences signalled by the daemon; of them, the ones whose
+    /// error the source could not carry, and the ones the source had
+    /// already signalled itself.
+    pub signalled: u64,
+    pub errors_dropped: u64,
+    pub expired_at_source: u64,
+    /// Installed fences pending now.
+    pub pending: usize,
+    /// Requests that parked on the host's fences, and the ones
+    /// `--fence-timeout` ended.
+    pub waits: u64,
+    pub wait_timeouts: u64,
+    /// Watches the timer thread polls now.
+    pub watching: usize,
+}
+
+/// The view a wait for fences of `usage` has of a host reservation.
+fn access_for(usage: FenceUsage) -> HostAccess {
+    match usage {
+        FenceUsage::Kernel | FenceUsage::Write => HostAccess::Read,
+        FenceUsage::Read | FenceUsage::Bookkeep => HostAccess::Write,
+    }
+}
+
+/// The usage whose fences the kernel waits for in a `START` sync with
+/// these flags (`dma_resv_usage_rw` of its direction).
+fn usage_for_sync(flags: u64) -> FenceUsage {
+    if flags & sync_flags::WRITE != 0 {
+        FenceUsage::Read
+    } else {
+        FenceUsage::Write
+    }
+}
+
+/// A pending host wait: what to poll, and whether guests' fences are in it.
+struct PendingHost {
+    fd: OwnedFd,
+    events: PollFlags,
+    mixed: bool,
+}
+
+impl Exporter {
+    /// The host fences a wait for `usage` on `object` must wait for now,
+    /// beyond the model's own; `None` when there are none (or the object
+    /// has no kernel dma-buf). Host failures are `EIO`.
+    fn host_pending(
+        &mut self,
+        object: ObjId,
+        usage: FenceUsage,
+    ) -> Result<Option<PendingHost>, Status> {
+        let Some(o) = self.objects.get(&object) else {
+            return Ok(None);
+        };
+        let Some(backing) = o.backing.as_ref().filter(|b| b.is_real_dmabuf()) else {
+            return Ok(None);
+        };
+        // Only a KERNEL wait can see guest fences the model does not wait
+        // for: the guests' installed WRITE fences (the model already waited
+        // for every guest fence the other views contain).
+        let ours = if usage == FenceUsage::Kernel {
+            o.fences
+                .iter()
+                .filter_map(|f| self.fences.get(f))
+                .filter(|f| f.host.as_ref().is_some_and(|h| h.write))
+                .count()
+        } else {
+            0
+        };
+        let found = host_fences(backing.fd(), access_for(usage), ours > 0).map_err(|e| {
+            log::error!("host fences of object {object}: {e}");
+            Status::Io
+        })?;
+        match found {
+            HostFences::Clear => Ok(None),
+            HostFences::Pending {
+                fd,
+                events,
+                pending,
+            } => {
+                let theirs = pending.map(|n| n.saturating_sub(ours));
+                if theirs == Some(0) {
+                    return Ok(None);
+                }
+                Ok(Some(PendingHost {
+                    fd,
+                    events,
+                    mixed: ours > 0,
+                }))
+            }
+        }
+    }
+
+    /// The host-fence wait of a request: `None` to go on, or the step to
+    /// park on, with its watch registered. `locked`: hold the object's
+    /// lock (context-less) while waiting.
+    pub(crate) fn host_gate(
+        &mut self,
+        object: ObjId,
+        usage: FenceUsage,
+        locked: bool,
+    ) -> Result<Option<Step>, Status> {
+        let Some(p) = self.host_pending(object, usage)? else {
+            return Ok(None);
+        };
+        let watch = self.next_watch;
+        self.next_watch += 1;
+        self.host_watches.insert(
+            watch,
+            HostWatch {
+                object,
+                fd: Arc::new(p.fd),
+                events: p.events,
+                recheck: p.mixed.then(|| Instant::now() + MIXED_RECHECK),
+                fired: false,
+            },
+        );
+        Ok(Some(Step::HostFences {
+            object,
+            watch,
+            locked,
+        }))
+    }
+
+    /// [`Self::host_gate`] for a host sync: a `START` sync waits inside the
+    /// kernel for the fences of its direction, so it waits here first.
+    pub(crate) fn host_gate_sync(
+        &mut self,
+        object: ObjId,
+        flags: u64,
+        locked: bool,
+    ) -> Result<Option<Step>, Status> {
+        if flags & sync_flags::END != 0 {
+            return Ok(None);
+        }
+        self.host_gate(object, usage_for_sync(flags), locked)
+    }
+
+    /// True when the host has fences `usage` waits for on `object` now
+    /// (`WAIT` with timeout 0).
+    pub(crate) fn host_busy(&mut self, object: ObjId, usage: FenceUsage) -> Result<bool, Status> {
+        Ok(self.host_pending(object, usage)?.is_some())
+    }
+
+    /// Forgets a watch (its request ended or waits for something else).
+    pub(crate) fn drop_watch(&mut self, step: Step) {
+        if let Step::HostFences { watch, .. } = step {
+            self.host_watches.remove(&watch);
+        }
+    }
+
+    /// Marks every watch on `object` as due: something the host sees
+    /// there changed (a guest fence installed there was signalled).
+    pub(crate) fn host_view_changed(&mut self, object: ObjId) {
+        let mut any = false;
+        for w in self
+            .host_watches
+            .values_mut()
+            .filter(|w| w.object == object)
+        {
+            w.fired = true;
+            any = true;
+        }
+        if any {
+            self.mark_dirty(object);
+        }
+    }
+
+    /// The fds the timer thread polls for the host fences requests wait
+    /// for: `(watch, fd, events)`.
+    pub fn host_watches(&self) -> Vec<(u64, Arc<OwnedFd>, PollFlags)> {
+        self.host_watches
+            .iter()
+            .filter(|(_, w)| !w.fired)
+            .map(|(id, w)| (*id, Arc::clone(&w.fd), w.events))
+            .collect()
+    }
+
+    /// The timer thread saw these watches readable: their requests run
+    /// again.
+    pub fn host_watches_ready(&mut self, ready: &[u64], now: Instant) {
+        for id in ready {
+            if let Some(w) = self.host_watches.get_mut(id) {
+                w.fired = true;
+                let object = w.object;
+                self.mark_dirty(object);
+            }
+        }
+        self.pump(now);
+    }
+
+    /// The earliest recheck of a mixed watch.
+    pub(crate) fn next_recheck(&self) -> Option<Instant> {
+        self.host_watches
+            .values()
+            .filter(|w| !w.fired)
+            .filter_map(|w| w.recheck)
+            .min()
+    }
+
+    /// Fires the mixed watches due at `now` (called by `tick`).
+    pub(crate) fn fire_rechecks(&mut self, now: Instant) {
+        let due: Vec<ObjId> = self
+            .host_watches
+            .values_mut()
+            .filter(|w| !w.fired && w.recheck.is_some_and(|r| r <= now))
+            .map(|w| {
+                w.fired = true;
+                w.object
+            })
+            .collect();
+        for object in due {
+            self.mark_dirty(object);
+        }
+    }
+
+    /// True when `fence_attach` can put a guest fence into `object`'s host
+    /// reservation.
+    pub(crate) fn host_fence_possible(&self, object: ObjId) -> bool {
+        self.host_source.is_some()
+            && self
+                .objects
+                .get(&object)
+                .is_some_and(|o| o.is_real_dmabuf())
+    }
+
+    /// Installs a host fence for a guest fence of `usage` on `object`.
+    /// BOOKKEEP fences have no host counterpart (`Ok(None)`).
+    pub(crate) fn host_install(
+        &mut self,
+        object: ObjId,
+        usage: FenceUsage,
+    ) -> Result<Option<crate::provider::InstalledFence>, Status> {
+        // Readers wait for a guest's KERNEL and WRITE fences, writers for
+        // those and its READ fences, as for the host's own.
+        let write = match usage {
+            FenceUsage::Kernel | FenceUsage::Write => true,
+            FenceUsage::Read => false,
+            FenceUsage::Bookkeep => return Ok(None),
+        };
+        let (Some(source), Some(o)) = (self.host_source.as_mut(), self.objects.get(&object)) else {
+            return Ok(None);
+        };
+        let Some(backing) = o.backing.as_ref().filter(|b| b.is_real_dmabuf()) else {
+            return Ok(None);
+        };
+        match source.install(backing.fd().as_fd(), write) {
+            Ok(f) => {
+                self.host_counters.installed += 1;
+                Ok(Some(f))
+            }
+            Err(e) => {
+                self.host_counters.install_failed += 1;
+                log::warn!("host fence for object {object}: {e}");
+                Err(Status::Io)
+            }
+        }
+    }
+
+    /// Signals the host part of a guest fence.
+    pub(crate) fn host_signal(
+        &mut self,
+        object: ObjId,
+        fence: crate::provider::InstalledFence,
+        error: u32,
+    ) {
+        if let Some(source) = self.host_source.as_mut() {
+            match source.signal(fence, error) {
+                Ok(outcome) => {
+                    let c = &mut self.host_counters;
+                    c.signalled += 1;
+                    match outcome {
+                        Signalled::Done => {}
+                        Signalled::ErrorDropped => c.errors_dropped += 1,
+                        Signalled::Expired => c.expired_at_source += 1,
+                    }
+                }
+                Err(e) => log::warn!("signalling the host fence of object {object}: {e}"),
+            }
+        }
+        self.host_view_changed(object);
+    }
+
+    /// The `host_fences` part of `ctl stats`.
+    pub(crate) fn host_fence_stats(&self) -> HostFenceStats {
+        let c = &self.host_counters;
+        let source = self.host_source.as_ref();
+        HostFenceStats {
+            source: source.map(|s| s.kind().name()),
+            node: source.map(|s| s.node().display().to_string()),
+            carries_errors: source.is_some_and(|s| s.kind().carries_errors()),
+            source_timeout_ms: source
+                .and_then(|s| s.kind().own_timeout())
+                .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
+            installed: c.installed,
+            install_failed: c.install_failed,
+            signalled: c.signalled,
+            errors_dropped: c.errors_dropped,
+            expired_at_source: c.expired_at_source,
+            pending: self.fences.values().filter(|f| f.host.is_some()).count(),
+            waits: c.waits,
+            wait_timeouts: c.wait_timeouts,
+            watching: self.host_watches.values().filter(|w| !w.fired).count(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::exporter::{ExportSpec, ExporterConfig, GuestCaps, NoFrontend, Origin};
+    use crate::provider::{
+        find_vgem_card, import_dmabuf, poll_now, FenceSource, MemfdProvider, TestGpuBuffer,
+    };
+    use std::os::fd::BorrowedFd;
+    use virtio_dmabuf_protocol::{caps, Direction, Reply, Request, Response, Status};
+
+    const TIMEOUT: Duration = Duration::from_secs(5);
+
+    /// A model with the host's vgem fence source and a vgem GPU buffer of
+    /// the test's own, exported as `gpu`; `None` (with the skip printed:
+    /// the kernel lane fails on it) where there is no vgem card.
+    struct Host {
+        ex: Exporter,
+        gpu: TestGpuBuffer,
+        next: u64,
+        /// Completions taken from the model and not yet asked for.
+        done: Vec<crate::exporter::Completion>,
+    }
+
+    impl Host {
+        fn new(test: &str) -> Option<Host> {
+            let gpu = match TestGpuBuffer::new() {
+                Ok(g) => g,
+                Err(why) => {
+                    println!("{test} skipped: a vgem card does not exist on this host ({why})");
+                    return None;
+                }
+            };
+            let config = ExporterConfig {
+                host_exports: true,
+                fence_timeout: TIMEOUT,
+                host_fences: HostFenceSetting::Off,
+                ..ExporterConfig::default()
+            };
+            let mut ex = Exporter::new(config, Box::new(MemfdProvider::new(1 << 20)), 1);
+            ex.connect(0, GuestCaps::default(), Box::new(NoFrontend));
+            let card = find_vgem_card().expect("vgem card");
+            ex.set_host_fence_source(Some(FenceSource::vgem(&card).expect("vgem source")));
+            let backing =
+                import_dmabuf(gpu.dmabuf.try_clone().expect("dup")).expect("import the dma-buf");
+            let spec = ExportSpec {
+                name: "gpu".into(),
+                dynamic: false,
+                read_only: false,
+                guests: None,
+            };
+            ex.host_export(spec, backing).expect("export");
+            Some(Host {
+                ex,
+                gpu,
+                next: 1,
+                done: Vec::new(),
+            })
+        }
+
+        fn dmabuf(&self) -> BorrowedFd<'_> {
+            self.gpu.dmabuf.as_fd()
+        }
+
+        /// Submits a request: `Some` answered now, `None` parked.
+        fn submit(&mut self, req: Request) -> (u64, Option<Response>) {
+            let token = self.next;
+            self.next += 1;
+            let origin = Origin { queue: 0, token };
+            (token, self.ex.submit(0, origin, token, req, Instant::now()))
+        }
+
+        fn ok(&mut self, req: Request) -> Reply {
+            match self.submit(req) {
+                (_, Some(Ok(r))) => r,
+                (_, r) => panic!("{r:?}"),
+            }
+        }
+
+        fn open(&mut self) -> u64 {
+            match self.ok(Request::Open {
+                uuid: None,
+                name: b"gpu".to_vec(),
+            }) {
+                Reply::Object(o) => o.object,
+                r => panic!("{r:?}"),
+            }
+        }
+
+        /// A context holding the object's lock.
+        fn locked(&mut self, object: u64) -> u64 {
+            let ctx = match self.ok(Request::AcquireInit) {
+                Reply::Acquire { ctx, .. } => ctx,
+                r => panic!("{r:?}"),
+            };
+            let lock = Request::Lock {
+                ctx,
+                object,
+                try_lock: false,
+                slow: false,
+            };
+            assert_eq!(self.ok(lock), Reply::Empty);
+            ctx
+        }
+
+        fn fence(&mut self, ctx: u64, object: u64, usage: FenceUsage, host: bool) -> Response {
+            let req = Request::FenceAttach {
+                ctx,
+                object,
+                usage,
+                host,
+            };
+            self.submit(req).1.expect("FENCE_ATTACH never parks")
+        }
+
+        /// Plays the timer thread: polls the watches until `token`
+        /// completes, at most `within`.
+        fn until_done(&mut self, token: u64, within: Duration) -> Response {
+            let end = Instant::now() + within;
+            loop {
+                self.done.extend(self.ex.take_completions_for(0));
+                if let Some(i) = self.done.iter().position(|c| c.origin.token == token) {
+                    return self.done.remove(i).response;
+                }
+                assert!(Instant::now() < end, "request {token} still parked");
+                let ready: Vec<u64> = self
+                    .ex
+                    .host_watches()
+                    .into_iter()
+                    .filter(|(_, fd, events)| poll_now(fd.as_fd(), *events).expect("poll"))
+                    .map(|(id, _, _)| id)
+                    .collect();
+                self.ex.host_watches_ready(&ready, Instant::now());
+                self.ex.tick(Instant::now());
+                std::thread::sleep(Duration::from_millis(2));
+            }
+        }
+
+        fn still_parked(&mut self, token: u64) {
+            std::thread::sleep(Duration::from_millis(30));
+            let ready: Vec<u64> = self
+                .ex
+                .host_watches()
+                .into_iter()
+                .filter(|(_, fd, events)| poll_now(fd.as_fd(), *events).expect("poll"))
+                .map(|(id, _, _)| id)
+                .collect();
+            assert!(
+                ready.is_empty(),
+                "a watch is readable with the fence pending"
+            );
+            self.ex.tick(Instant::now());
+            self.done.extend(self.ex.take_completions_for(0));
+            assert!(
+                self.done.iter().all(|c| c.origin.token != token),
+                "request {token} completed: {:?}",
+                self.done
+            );
+        }
+    }
+
+    fn begin(object: u64, dir: Direction) -> Request {
+        Request::BeginCpuAccess { object, dir }
+    }
+
+    #[test]
+    fn host_fences_without_a_source_or_a_kernel_dmabuf_are_eopnotsupp() {
+        let config = ExporterConfig {
+            host_fences: HostFenceSetting::Off,
+            ..ExporterConfig::default()
+        };
+        let mut ex = Exporter::new(config, Box::new(MemfdProvider::new(1 << 20)), 1);
+        ex.connect(0, GuestCaps::default(), Box::new(NoFrontend));
+        let origin = Origin { queue: 0, token: 1 };
+        let now = Instant::now();
+        let create = Request::Create {
+            size: crate::exporter::page_size(),
+            dynamic: false,
+            cache_mapping: false,
+            guest_pages: None,
+        };
+        let Some(Ok(Reply::Object(o))) = ex.submit(0, origin, 1, create, now) else {
+            panic!("create");
+        };
+        let Some(Ok(Reply::Acquire { ctx, .. })) =
+            ex.submit(0, origin, 2, Request::AcquireInit, now)
+        else {
+            panic!("acquire");
+        };
+        let info = ex.submit(0, origin, 3, Request::GetInfo, now);
+        let Some(Ok(Reply::Info(info))) = info else {
+            panic!("{info:?}");
+        };
+        assert_eq!(info.caps & caps::HOST_FENCES, 0, "no source, no capability");
+        // Refused before the lock check (EPERM otherwise): no source here,
+        // and a memfd object has no host reservation anyway.
+        let fence = |host| Request::FenceAttach {
+            ctx,
+            object: o.object,
+            usage: FenceUsage::Write,
+            host,
+        };
+        assert_eq!(
+            ex.submit(0, origin, 4, fence(true), now),
+            Some(Err(Status::NotSupported))
+        );
+        assert_eq!(
+            ex.submit(0, origin, 5, fence(false), now),
+            Some(Err(Status::Perm)),
+            "without HOST the answer is what it always was"
+        );
+    }
+
+    #[test]
+    fn guest_write_fence_makes_a_host_poll_wait_until_it_is_signalled() {
+        let Some(mut h) = Host::new("guest fence to host") else {
+            return;
+        };
+        let info = h.ok(Request::GetInfo);
+        let Reply::Info(info) = info else {
+            panic!("{info:?}");
+        };
+        assert_ne!(info.caps & caps::HOST_FENCES, 0);
+        let o = h.open();
+        let ctx = h.locked(o);
+        let Ok(Reply::Fence(w)) = h.fence(ctx, o, FenceUsage::Write, true) else {
+            panic!("FENCE_ATTACH(WRITE, HOST)");
+        };
+        // A host reader and a host writer both wait for the guest's write.
+        assert!(!poll_now(h.dmabuf(), PollFlags::IN).expect("poll"));
+        assert!(!poll_now(h.dmabuf(), PollFlags::OUT).expect("poll"));
+        let seen = crate::provider::export_sync_file(h.dmabuf(), HostAccess::Read).expect("export");
+        assert_eq!(
+            h.ok(Request::FenceSignal { fence: w, error: 0 }),
+            Reply::Empty
+        );
+        assert!(poll_now(h.dmabuf(), PollFlags::IN).expect("poll"));
+        assert!(seen.is_signalled().expect("poll"));
+        // A READ fence holds host writers only; an error signal still
+        // releases them (vgem carries no error: counted as dropped).
+        let Ok(Reply::Fence(r)) = h.fence(ctx, o, FenceUsage::Read, false) else {
+            panic!("FENCE_ATTACH(READ)");
+        };
+        assert!(poll_now(h.dmabuf(), PollFlags::IN).expect("poll"));
+        assert!(!poll_now(h.dmabuf(), PollFlags::OUT).expect("poll"));
+        assert_eq!(
+            h.ok(Request::FenceSignal { fence: r, error: 5 }),
+            Reply::Empty
+        );
+        assert!(poll_now(h.dmabuf(), PollFlags::OUT).expect("poll"));
+        let stats = h.ex.host_fence_stats();
+        assert_eq!(stats.source, Some("vgem"));
+        assert_eq!(
+            (
+                stats.installed,
+                stats.signalled,
+                stats.errors_dropped,
+                stats.pending
+            ),
+            (2, 2, 1, 0)
+        );
+        // BOOKKEEP has no host counterpart; with HOST the parser refuses
+        // it, without HOST it stays in the model.
+        let Ok(Reply::Fence(b)) = h.fence(ctx, o, FenceUsage::Bookkeep, false) else {
+            panic!("FENCE_ATTACH(BOOKKEEP)");
+        };
+        assert!(poll_now(h.dmabuf(), PollFlags::OUT).expect("poll"));
+        assert_eq!(
+            h.ok(Request::FenceSignal { fence: b, error: 0 }),
+            Reply::Empty
+        );
+        assert_eq!(h.ex.host_fence_stats().installed, 2);
+    }
+
+    #[test]
+    fn a_host_write_fence_parks_cpu_access_and_wait_until_the_host_signals_it() {
+        let Some(mut h) = Host::new("host fence to guest") else {
+            return;
+        };
+        let o = h.open();
+        // The GPU's own fence on its own buffer.
+        let f = h.gpu.direct_fence(true);
+        let (reader, r) = h.submit(begin(o, Direction::FromDevice));
+        assert_eq!(r, None, "BEGIN_CPU_ACCESS(FROM_DEVICE) parks");
+        let wait = Request::Wait {
+            object: o,
+            usage: FenceUsage::Write,
+            timeout_ns: 3_000_000_000,
+        };
+        let (waiter, r) = h.submit(wait);
+        assert_eq!(r, None, "WAIT(WRITE) parks");
+        let poll = Request::Wait {
+            object: o,
+            usage: FenceUsage::Write,
+            timeout_ns: 0,
+        };
+        assert_eq!(
+            h.submit(poll).1,
+            Some(Err(Status::TimedOut)),
+            "WAIT 0 polls"
+        );
+        assert_eq!(h.ex.host_watches().len(), 2);
+        h.still_parked(reader);
+        h.gpu.signal(f);
+        assert_eq!(h.until_done(reader, TIMEOUT), Ok(Reply::Empty));
+        assert_eq!(h.until_done(waiter, TIMEOUT), Ok(Reply::Empty));
+        assert!(h.ex.host_watches().is_empty(), "no watch left behind");
+        let end = Request::EndCpuAccess {
+            object: o,
+            dir: Direction::FromDevice,
+        };
+        assert_eq!(h.ok(end), Reply::Empty);
+        // A host READ fence holds a CPU writer, not a reader.
+        let f = h.gpu.fence(false);
+        assert_eq!(
+            h.submit(begin(o, Direction::FromDevice)).1,
+            Some(Ok(Reply::Empty))
+        );
+        let (writer, r) = h.submit(begin(o, Direction::ToDevice));
+        assert_eq!(r, None, "BEGIN_CPU_ACCESS(TO_DEVICE) parks");
+        h.gpu.signal(f);
+        assert_eq!(h.until_done(writer, TIMEOUT), Ok(Reply::Empty));
+        assert_eq!(h.ex.host_fence_stats().waits, 3);
+    }
+
+    #[test]
+    fn a_host_fence_wait_is_bounded_by_the_fence_timeout() {
+        let Some(mut h) = Host::new("host fence timeout") else {
+            return;
+        };
+        let o = h.open();
+        let f = h.gpu.fence(true);
+        let start = Instant::now();
+        let (reader, r) = h.submit(begin(o, Direction::FromDevice));
+        assert_eq!(r, None);
+        // The timer fires at --fence-timeout (5 s here) after the wait began.
+        let due = h.ex.next_deadline().expect("a deadline");
+        assert!(
+            due >= start + TIMEOUT && due <= Instant::now() + TIMEOUT,
+            "{due:?}"
+        );
+        h.ex.tick(due);
+        let done = h.ex.take_completions_for(0);
+        assert_eq!(done.len(), 1);
+        assert_eq!(
+            (done[0].origin.token, &done[0].response),
+            (reader, &Err(Status::TimedOut))
+        );
+        assert!(h.ex.host_watches().is_empty());
+        assert_eq!(h.ex.host_fence_stats().wait_timeouts, 1);
+        h.gpu.signal(f);
+    }
+
+    #[test]
+    fn a_static_map_waits_for_host_writers_but_not_for_its_own_guest_fence() {
+        let Some(mut h) = Host::new("static map and host fences") else {
+            return;
+        };
+        let o = h.open();
+        let a = match h.ok(Request::Attach {
+            object: o,
+            dynamic_importer: false,
+            peer2peer: false,
+        }) {
+            Reply::Attachment(a) => a,
+            r => panic!("{r:?}"),
+        };
+        let map = Request::Map {
+            attachment: a,
+            dir: Direction::ToDevice,
+            max_entries: 4,
+            ctx: 0,
+        };
+        let mapping = |r: Response| match r {
+            Ok(Reply::Map(m)) => m.mapping,
+            r => panic!("MAP: {r:?}"),
+        };
+        // The guest's own WRITE fence, installed on the host, is no KERNEL
+        // fence: a static importer's MAP goes on.
+        let ctx = h.locked(o);
+        let Ok(Reply::Fence(w)) = h.fence(ctx, o, FenceUsage::Write, true) else {
+            panic!("FENCE_ATTACH");
+        };
+        assert_eq!(h.ok(Request::Unlock { ctx, object: o }), Reply::Empty);
+        let first = mapping(h.submit(map.clone()).1.expect("MAP answers at once"));
+        // The host's writer (which user space cannot tell from a KERNEL
+        // fence) makes it wait, holding the lock, even beside the guest's
+        // own fence, which it still does not wait for.
+        let f = h.gpu.fence(true);
+        let (parked, r) = h.submit(map.clone());
+        assert_eq!(r, None, "MAP parks on the host's fence");
+        h.still_parked(parked);
+        h.gpu.signal(f);
+        let second = mapping(h.until_done(parked, TIMEOUT));
+        assert_eq!(
+            h.ok(Request::FenceSignal { fence: w, error: 0 }),
+            Reply::Empty
+        );
+        // An UNMAP's START sync would wait in the kernel: it parks instead.
+        let f = h.gpu.fence(true);
+        let (unmapping, r) = h.submit(Request::Unmap {
+            mapping: first,
+            ctx: 0,
+        });
+        assert_eq!(r, None, "UNMAP waits for the host's writer");
+        h.still_parked(unmapping);
+        h.gpu.signal(f);
+        assert_eq!(h.until_done(unmapping, TIMEOUT), Ok(Reply::Empty));
+        let unmap = Request::Unmap {
+            mapping: second,
+            ctx: 0,
+        };
+        assert_eq!(h.ok(unmap), Reply::Empty);
+        assert!(h.ex.host_watches().is_empty());
+    }
+}
