@@ -10,6 +10,11 @@
 //! - `channel.rs`: the back-end channel (messages to the front-end)
 //! - `relay.rs`: the message relay that sees acked protocol features and
 //!   the back-end channel socket
+//! - `listener.rs`: one guest socket's listener thread, a connection at a
+//!   time
+//! - `vhost_frontend.rs`: what the model asks of a front-end, over
+//!   vhost-user (the exporter's `Frontend`)
+//! - `guest_memory.rs`: guest RAM pages as object backing
 //!
 //! One [`DmabufBackend`] serves one front-end connection of one guest (the
 //! daemon builds a fresh one, with a fresh `VhostUserDaemon`, for every
@@ -17,8 +22,11 @@
 
 pub mod channel;
 mod events;
+pub mod guest_memory;
+pub(crate) mod listener;
 pub mod relay;
 mod requests;
+pub mod vhost_frontend;
 
 use std::fs::File;
 use std::os::fd::{FromRawFd, OwnedFd, RawFd};
@@ -42,12 +50,12 @@ use vmm_sys_util::event::{
 };
 
 use crate::exporter::{Frontend, GuestCaps, GuestId};
-use crate::guest_memory::{overlaps, region_keys, removed_regions, GuestRamHandle, RegionKey};
+use guest_memory::{overlaps, region_keys, removed_regions, GuestRamHandle, RegionKey};
 use crate::provider::UdmabufProvider;
 use crate::state::DeviceState;
-use crate::vhost_frontend::{Link, VhostFrontend};
 
 use channel::Channel;
+use vhost_frontend::{Link, VhostFrontend};
 use relay::ConnectionInfo;
 use requests::{Chains, Tally};
 

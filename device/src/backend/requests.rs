@@ -45,7 +45,7 @@ use vm_memory::{Bytes, GuestAddress, GuestAddressSpace};
 use super::channel::{ChannelError, MessageKind};
 use super::{locked, DmabufBackend, TRANSFER_MAX};
 use crate::exporter::{Exporter, GuestId, Origin};
-use crate::guest_memory::GuestRam;
+use crate::backend::guest_memory::GuestRam;
 
 /// Where a chain in flight is.
 #[derive(Debug, Clone, PartialEq, Eq)]

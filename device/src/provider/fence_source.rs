@@ -287,7 +287,7 @@ const SW_SYNC_IOC_INC: Opcode = opcode::write::<u32>(b'W', 1);
 /// A fence at point 1 of a fresh timeline.
 fn sw_sync_create_fence(timeline: BorrowedFd<'_>) -> Result<SyncFile, ProviderError> {
     let mut name = [0u8; 32];
-    let label = b"vhost-device-dmabuf";
+    let label = env!("CARGO_PKG_NAME").as_bytes();
     name[..label.len()].copy_from_slice(label);
     let mut arg = SwSyncCreateFence {
         value: 1,

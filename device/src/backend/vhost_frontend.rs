@@ -17,7 +17,7 @@ use virtio_dmabuf_protocol::{Segment, Status};
 
 use crate::backend::channel::{Channel, ChannelError, Message};
 use crate::exporter::{Frontend, GuestId};
-use crate::guest_memory::{guest_pages_backing, GuestRamHandle};
+use crate::backend::guest_memory::{guest_pages_backing, GuestRamHandle};
 use crate::provider::{Backing, UdmabufProvider};
 
 fn locked<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
