@@ -8,6 +8,7 @@ use rustix::fs::{fcntl_getfl, OFlags};
 use serde_json::{json, Value};
 
 use super::{Connection, Line};
+use crate::control::records;
 use crate::control::wire::{self, Request};
 use crate::exporter::{ExportSpec, HostError, HostOpId};
 use virtio_dmabuf_protocol::Status;
@@ -58,11 +59,11 @@ impl Connection {
             }
             Request::List {} => {
                 let objects = self.state.lock().list();
-                wire::ok(json!({ "objects": objects }))
+                wire::ok(records::list(&objects))
             }
             Request::Stats {} => {
                 let stats = self.state.lock().stats();
-                wire::ok(serde_json::to_value(stats).unwrap_or(Value::Null))
+                wire::ok(records::stats(&stats))
             }
             Request::Revoke { name } => {
                 let mut ex = self.state.lock();
