@@ -54,7 +54,6 @@ SIGINT and SIGTERM stop the daemon and remove the sockets it bound.
 Started by systemd, it takes the sockets of a socket unit (LISTEN_FDS)
 and reports readiness (NOTIFY_SOCKET, Type=notify).";
 
-
 /// Default size of shared memory region 0 (`--shm-size`): 256 MiB.
 pub const DEFAULT_SHM_SIZE: u64 = 256 << 20;
 /// Default fence timeout (`--fence-timeout`, section 7.6).

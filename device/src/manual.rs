@@ -168,9 +168,15 @@ fn daemon_sections() -> Roff {
         &[
             (
                 concat!("/usr/lib/systemd/system/", program!(), "@.service"),
-                concat!("One daemon per VM: the instance name chooses the socket, \
-                 /run/", program!(), "/INSTANCE.sock, and the control socket, \
-                 /run/", program!(), "/INSTANCE.ctl."),
+                concat!(
+                    "One daemon per VM: the instance name chooses the socket, \
+                 /run/",
+                    program!(),
+                    "/INSTANCE.sock, and the control socket, \
+                 /run/",
+                    program!(),
+                    "/INSTANCE.ctl."
+                ),
             ),
             (
                 concat!("/usr/lib/systemd/system/", program!(), "@.socket"),
@@ -178,8 +184,12 @@ fn daemon_sections() -> Roff {
             ),
             (
                 concat!("/etc/default/", program!()),
-                concat!("DAEMON_ARGS for every instance; \
-                 /etc/default/", program!(), "-INSTANCE overrides it for one."),
+                concat!(
+                    "DAEMON_ARGS for every instance; \
+                 /etc/default/",
+                    program!(),
+                    "-INSTANCE overrides it for one."
+                ),
             ),
             (
                 "/dev/udmabuf, /dev/dma_heap/system",
@@ -190,17 +200,26 @@ fn daemon_sections() -> Roff {
     );
     r.control("SH", ["EXAMPLES"]);
     r.text([roman("One guest on the default memfd provider:")]);
-    example(&mut r, concat!(program!(), " --socket-path /tmp/dmabuf.sock"));
+    example(
+        &mut r,
+        concat!(program!(), " --socket-path /tmp/dmabuf.sock"),
+    );
     r.text([roman(
         "Two guests, with a host camera buffer only guest 1 may open, and the control socket:",
     )]);
     example(
         &mut r,
-        concat!(program!(), " --socket-path /run/dmabuf.sock --socket-count 2 \
-         --control-socket /run/dmabuf.ctl --export cam0=/dev/shm/frame,read-only,guests=1"),
+        concat!(
+            program!(),
+            " --socket-path /run/dmabuf.sock --socket-count 2 \
+         --control-socket /run/dmabuf.ctl --export cam0=/dev/shm/frame,read-only,guests=1"
+        ),
     );
     r.text([roman("Under systemd, one instance per VM:")]);
-    example(&mut r, concat!("systemctl start ", program!(), "@vm1.service"));
+    example(
+        &mut r,
+        concat!("systemctl start ", program!(), "@vm1.service"),
+    );
     see_also(
         &mut r,
         &[

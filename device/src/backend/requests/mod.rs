@@ -26,12 +26,13 @@
 //!
 //! The table lock is never held while waiting for the front-end (the
 //! back-end channel), so a vring stop never waits for one (section 1).
-//! Lock order: the table, then the model, then a vring.
+//! The table comes first in the daemon's lock order (`state.rs`,
+//! `# Locking`).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::io::Read;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Mutex, PoisonError};
 use std::time::Instant;
 
 use vhost_user_backend::{VringRwLock, VringT};
@@ -44,8 +45,9 @@ use vm_memory::{Bytes, GuestAddress, GuestAddressSpace};
 
 use super::channel::{ChannelError, MessageKind};
 use super::{locked, DmabufBackend, TRANSFER_MAX};
-use crate::exporter::{Exporter, GuestId, Origin};
 use crate::backend::guest_memory::GuestRam;
+use crate::exporter::{Exporter, GuestId, Origin};
+use crate::state::lock_order::{Ordered, Rank};
 
 /// Where a chain in flight is.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -256,8 +258,11 @@ fn write_response(mem: &GuestRam, segments: &[(GuestAddress, u32)], bytes: &[u8]
 impl DmabufBackend {
     /// The connection's chains in flight (see the module comment for what
     /// holding this lock guarantees).
-    pub(super) fn chains(&self) -> MutexGuard<'_, Chains> {
-        locked(&self.chains)
+    pub(super) fn chains(&self) -> Ordered<'_, Chains> {
+        Ordered::new(
+            self.chains.lock().unwrap_or_else(PoisonError::into_inner),
+            Rank::Table,
+        )
     }
 
     /// Serves one request queue: the EVENT_IDX drain loop (disable

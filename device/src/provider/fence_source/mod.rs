@@ -331,9 +331,9 @@ fn sw_sync_inc(timeline: BorrowedFd<'_>) -> Result<(), ProviderError> {
     .map_err(|e| ProviderError::host("SW_SYNC_IOC_INC", e))
 }
 
+pub use vgem::find_vgem_card;
 #[cfg(test)]
 pub(crate) use vgem::TestGpuBuffer;
-pub use vgem::find_vgem_card;
 use vgem::Vgem;
 
 #[cfg(test)]

@@ -83,11 +83,10 @@ fn vgem_source_installs_a_fence_the_host_waits_for_until_it_is_signalled() {
     assert_eq!(seen.pending_fences().expect("fences"), 1);
     assert!(pending(dmabuf.as_fd(), HostAccess::Read));
     assert!(pending(dmabuf.as_fd(), HostAccess::Write));
-    assert!(!crate::provider::sync_file::poll_now(
-        dmabuf.as_fd(),
-        rustix::event::PollFlags::IN
-    )
-    .expect("poll"));
+    assert!(
+        !crate::provider::sync_file::poll_now(dmabuf.as_fd(), rustix::event::PollFlags::IN)
+            .expect("poll")
+    );
     // An error cannot travel with a vgem fence.
     assert_eq!(
         source.signal(fence, 5).expect("signal"),

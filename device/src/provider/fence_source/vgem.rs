@@ -69,10 +69,13 @@ pub(super) struct VgemFenceSignal {
 
 pub(super) const DRM_IOCTL_VERSION: Opcode = opcode::read_write::<DrmVersion>(b'd', 0x00);
 pub(super) const DRM_IOCTL_GEM_CLOSE: Opcode = opcode::write::<DrmGemClose>(b'd', 0x09);
-pub(super) const DRM_IOCTL_PRIME_HANDLE_TO_FD: Opcode = opcode::read_write::<DrmPrimeHandle>(b'd', 0x2d);
-pub(super) const DRM_IOCTL_MODE_CREATE_DUMB: Opcode = opcode::read_write::<DrmModeCreateDumb>(b'd', 0xB2);
+pub(super) const DRM_IOCTL_PRIME_HANDLE_TO_FD: Opcode =
+    opcode::read_write::<DrmPrimeHandle>(b'd', 0x2d);
+pub(super) const DRM_IOCTL_MODE_CREATE_DUMB: Opcode =
+    opcode::read_write::<DrmModeCreateDumb>(b'd', 0xB2);
 /// `DRM_COMMAND_BASE + DRM_VGEM_FENCE_ATTACH` (0x40 + 0x1).
-pub(super) const DRM_IOCTL_VGEM_FENCE_ATTACH: Opcode = opcode::read_write::<VgemFenceAttach>(b'd', 0x41);
+pub(super) const DRM_IOCTL_VGEM_FENCE_ATTACH: Opcode =
+    opcode::read_write::<VgemFenceAttach>(b'd', 0x41);
 /// `DRM_COMMAND_BASE + DRM_VGEM_FENCE_SIGNAL` (0x40 + 0x2).
 pub(super) const DRM_IOCTL_VGEM_FENCE_SIGNAL: Opcode = opcode::write::<VgemFenceSignal>(b'd', 0x42);
 pub(super) const VGEM_FENCE_WRITE: u32 = 0x1;
@@ -391,7 +394,11 @@ impl Vgem {
         result
     }
 
-    pub(super) fn install(&mut self, dmabuf: BorrowedFd<'_>, write: bool) -> Result<Installed, ProviderError> {
+    pub(super) fn install(
+        &mut self,
+        dmabuf: BorrowedFd<'_>,
+        write: bool,
+    ) -> Result<Installed, ProviderError> {
         self.rotate();
         let id = self.current;
         let file = self
@@ -438,7 +445,12 @@ impl Vgem {
         }
     }
 
-    pub(super) fn signal(&mut self, file: u64, handle: u32, fence: u32) -> Result<bool, ProviderError> {
+    pub(super) fn signal(
+        &mut self,
+        file: u64,
+        handle: u32,
+        fence: u32,
+    ) -> Result<bool, ProviderError> {
         let f = self
             .files
             .get_mut(&file)
