@@ -18,9 +18,9 @@
 //! # Locking
 //!
 //! This is the daemon's one statement of its locking rules; comments
-//! elsewhere point here. Every lock is a `std::sync::Mutex` (the vrings'
-//! own locks are vhost-user-backend's). A thread takes them only in this
-//! order, each at most once:
+//! elsewhere point here. Every lock is a `std::sync::Mutex` (but for the
+//! vrings' own, which come with the ring type). A thread takes them only
+//! in this order, each at most once:
 //!
 //! 1. **the table** — `DmabufBackend::chains` (`backend/mod.rs`): one
 //!    connection's chains in flight. Rings are written only with it held;
@@ -42,7 +42,7 @@
 //!    - `Tally::answers` (`backend/requests`): the statuses counted for the
 //!      disconnect summary;
 //!    - `Link::channel`, `Link::memory`, `Link::lookups`
-//!      (`backend/vhost_frontend.rs`): the back-end channel, the guest
+//!      (`Link` in `backend/`): the back-end channel, the guest
 //!      memory and the stashed `SHARED_OBJECT_LOOKUP` results the model's
 //!      `Frontend` hooks use (with the model held);
 //!    - the channel's queue, `channel::Inner::state` with its condvar
@@ -55,8 +55,8 @@
 //!      back-end channel socket the relay saw;
 //!    - `Shared::connections` (`backend/listener.rs`, taken by the
 //!      listener threads and `daemon.rs`): each guest's live connection's
-//!      shutdown handle (vhost-user-backend's `shutdown` is called with it
-//!      held, which takes none of ours);
+//!      shutdown handle (the handle's `shutdown` is called with it held,
+//!      and takes none of ours);
 //!    - `SyncRecord::inner` (`provider/sync.rs`): the record of emulated
 //!      syncs, pushed to by memfd buffers from inside the model.
 //!
