@@ -343,7 +343,7 @@ mod tests {
         assert_eq!(&buf[..n], b"READY=1\nSTATUS=listening");
 
         use std::os::linux::net::SocketAddrExt;
-        let name = format!("vhost-dmabuf-test-{}", std::process::id());
+        let name = format!("dmabuf-activation-test-{}", std::process::id());
         let addr =
             std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes()).expect("abstract");
         let manager = UnixDatagram::bind_addr(&addr).expect("bind abstract");

@@ -9,32 +9,14 @@ use clap::{Parser, Subcommand};
 
 use crate::activation::{ListeningSocket, SocketFdError};
 use crate::control::CtlArgs;
-use crate::daemon::{Config, ExportConfig, MAX_REQUEST_QUEUES, MAX_SOCKETS};
+use crate::daemon::{Config, ExportConfig, ABOUT, LONG_ABOUT, MAX_REQUEST_QUEUES, MAX_SOCKETS};
 use crate::exporter::{page_size, ExportSpec, Limits};
 use crate::provider::ProviderChoice;
-
-const ABOUT: &str = "vhost-user back-end for the virtio-dmabuf device (virtio ID 37): \
-share host dma-buf memory with guests";
-
-const LONG_ABOUT: &str = "vhost-user back-end for the virtio-dmabuf device (virtio ID 37).
-
-Guests create, open, attach, map, lock and fence buffers through the device's
-virtqueues; the daemon exports them from host memory (memfd, udmabuf,
-dma-heap or host dma-bufs handed to it) or wraps guest RAM pages. Each
---socket-path socket serves one guest (one VMM front-end at a time; when it
-disconnects, everything that guest held is released and the socket accepts
-the next one).
-
-Logging: set RUST_LOG (error, warn, info (default), debug, trace); debug
-shows every vhost-user message and every request with its status.
-SIGINT and SIGTERM stop the daemon and remove the sockets it bound.
-Started by systemd, it takes the sockets of a socket unit (LISTEN_FDS)
-and reports readiness (NOTIFY_SOCKET, Type=notify).";
 
 /// The whole command line: the daemon's options, or `ctl`.
 #[derive(Debug, Parser)]
 #[command(
-    name = "vhost-device-dmabuf",
+    name = env!("CARGO_PKG_NAME"),
     version,
     about = ABOUT,
     long_about = LONG_ABOUT,
@@ -59,7 +41,7 @@ pub enum Command {
 /// The daemon's options.
 #[derive(Debug, Clone, PartialEq, Eq, clap::Args)]
 pub struct Args {
-    /// vhost-user socket to listen on. With --socket-count N > 1, the
+    /// Socket to listen on for the VMM's front-end. With --socket-count N > 1, the
     /// sockets are PATH0 .. PATH{N-1} (guest i on PATHi); with 1 (the
     /// default) PATH is used as is. A socket handed over by systemd socket
     /// activation (LISTEN_FDS) that is bound to this path is served as it
@@ -93,8 +75,8 @@ pub struct Args {
     pub provider: ProviderChoice,
 
     /// Size of shared memory region 0, the window host-placed objects are
-    /// mapped into for zero-copy guest access (needs a front-end with
-    /// vhost-user SHMEM). K, M, G, T suffixes; a page multiple. 0
+    /// mapped into for zero-copy guest access (needs a front-end that
+    /// acks the SHMEM protocol feature). K, M, G, T suffixes; a page multiple. 0
     /// disables the window (SHMEM is then not offered).
     #[arg(long, value_name = "BYTES", default_value = "256M", value_parser = parse_size)]
     pub shm_size: u64,
@@ -120,7 +102,7 @@ pub struct Args {
     #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
     pub fence_timeout: Duration,
 
-    /// Listen for host control commands here (`vhost-device-dmabuf ctl`):
+    /// Listen for host control commands here (the `ctl` subcommand):
     /// list, stats, export, revoke, evict.
     #[arg(long, value_name = "PATH")]
     pub control_socket: Option<PathBuf>,
@@ -373,7 +355,7 @@ mod tests {
     use clap::CommandFactory;
 
     fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
-        Cli::try_parse_from(std::iter::once("vhost-device-dmabuf").chain(args.iter().copied()))
+        Cli::try_parse_from(std::iter::once(env!("CARGO_PKG_NAME")).chain(args.iter().copied()))
     }
 
     fn config(args: &[&str]) -> Result<Config, ArgsError> {

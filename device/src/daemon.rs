@@ -10,33 +10,49 @@
 //!
 //! Lifecycle of one socket (section 6): the listener waits for a front-end;
 //! each connection gets its own `VhostUserDaemon` (vhost-user-backend
-//! serves one connection per daemon) and [`DmabufBackend`]; when the
+//! serves one connection per daemon) and `DmabufBackend`; when the
 //! front-end hangs up, everything the guest held is released and the same
-//! socket accepts the next front-end.
+//! socket accepts the next front-end (`backend/listener.rs`).
 
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use rustix::event::{poll, PollFd, PollFlags};
 use vhost::vhost_user::Listener;
-use vhost_user_backend::{ShutdownHandle, VhostUserDaemon};
-use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
-use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::activation::{self, ActivationError, ListeningSocket};
-use crate::backend::relay::{ConnectionInfo, InternalEndpoint, Relay};
-use crate::backend::{BackendSettings, DmabufBackend, CHANNEL_WAIT, DEFAULT_MAX_QUEUE_SIZE};
+use crate::backend::listener::{Shared, Socket};
+use crate::backend::{BackendSettings, CHANNEL_WAIT, DEFAULT_MAX_QUEUE_SIZE};
 use crate::control::{spawn_control_plane, ControlHandle};
 use crate::exporter::{ExportSpec, Exporter, ExporterConfig, GuestId, HostError, Limits};
 use crate::provider::{
     self, ProviderChoice, ProviderError, UdmabufProvider, DMA_HEAP_SYSTEM_NODE, UDMABUF_NODE,
 };
 use crate::state::DeviceState;
+
+/// The program's one-line help (`--help`, the man page's NAME).
+pub const ABOUT: &str = "vhost-user back-end for the virtio-dmabuf device (virtio ID 37): \
+share host dma-buf memory with guests";
+
+/// The program's `--help` description.
+pub const LONG_ABOUT: &str = "vhost-user back-end for the virtio-dmabuf device (virtio ID 37).
+
+Guests create, open, attach, map, lock and fence buffers through the device's
+virtqueues; the daemon exports them from host memory (memfd, udmabuf,
+dma-heap or host dma-bufs handed to it) or wraps guest RAM pages. Each
+--socket-path socket serves one guest (one VMM front-end at a time; when it
+disconnects, everything that guest held is released and the socket accepts
+the next one).
+
+Logging: set RUST_LOG (error, warn, info (default), debug, trace); debug
+shows every vhost-user message and every request with its status.
+SIGINT and SIGTERM stop the daemon and remove the sockets it bound.
+Started by systemd, it takes the sockets of a socket unit (LISTEN_FDS)
+and reports readiness (NOTIFY_SOCKET, Type=notify).";
 
 /// Default size of shared memory region 0 (`--shm-size`): 256 MiB.
 pub const DEFAULT_SHM_SIZE: u64 = 256 << 20;
@@ -180,29 +196,6 @@ pub enum DaemonError {
 
 fn io_error(what: &'static str) -> impl FnOnce(std::io::Error) -> DaemonError {
     move |source| DaemonError::Io { what, source }
-}
-
-/// What the listener threads share with the handle.
-struct Shared {
-    stopping: AtomicBool,
-    /// Readable once stopping: wakes the listeners' poll.
-    stop_event: EventFd,
-    /// The live connection of each guest, to hang it up on stop.
-    connections: Mutex<Vec<Option<ShutdownHandle>>>,
-}
-
-impl std::fmt::Debug for Shared {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Shared")
-            .field("stopping", &self.stopping)
-            .finish_non_exhaustive()
-    }
-}
-
-impl Shared {
-    fn stopping(&self) -> bool {
-        self.stopping.load(Ordering::Acquire)
-    }
 }
 
 /// The running daemon. [`DaemonHandle::stop`] (or dropping it) ends every
@@ -577,207 +570,6 @@ fn register_export(exporter: &mut Exporter, export: &ExportConfig) -> Result<(),
         })?;
     log::info!("export {name:?}: {uuid} ({})", export.path.display());
     Ok(())
-}
-
-/// One guest socket's listener thread.
-struct Socket {
-    guest: GuestId,
-    /// The directory of the guest's socket: where the relay's private
-    /// endpoint goes when the temporary directory cannot hold it.
-    socket_dir: Option<PathBuf>,
-    state: Arc<DeviceState>,
-    settings: Arc<BackendSettings>,
-    shared: Arc<Shared>,
-}
-
-/// What [`Socket::wait_for_front_end`] saw.
-enum Wake {
-    Connection,
-    Stop,
-}
-
-impl Socket {
-    fn serve(self, mut listener: Listener) {
-        loop {
-            match self.wait_for_front_end(&listener) {
-                Ok(Wake::Connection) => {}
-                Ok(Wake::Stop) => break,
-                Err(e) => {
-                    log::error!("guest {}: polling the socket: {e}", self.guest);
-                    break;
-                }
-            }
-            if let Err(e) = self.serve_connection(&mut listener) {
-                log::error!("guest {}: {e}", self.guest);
-                // Do not spin on a persistent failure (e.g. out of fds).
-                std::thread::sleep(Duration::from_millis(100));
-            }
-            if self.shared.stopping() {
-                break;
-            }
-        }
-        // Dropping the listener removes the socket file.
-        drop(listener);
-    }
-
-    /// Blocks until a front-end connects or the daemon stops.
-    fn wait_for_front_end(&self, listener: &Listener) -> std::io::Result<Wake> {
-        loop {
-            if self.shared.stopping() {
-                return Ok(Wake::Stop);
-            }
-            // SAFETY: both fds belong to objects (`listener`, `self.shared`)
-            // that outlive these borrows, which end with this iteration.
-            let (listen_fd, stop_fd) = unsafe {
-                (
-                    std::os::fd::BorrowedFd::borrow_raw(listener.as_raw_fd()),
-                    std::os::fd::BorrowedFd::borrow_raw(self.shared.stop_event.as_raw_fd()),
-                )
-            };
-            let mut fds = [
-                PollFd::new(&listen_fd, PollFlags::IN),
-                PollFd::new(&stop_fd, PollFlags::IN),
-            ];
-            match poll(&mut fds, None) {
-                Ok(_) => {}
-                Err(rustix::io::Errno::INTR) => continue,
-                Err(e) => return Err(e.into()),
-            }
-            if !fds[1].revents().is_empty() || self.shared.stopping() {
-                return Ok(Wake::Stop);
-            }
-            if !fds[0].revents().is_empty() {
-                return Ok(Wake::Connection);
-            }
-        }
-    }
-
-    fn serve_connection(&self, listener: &mut Listener) -> Result<(), String> {
-        let guest = self.guest;
-        let front = match listener.accept() {
-            Ok(Some(front)) => front,
-            // The front-end went away before we took it.
-            Ok(None) => return Ok(()),
-            Err(e) => return Err(format!("accepting a front-end: {e}")),
-        };
-        let connected = Instant::now();
-        let info = Arc::new(ConnectionInfo::default());
-        let backend = Arc::new(DmabufBackend::new(
-            guest,
-            Arc::clone(&self.state),
-            Arc::clone(&self.settings),
-            Arc::clone(&info),
-        ));
-        let memory = GuestMemoryAtomic::new(GuestMemoryMmap::new());
-        let mut daemon =
-            VhostUserDaemon::new(format!("dmabuf-vhost{guest}"), Arc::clone(&backend), memory)
-                .map_err(|e| format!("creating the vhost-user daemon: {e}"))?;
-        if let Some(wake) = self.state.guest_wake(guest) {
-            for handler in daemon.get_epoll_handlers() {
-                handler
-                    .register_listener(
-                        wake.as_raw_fd(),
-                        EventSet::IN,
-                        u64::from(backend.wake_event()),
-                    )
-                    .map_err(|e| format!("registering the wake-up eventfd: {e}"))?;
-            }
-        }
-        {
-            let mut ex = self.state.lock();
-            ex.connect(guest, backend.caps(), backend.frontend());
-            self.state.changed(&ex);
-        }
-        let relay = self.attach(&mut daemon, front, &info);
-        let result = match relay {
-            Ok(relay) => {
-                log::info!("guest {guest}: front-end connected");
-                self.publish(daemon.shutdown_handle());
-                let waited = daemon.wait();
-                self.publish(None);
-                relay.stop();
-                match waited {
-                    Ok(()) => Ok(()),
-                    Err(vhost_user_backend::Error::HandleRequest(
-                        vhost::vhost_user::Error::Disconnected
-                        | vhost::vhost_user::Error::PartialMessage,
-                    )) => Ok(()),
-                    Err(e) => Err(format!("connection ended: {e}")),
-                }
-            }
-            Err(e) => {
-                daemon.request_shutdown();
-                let _ = daemon.wait();
-                Err(e)
-            }
-        };
-        // Workers may wait on the back-end channel: release them, then stop
-        // them (dropping the daemon joins them), then release the guest.
-        backend.connection_ended();
-        drop(daemon);
-        backend.disconnected();
-        log::info!(
-            "guest {guest}: front-end disconnected after {:.1?} ({}); state released",
-            connected.elapsed(),
-            backend.summary()
-        );
-        result
-    }
-
-    /// Hands the connection to `daemon` through the relay. The daemon
-    /// connects to a private endpoint, whose accept takes only a connection
-    /// of this process (`relay.rs`).
-    fn attach(
-        &self,
-        daemon: &mut VhostUserDaemon<Arc<DmabufBackend>>,
-        front: std::os::unix::net::UnixStream,
-        info: &Arc<ConnectionInfo>,
-    ) -> Result<Relay, String> {
-        let guest = self.guest;
-        let temp = std::env::temp_dir();
-        let mut bases = vec![temp.as_path()];
-        if let Some(dir) = self.socket_dir.as_deref() {
-            bases.push(dir);
-        }
-        let endpoint =
-            InternalEndpoint::new(&bases).map_err(|e| format!("internal socket: {e}"))?;
-        let path = endpoint
-            .path()
-            .to_str()
-            .ok_or_else(|| format!("internal socket path {:?}", endpoint.path()))?;
-        daemon
-            .start_client(path)
-            .map_err(|e| format!("starting the connection: {e}"))?;
-        let back = endpoint
-            .accept_own()
-            .map_err(|e| format!("internal socket: {e}"))?;
-        drop(endpoint);
-        Relay::start(
-            front,
-            back,
-            Arc::clone(info),
-            &format!("dmabuf-relay{guest}"),
-        )
-        .map_err(|e| format!("starting the relay: {e}"))
-    }
-
-    /// Records (or clears) the live connection's shutdown handle; hangs it
-    /// up at once if the daemon is already stopping.
-    fn publish(&self, handle: Option<ShutdownHandle>) {
-        let mut connections = self
-            .shared
-            .connections
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        if let Some(slot) = connections.get_mut(self.guest) {
-            if self.shared.stopping() {
-                if let Some(h) = &handle {
-                    h.shutdown();
-                }
-            }
-            *slot = handle;
-        }
-    }
 }
 
 /// The signals that stop [`run`], blocked in the calling thread.

@@ -1,14 +1,15 @@
-//! vhost-device-dmabuf: a vhost-user back-end for the virtio-dmabuf device
-//! (virtio ID 37), sharing host dma-buf memory with guests.
+//! The daemon behind the virtio-dmabuf device (virtio ID 37): a back-end
+//! for a VMM's front-end, sharing host dma-buf memory with guests.
 //!
 //! - [`exporter`]: the dma-buf model (objects, attachments, the reservation
 //!   lock, fences, cached mappings, direction-to-sync rules).
 //! - [`provider`]: host memory (memfd, udmabuf, dma-heap, imported dma-bufs).
-//! - [`state`]: the model shared by every thread, and its wake-ups.
-//! - [`backend`]: the vhost-user back-end of one connection: descriptor
-//!   chains in, exporter calls, responses out; the back-end channel.
-//! - [`vhost_frontend`]: what the model asks of a front-end, over vhost-user.
-//! - [`guest_memory`]: guest RAM pages as object backing.
+//! - [`state`]: the model shared by every thread, and its wake-ups; the
+//!   daemon's locking rules.
+//! - [`backend`]: everything that speaks to a front-end: one connection's
+//!   descriptor chains in, exporter calls, responses out; the back-end
+//!   channel; what the model asks of a front-end; guest RAM pages as object
+//!   backing; the listener thread of each guest socket.
 //! - [`daemon`]: start, run and stop the whole daemon.
 //! - [`args`]: the command line.
 //! - [`control`]: the host control socket and the `ctl` client.
@@ -22,8 +23,6 @@ pub mod backend;
 pub mod control;
 pub mod daemon;
 pub mod exporter;
-pub mod guest_memory;
 pub mod manual;
 pub mod provider;
 pub mod state;
-pub mod vhost_frontend;

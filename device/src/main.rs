@@ -1,4 +1,4 @@
-//! `vhost-device-dmabuf`: parse the command line, set up logging, run the
+//! The daemon's binary: parse the command line, set up logging, run the
 //! daemon (or the `ctl` client).
 
 use std::process::ExitCode;
@@ -17,7 +17,7 @@ fn main() -> ExitCode {
     let config = match Config::try_from(cli.args) {
         Ok(config) => config,
         Err(e) => {
-            eprintln!("vhost-device-dmabuf: {e}");
+            eprintln!("{}: {e}", env!("CARGO_BIN_NAME"));
             return ExitCode::from(2);
         }
     };

@@ -1,13 +1,14 @@
 //! The manual, made from the clap definitions (`args.rs`, and `ctl`'s in
 //! `control/client.rs`) so it always says what `--help` says:
 //!
-//! - `vhost-device-dmabuf(8)`, the daemon, with the sections clap knows
-//!   nothing of (environment, signals, exit status, files, systemd);
-//! - `vhost-device-dmabuf-ctl(8)` and one page per `ctl` command
-//!   (`vhost-device-dmabuf-ctl-list(8)`, ...);
+//! - [`PROGRAM`]`(8)`, the daemon, with the sections clap knows nothing of
+//!   (environment, signals, exit status, files, systemd);
+//! - [`PROGRAM`]`-ctl(8)` and one page per `ctl` command
+//!   ([`PROGRAM`]`-ctl-list(8)`, ...);
 //! - bash and zsh completions.
 //!
-//! `cargo run -p vhost-device-dmabuf --example manual -- DIR` writes them;
+//! The `manual` example of this package (`cargo run --example manual --
+//! DIR`) writes them;
 //! the Debian package is built that way (`packaging/ci-package.sh`).
 
 use std::io;
@@ -20,13 +21,20 @@ use clap_mangen::Man;
 
 use crate::args::Cli;
 
+/// The program's name (the package's), for `concat!`.
+macro_rules! program {
+    () => {
+        env!("CARGO_PKG_NAME")
+    };
+}
+
 /// The manual section: system administration tools and daemons.
 pub const SECTION: &str = "8";
 
 /// The program, as the pages and completions name it.
-pub const PROGRAM: &str = "vhost-device-dmabuf";
+pub const PROGRAM: &str = program!();
 
-/// One man page: its file name (`vhost-device-dmabuf-ctl.8`) and roff text.
+/// One man page: its file name ([`PROGRAM`]`-ctl.8`) and roff text.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Page {
     pub file_name: String,
@@ -34,7 +42,7 @@ pub struct Page {
 }
 
 /// The command line as clap sees it, built (subcommands named
-/// `vhost-device-dmabuf-ctl`, ...), without the `help` subcommands.
+/// [`PROGRAM`]`-ctl`, ...), without the `help` subcommands.
 fn command() -> clap::Command {
     let mut cmd = Cli::command().disable_help_subcommand(true);
     cmd.build();
@@ -107,14 +115,14 @@ fn daemon_sections() -> Roff {
             (
                 "RUST_LOG",
                 "The log level: error, warn, info (the default), debug or trace, or an \
-                 env_logger filter. At debug, every vhost-user message and every guest request \
+                 env_logger filter. At debug, every message from the front-end and every guest request \
                  with its status is logged, and each connection ends with a summary.",
             ),
             (
                 "LISTEN_PID, LISTEN_FDS, LISTEN_FDNAMES",
-                "systemd socket activation. When LISTEN_PID is the daemon, each socket handed \
+                concat!("systemd socket activation. When LISTEN_PID is the daemon, each socket handed \
                  over must be bound to one of the --socket-path paths; that guest is served on \
-                 it instead of a socket the daemon binds. See vhost-device-dmabuf@.socket.",
+                 it instead of a socket the daemon binds. See ", program!(), "@.socket."),
             ),
             (
                 "NOTIFY_SOCKET",
@@ -159,19 +167,29 @@ fn daemon_sections() -> Roff {
         "FILES",
         &[
             (
-                "/usr/lib/systemd/system/vhost-device-dmabuf@.service",
-                "One daemon per VM: the instance name chooses the socket, \
-                 /run/vhost-device-dmabuf/INSTANCE.sock, and the control socket, \
-                 /run/vhost-device-dmabuf/INSTANCE.ctl.",
+                concat!("/usr/lib/systemd/system/", program!(), "@.service"),
+                concat!(
+                    "One daemon per VM: the instance name chooses the socket, \
+                 /run/",
+                    program!(),
+                    "/INSTANCE.sock, and the control socket, \
+                 /run/",
+                    program!(),
+                    "/INSTANCE.ctl."
+                ),
             ),
             (
-                "/usr/lib/systemd/system/vhost-device-dmabuf@.socket",
+                concat!("/usr/lib/systemd/system/", program!(), "@.socket"),
                 "The same socket, created by systemd (socket activation).",
             ),
             (
-                "/etc/default/vhost-device-dmabuf",
-                "DAEMON_ARGS for every instance; \
-                 /etc/default/vhost-device-dmabuf-INSTANCE overrides it for one.",
+                concat!("/etc/default/", program!()),
+                concat!(
+                    "DAEMON_ARGS for every instance; \
+                 /etc/default/",
+                    program!(),
+                    "-INSTANCE overrides it for one."
+                ),
             ),
             (
                 "/dev/udmabuf, /dev/dma_heap/system",
@@ -182,21 +200,30 @@ fn daemon_sections() -> Roff {
     );
     r.control("SH", ["EXAMPLES"]);
     r.text([roman("One guest on the default memfd provider:")]);
-    example(&mut r, "vhost-device-dmabuf --socket-path /tmp/dmabuf.sock");
+    example(
+        &mut r,
+        concat!(program!(), " --socket-path /tmp/dmabuf.sock"),
+    );
     r.text([roman(
         "Two guests, with a host camera buffer only guest 1 may open, and the control socket:",
     )]);
     example(
         &mut r,
-        "vhost-device-dmabuf --socket-path /run/dmabuf.sock --socket-count 2 \
-         --control-socket /run/dmabuf.ctl --export cam0=/dev/shm/frame,read-only,guests=1",
+        concat!(
+            program!(),
+            " --socket-path /run/dmabuf.sock --socket-count 2 \
+         --control-socket /run/dmabuf.ctl --export cam0=/dev/shm/frame,read-only,guests=1"
+        ),
     );
     r.text([roman("Under systemd, one instance per VM:")]);
-    example(&mut r, "systemctl start vhost-device-dmabuf@vm1.service");
+    example(
+        &mut r,
+        concat!("systemctl start ", program!(), "@vm1.service"),
+    );
     see_also(
         &mut r,
         &[
-            "vhost-device-dmabuf-ctl(8)",
+            concat!(program!(), "-ctl(8)"),
             "systemd.socket(5)",
             "systemd.exec(5)",
             "sd_notify(3)",
@@ -222,9 +249,9 @@ fn ctl_sections(name: &str) -> Roff {
             ("2", "The arguments are wrong."),
         ],
     );
-    let mut also = vec!["vhost-device-dmabuf(8)"];
-    if name != "vhost-device-dmabuf-ctl" {
-        also.push("vhost-device-dmabuf-ctl(8)");
+    let mut also = vec![concat!(program!(), "(8)")];
+    if name != concat!(program!(), "-ctl") {
+        also.push(concat!(program!(), "-ctl(8)"));
     }
     see_also(&mut r, &also);
     r
@@ -250,9 +277,9 @@ pub fn completion(shell: Shell) -> Vec<u8> {
     out
 }
 
-/// Writes `DIR/man/*.8` and the completions `DIR/completions/bash/
-/// vhost-device-dmabuf` and `DIR/completions/zsh/_vhost-device-dmabuf`
-/// (the names bash-completion and zsh look for); returns the files.
+/// Writes `DIR/man/*.8` and the completions `DIR/completions/bash/PROGRAM`
+/// and `DIR/completions/zsh/_PROGRAM` (the names bash-completion and zsh
+/// look for, [`PROGRAM`] being the program's name); returns the files.
 pub fn write_to(dir: &Path) -> io::Result<Vec<PathBuf>> {
     let mut written = Vec::new();
     let man = dir.join("man");
@@ -303,13 +330,13 @@ mod tests {
     fn there_is_a_page_for_the_daemon_ctl_and_each_ctl_command() {
         let names: Vec<String> = pages().into_iter().map(|p| p.file_name).collect();
         for expected in [
-            "vhost-device-dmabuf.8",
-            "vhost-device-dmabuf-ctl.8",
-            "vhost-device-dmabuf-ctl-list.8",
-            "vhost-device-dmabuf-ctl-stats.8",
-            "vhost-device-dmabuf-ctl-export.8",
-            "vhost-device-dmabuf-ctl-revoke.8",
-            "vhost-device-dmabuf-ctl-evict.8",
+            concat!(program!(), ".8"),
+            concat!(program!(), "-ctl.8"),
+            concat!(program!(), "-ctl-list.8"),
+            concat!(program!(), "-ctl-stats.8"),
+            concat!(program!(), "-ctl-export.8"),
+            concat!(program!(), "-ctl-revoke.8"),
+            concat!(program!(), "-ctl-evict.8"),
         ] {
             assert!(
                 names.iter().any(|n| n == expected),
@@ -369,7 +396,7 @@ mod tests {
     #[test]
     fn the_daemon_page_has_what_clap_does_not_know() {
         let page = &pages()[0];
-        assert_eq!(page.file_name, "vhost-device-dmabuf.8");
+        assert_eq!(page.file_name, concat!(program!(), ".8"));
         let text = plain(page);
         for heading in [
             ".SH NAME",
@@ -388,7 +415,7 @@ mod tests {
             "LISTEN_FDS",
             "NOTIFY_SOCKET",
             "RUST_LOG",
-            "vhost-device-dmabuf@.service",
+            concat!(program!(), "@.service"),
         ] {
             assert!(text.contains(word), "{word}");
         }
@@ -403,7 +430,7 @@ mod tests {
             assert!(bash.contains(word), "bash: {word}");
         }
         let zsh = String::from_utf8(completion(Shell::Zsh)).expect("utf-8");
-        assert!(zsh.starts_with("#compdef vhost-device-dmabuf"));
+        assert!(zsh.starts_with(concat!("#compdef ", program!())));
         assert!(zsh.contains("--control-socket"));
     }
 
@@ -411,14 +438,14 @@ mod tests {
     fn write_to_lays_out_man_and_completions() {
         let dir = tempfile::tempdir().expect("tempdir");
         let files = write_to(dir.path()).expect("written");
-        assert!(dir.path().join("man/vhost-device-dmabuf.8").is_file());
+        assert!(dir.path().join(concat!("man/", program!(), ".8")).is_file());
         assert!(dir
             .path()
-            .join("completions/bash/vhost-device-dmabuf")
+            .join(concat!("completions/bash/", program!()))
             .is_file());
         assert!(dir
             .path()
-            .join("completions/zsh/_vhost-device-dmabuf")
+            .join(concat!("completions/zsh/_", program!()))
             .is_file());
         assert_eq!(files.len(), pages().len() + 2);
     }

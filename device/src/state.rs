@@ -14,10 +14,66 @@
 //! watches of parked requests (`exporter/host_fences.rs`) with the next
 //! deadline as the timeout, so a host fence signalling re-runs the request
 //! that waited for it, and nothing ever blocks on a fence.
+//!
+//! # Locking
+//!
+//! This is the daemon's one statement of its locking rules; comments
+//! elsewhere point here. Every lock is a `std::sync::Mutex` (but for the
+//! vrings' own, which come with the ring type). A thread takes them only
+//! in this order, each at most once:
+//!
+//! 1. **the table** — `DmabufBackend::chains` (`backend/mod.rs`): one
+//!    connection's chains in flight. Rings are written only with it held;
+//!    a vring stop and a device reset take it first (`backend/requests`).
+//! 2. **the model** — `DeviceState::exporter` (this file, [`DeviceState::lock`]):
+//!    the whole exporter, shared by every guest's worker, every
+//!    connection's front-end thread, the control plane and the timer
+//!    thread. Taken alone, or with the table held.
+//! 3. **leaves** — never held while another lock is taken; any of them may
+//!    be taken with the table and/or the model held:
+//!    - a vring's own lock (`VringRwLock`: `get_mut`, `add_used`,
+//!      `enable_notification`, ...): the avail and used rings. Taken with
+//!      the table held, never with the model held;
+//!    - `DmabufBackend::vrings`: the vrings as the first event showed them
+//!      (cloned out, then released: never held across a vring's lock);
+//!    - `DmabufBackend::regions`: the memory table as last seen (read by
+//!      `caps`, which runs with the model held);
+//!    - `DmabufBackend::exit_consumers`: the workers' exit eventfds;
+//!    - `Tally::answers` (`backend/requests`): the statuses counted for the
+//!      disconnect summary;
+//!    - `Link::channel`, `Link::memory`, `Link::lookups`
+//!      (`Link` in `backend/`): the back-end channel, the guest
+//!      memory and the stashed `SHARED_OBJECT_LOOKUP` results the model's
+//!      `Frontend` hooks use (with the model held);
+//!    - the channel's queue, `channel::Inner::state` with its condvar
+//!      (`backend/channel.rs`): messages posted by the `Frontend` hooks
+//!      under the model, their outcomes; a worker waits on the condvar
+//!      holding no other lock;
+//!    - `Channel::thread` (`backend/channel.rs`): the channel thread's
+//!      handle, taken out and joined with no lock held;
+//!    - `ConnectionInfo::channel_socket` (`backend/relay.rs`): the
+//!      back-end channel socket the relay saw;
+//!    - `Shared::connections` (`backend/listener.rs`, taken by the
+//!      listener threads and `daemon.rs`): each guest's live connection's
+//!      shutdown handle (the handle's `shutdown` is called with it held,
+//!      and takes none of ours);
+//!    - `SyncRecord::inner` (`provider/sync.rs`): the record of emulated
+//!      syncs, pushed to by memfd buffers from inside the model.
+//!
+//! Nothing waits for the front-end with any lock held: the model's
+//! `Frontend` hooks only queue a message for the channel thread, and the
+//! worker that submitted the request waits for its outcome after releasing
+//! every lock (`docs/daemon.md`). The control plane's event loop is one
+//! thread (its state is a `RefCell`) and takes only the model.
+//!
+//! Debug builds check the order of the table, the model and the leaves
+//! that go through the back-end's lock helpers: [`lock_order`] keeps a
+//! per-thread stack of what is held and panics when a lock is taken after
+//! one of the same or a later rank.
 
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -61,8 +117,12 @@ impl DeviceState {
 
     /// The model. A panic while it was held cannot be recovered from in a
     /// meaningful way, but serving the other guests beats aborting them all.
-    pub fn lock(&self) -> MutexGuard<'_, Exporter> {
-        self.exporter.lock().unwrap_or_else(PoisonError::into_inner)
+    /// See the module's `# Locking` for what may be held around it.
+    pub fn lock(&self) -> lock_order::Ordered<'_, Exporter> {
+        lock_order::Ordered::new(
+            self.exporter.lock().unwrap_or_else(PoisonError::into_inner),
+            lock_order::Rank::Model,
+        )
     }
 
     /// The eventfd a guest's worker listens on.
@@ -166,6 +226,144 @@ impl DeviceState {
                 ex.host_watches_ready(&ready, Instant::now());
                 self.notify(&ex);
             }
+        }
+    }
+}
+
+/// The debug-build check of the order in the module's `# Locking`: each
+/// thread keeps a stack of the ranks it holds, and taking a lock of a rank
+/// not above the last one held panics. Release builds keep nothing.
+pub mod lock_order {
+    use std::ops::{Deref, DerefMut};
+    use std::sync::MutexGuard;
+
+    /// A lock's place in the order; later ranks are taken after earlier
+    /// ones, never before.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+    pub enum Rank {
+        /// `DmabufBackend::chains`.
+        Table,
+        /// `DeviceState::exporter`.
+        Model,
+        /// Any leaf: nothing is taken while one is held.
+        Leaf,
+    }
+
+    #[cfg(debug_assertions)]
+    thread_local! {
+        static HELD: std::cell::RefCell<Vec<Rank>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
+
+    /// One rank on this thread's stack, popped when dropped.
+    #[derive(Debug)]
+    pub struct Held {
+        #[cfg(debug_assertions)]
+        rank: Rank,
+    }
+
+    impl Held {
+        /// Records `rank` as held; in debug builds, panics when the last
+        /// rank held is the same or later.
+        pub fn enter(rank: Rank) -> Held {
+            #[cfg(debug_assertions)]
+            HELD.with(|held| {
+                let mut held = held.borrow_mut();
+                if let Some(last) = held.last() {
+                    assert!(
+                        *last < rank,
+                        "lock order: {rank:?} taken while {last:?} is held (see state.rs, # Locking)"
+                    );
+                }
+                held.push(rank);
+            });
+            #[cfg(not(debug_assertions))]
+            let _ = rank;
+            Held {
+                #[cfg(debug_assertions)]
+                rank,
+            }
+        }
+    }
+
+    impl Drop for Held {
+        fn drop(&mut self) {
+            #[cfg(debug_assertions)]
+            HELD.with(|held| {
+                let mut held = held.borrow_mut();
+                if let Some(i) = held.iter().rposition(|r| *r == self.rank) {
+                    held.remove(i);
+                }
+            });
+        }
+    }
+
+    /// A mutex guard with its rank: derefs to the guarded value; the rank
+    /// is released after the mutex.
+    #[derive(Debug)]
+    pub struct Ordered<'a, T> {
+        guard: MutexGuard<'a, T>,
+        _held: Held,
+    }
+
+    impl<'a, T> Ordered<'a, T> {
+        /// `guard`, just taken, of a lock of `rank`. The rank is checked
+        /// after the mutex was taken: a wrong order that would deadlock
+        /// still deadlocks, but any run that takes the locks in a wrong
+        /// order without deadlocking panics in a debug build.
+        pub fn new(guard: MutexGuard<'a, T>, rank: Rank) -> Self {
+            Ordered {
+                _held: Held::enter(rank),
+                guard,
+            }
+        }
+    }
+
+    impl<T> Deref for Ordered<'_, T> {
+        type Target = T;
+        fn deref(&self) -> &T {
+            &self.guard
+        }
+    }
+
+    impl<T> DerefMut for Ordered<'_, T> {
+        fn deref_mut(&mut self) -> &mut T {
+            &mut self.guard
+        }
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use std::sync::Mutex;
+
+        use super::{Ordered, Rank};
+
+        #[test]
+        fn the_order_is_accepted() {
+            let (table, model, leaf) = (Mutex::new(0), Mutex::new(1), Mutex::new(2));
+            let t = Ordered::new(table.lock().expect("table"), Rank::Table);
+            let m = Ordered::new(model.lock().expect("model"), Rank::Model);
+            let l = Ordered::new(leaf.lock().expect("leaf"), Rank::Leaf);
+            assert_eq!(*t + *m + *l, 3);
+            drop(l);
+            drop(m);
+            let l = Ordered::new(leaf.lock().expect("leaf"), Rank::Leaf);
+            assert_eq!(*l, 2);
+        }
+
+        #[test]
+        #[cfg_attr(debug_assertions, should_panic(expected = "lock order"))]
+        fn the_table_after_the_model_panics_in_debug_builds() {
+            let (table, model) = (Mutex::new(0), Mutex::new(1));
+            let _m = Ordered::new(model.lock().expect("model"), Rank::Model);
+            let _t = Ordered::new(table.lock().expect("table"), Rank::Table);
+        }
+
+        #[test]
+        #[cfg_attr(debug_assertions, should_panic(expected = "lock order"))]
+        fn a_lock_under_a_leaf_panics_in_debug_builds() {
+            let (a, b) = (Mutex::new(0), Mutex::new(1));
+            let _a = Ordered::new(a.lock().expect("a"), Rank::Leaf);
+            let _b = Ordered::new(b.lock().expect("b"), Rank::Leaf);
         }
     }
 }

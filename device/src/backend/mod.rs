@@ -4,12 +4,17 @@
 //!
 //! - this file: features, config space, the vhost-user hooks (memory table,
 //!   back-end channel, vring stop, device reset, shared objects)
-//! - `requests.rs`: the request queues, the chains in flight (returned
+//! - `requests/`: the request queues, the chains in flight (returned
 //!   exactly once, also across vring stops and resets), completions
 //! - `events.rs`: the eventq
 //! - `channel.rs`: the back-end channel (messages to the front-end)
 //! - `relay.rs`: the message relay that sees acked protocol features and
 //!   the back-end channel socket
+//! - `listener.rs`: one guest socket's listener thread, a connection at a
+//!   time
+//! - `vhost_frontend.rs`: what the model asks of a front-end, over
+//!   vhost-user (the exporter's `Frontend`)
+//! - `guest_memory.rs`: guest RAM pages as object backing
 //!
 //! One [`DmabufBackend`] serves one front-end connection of one guest (the
 //! daemon builds a fresh one, with a fresh `VhostUserDaemon`, for every
@@ -17,12 +22,15 @@
 
 pub mod channel;
 mod events;
+pub mod guest_memory;
+pub(crate) mod listener;
 pub mod relay;
 mod requests;
+pub mod vhost_frontend;
 
 use std::fs::File;
 use std::os::fd::{FromRawFd, OwnedFd, RawFd};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use vhost::vhost_user::message::{
@@ -42,14 +50,15 @@ use vmm_sys_util::event::{
 };
 
 use crate::exporter::{Frontend, GuestCaps, GuestId};
-use crate::guest_memory::{overlaps, region_keys, removed_regions, GuestRamHandle, RegionKey};
 use crate::provider::UdmabufProvider;
+use crate::state::lock_order::{Ordered, Rank};
 use crate::state::DeviceState;
-use crate::vhost_frontend::{Link, VhostFrontend};
+use guest_memory::{overlaps, region_keys, removed_regions, GuestRamHandle, RegionKey};
 
 use channel::Channel;
 use relay::ConnectionInfo;
 use requests::{Chains, Tally};
+use vhost_frontend::{Link, VhostFrontend};
 
 /// Largest `TRANSFER_TO_HOST`/`TRANSFER_FROM_HOST` length a chain may carry
 /// (section 7.5 leaves the bound to the device): 16 MiB. Longer is `EINVAL`;
@@ -111,8 +120,9 @@ impl BackendSettings {
     }
 }
 
-fn locked<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(PoisonError::into_inner)
+/// A leaf of the daemon's lock order (`state.rs`, `# Locking`).
+fn locked<T>(m: &Mutex<T>) -> Ordered<'_, T> {
+    Ordered::new(m.lock().unwrap_or_else(PoisonError::into_inner), Rank::Leaf)
 }
 
 /// The back-end of one front-end connection for guest `guest`.

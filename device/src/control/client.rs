@@ -1,4 +1,4 @@
-//! `vhost-device-dmabuf ctl`: one request per connection to the control
+//! The `ctl` subcommand: one request per connection to the control
 //! socket, its answer printed as a table or (`--json`) as one JSON object.
 //!
 //! [`request`] is the whole exchange and returns the daemon's response;
@@ -216,7 +216,7 @@ pub fn execute(args: &CtlArgs) -> Result<String, CtlError> {
     Ok(render(&args.command, payload, args.json))
 }
 
-/// `vhost-device-dmabuf ctl ...`: prints the answer, or the error on
+/// The `ctl` subcommand: prints the answer, or the error on
 /// stderr with a failing exit code.
 pub fn run_ctl(args: CtlArgs) -> ExitCode {
     let out = match execute(&args) {

@@ -13,6 +13,7 @@
 //! - `table.rs`: the human-readable forms of `list` and `stats`
 
 mod client;
+mod records;
 mod server;
 mod table;
 mod wire;

@@ -5,7 +5,6 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
-use serde::Serialize;
 use virtio_dmabuf_protocol::{Event, EventType, FenceUsage, Opcode, Response, Status};
 
 use super::cpu::COPY_CHUNK;
@@ -79,7 +78,7 @@ impl Stats {
 }
 
 /// `ctl stats --json` (section 11).
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StatsSnapshot {
     pub requests: BTreeMap<String, BTreeMap<String, u64>>,
     pub syncs: BTreeMap<String, u64>,
@@ -90,7 +89,7 @@ pub struct StatsSnapshot {
 }
 
 /// One attachment in `ctl list --json`.
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AttachmentInfo {
     pub guest: GuestId,
     pub importer: &'static str,
@@ -101,14 +100,14 @@ pub struct AttachmentInfo {
 
 /// The lock holder in `ctl list --json`: a guest context with its stamp,
 /// or the device/host itself (no guest context, no stamp).
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LockHolderInfo {
     pub guest: Option<GuestId>,
     pub stamp: Option<u64>,
 }
 
 /// One object in `ctl list --json` (section 11).
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ObjectInfo {
     pub uuid: uuid::Uuid,
     pub size: u64,

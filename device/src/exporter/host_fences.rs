@@ -36,7 +36,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rustix::event::PollFlags;
-use serde::Serialize;
 use virtio_dmabuf_protocol::{sync_flags, FenceUsage, Status};
 
 use super::{Exporter, ObjId, Step};
@@ -84,7 +83,7 @@ pub(crate) struct HostFenceCounters {
 
 /// `ctl stats --json` `host_fences`: the source the daemon found at start
 /// and what went through it.
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HostFenceStats {
     /// `"sw_sync"`, `"vgem"`, or `null` when the host offers none.
     pub source: Option<&'static str>,

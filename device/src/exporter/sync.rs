@@ -43,7 +43,7 @@ pub fn flags_name(flags: u64) -> String {
 pub const RECENT_SYNCS: usize = 1024;
 
 /// One host sync the device issued (`ctl stats --json`, `recent_syncs`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SyncEntry {
     pub uuid: uuid::Uuid,
     pub flags: u64,

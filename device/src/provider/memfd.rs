@@ -10,8 +10,9 @@ use virtio_dmabuf_protocol::ProviderKind;
 use super::sync::{emulated_sync, SyncRecord};
 use super::{check_alloc_size, check_range, Backing, Provider, ProviderError};
 
-/// The name memfds carry in `/proc/PID/fd` (`memfd:vhost-device-dmabuf`).
-pub(crate) const MEMFD_NAME: &str = "vhost-device-dmabuf";
+/// The name memfds carry in `/proc/PID/fd` (`memfd:` and the package's
+/// name).
+pub(crate) const MEMFD_NAME: &str = env!("CARGO_PKG_NAME");
 
 /// A zero-filled memfd of `size` bytes with these seals added.
 pub(crate) fn sealed_memfd(

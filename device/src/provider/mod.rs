@@ -8,7 +8,7 @@
 //! [`SyncRecord`] (section 9).
 //!
 //! Host fences (`docs/protocol.md`, "Host fences"): `sync_file.rs` reads
-//! the kernel's fences on a dma-buf without waiting, `fence_source.rs`
+//! the kernel's fences on a dma-buf without waiting, `fence_source/`
 //! makes fences the daemon can signal (sw_sync, vgem) and installs them.
 
 use std::fmt::{self, Debug};

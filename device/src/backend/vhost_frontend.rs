@@ -11,24 +11,26 @@
 use std::collections::HashMap;
 use std::os::fd::{BorrowedFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError};
 
 use virtio_dmabuf_protocol::{Segment, Status};
 
 use crate::backend::channel::{Channel, ChannelError, Message};
+use crate::backend::guest_memory::{guest_pages_backing, GuestRamHandle};
 use crate::exporter::{Frontend, GuestId};
-use crate::guest_memory::{guest_pages_backing, GuestRamHandle};
 use crate::provider::{Backing, UdmabufProvider};
+use crate::state::lock_order::{Ordered, Rank};
 
-fn locked<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(PoisonError::into_inner)
+/// A leaf of the daemon's lock order (`state.rs`, `# Locking`).
+fn locked<T>(m: &Mutex<T>) -> Ordered<'_, T> {
+    Ordered::new(m.lock().unwrap_or_else(PoisonError::into_inner), Rank::Leaf)
 }
 
 /// What one connection shares between its vhost-user hooks, its vring
 /// worker and the [`VhostFrontend`] inside the model.
 ///
-/// Lock order: the model's lock may be held while one of these is taken,
-/// never the other way round.
+/// Its locks are leaves of the daemon's lock order (`state.rs`,
+/// `# Locking`).
 #[derive(Debug, Default)]
 pub struct Link {
     channel: Mutex<Option<Arc<Channel>>>,
