@@ -88,17 +88,21 @@ fn attach_case(t: &Target, dynamic_exporter: bool, dynamic_importer: bool) -> Ch
 pub(super) fn attach_static_exporter_static_importer(t: &Target) -> Check {
     attach_case(t, false, false)
 }
-pub(super) fn attach_static_exporter_dynamic_importer(t: &Target) -> Check {
+pub(super) fn attach_dynamic_importer_to_static_exporter_caches_bidirectional_without_pin(
+    t: &Target,
+) -> Check {
     attach_case(t, false, true)
 }
-pub(super) fn attach_dynamic_exporter_static_importer(t: &Target) -> Check {
+pub(super) fn attach_static_importer_to_dynamic_exporter_caches_bidirectional_and_pins(
+    t: &Target,
+) -> Check {
     attach_case(t, true, false)
 }
 pub(super) fn attach_dynamic_exporter_dynamic_importer(t: &Target) -> Check {
     attach_case(t, true, true)
 }
 
-pub(super) fn cached_mapping_other_direction_is_ebusy(t: &Target) -> Check {
+pub(super) fn map_cached_other_direction_is_ebusy(t: &Target) -> Check {
     let vmm = t.connect()?;
     let d = vmm.driver();
     let object = create(d, 1, create_flags::CACHE_MAPPING)?;
@@ -131,7 +135,7 @@ pub(super) fn cached_mapping_other_direction_is_ebusy(t: &Target) -> Check {
     Ok(())
 }
 
-pub(super) fn map_overflow_reports_entries_needed(t: &Target) -> Check {
+pub(super) fn map_with_too_few_entries_is_eoverflow_with_needed_count(t: &Target) -> Check {
     let vmm = t.connect()?;
     let d = vmm.driver();
     let object = create(d, 1, 0)?;

@@ -8,7 +8,9 @@ use super::{next_event, page, Check, Stop, Target, SETTLE};
 use crate::session::Session;
 use crate::{ensure, ensure_eq};
 
-pub(super) fn eventq_move_notify_after_evict(t: &Target) -> Check {
+pub(super) fn evict_moves_bytes_bumps_generation_and_notifies_dynamic_importers(
+    t: &Target,
+) -> Check {
     let host = t.host()?;
     let vmm = t.connect()?;
     let d = vmm.driver();

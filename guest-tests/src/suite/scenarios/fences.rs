@@ -7,7 +7,7 @@ use super::{create, need_cap, Check, Target, SETTLE};
 use crate::session::Session;
 use crate::{ensure, ensure_eq};
 
-pub(super) fn fence_wait_parks_until_signal(t: &Target) -> Check {
+pub(super) fn wait_completes_when_every_fence_up_to_usage_is_signalled(t: &Target) -> Check {
     let vmm = t.connect()?;
     let d = vmm.driver();
     need_cap(d, caps::FENCES, "FENCES", false)?;

@@ -10,7 +10,7 @@ use crate::session::Session;
 use crate::vmm::LoopbackVmm;
 use crate::{ensure, ensure_eq};
 
-pub(super) fn vring_stop_cancels_waiting_and_keeps_state(t: &Target) -> Check {
+pub(super) fn vring_stop_cancels_that_queues_waiters_and_keeps_state(t: &Target) -> Check {
     let mut vmm = t.connect_loopback()?;
     let (object, a, _, parked) = parked_lock(vmm.driver())?;
     let bases = vmm.stop_vrings()?;
@@ -110,7 +110,7 @@ fn nothing_left(vmm: &dyn Session, held: &Held) -> Check {
     Ok(())
 }
 
-pub(super) fn reset_session_releases_everything(t: &Target) -> Check {
+pub(super) fn reset_session_releases_everything_the_guest_held(t: &Target) -> Check {
     let vmm = t.connect()?;
     let held = hold_everything(&vmm)?;
     ensure_eq!(vmm.driver().reset_session()?, Ok(()));

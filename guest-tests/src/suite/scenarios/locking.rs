@@ -16,7 +16,7 @@ use crate::{ensure, ensure_eq, skip};
 /// everything, and B then A complete. C relocks the contended object
 /// with `SLOW` (holding nothing, it waits without dying) and is granted
 /// it when A lets go, then takes the rest of its set.
-pub(super) fn lock_wait_die_three_context_cycle(t: &Target) -> Check {
+pub(super) fn three_contexts_resolve_by_wait_die(t: &Target) -> Check {
     let vmm = t.connect()?;
     let d = vmm.driver();
     // Spread the waiting requests over the request queues there are.
@@ -93,7 +93,9 @@ const PARKED: std::time::Duration = std::time::Duration::from_millis(100);
 /// Y and waits for X, held by the younger C; when the older A queues for
 /// X, it goes ahead of B, and B's waiting `LOCK` ends with `EDEADLK` at
 /// once. A is granted X when C lets go; B, backed off, gets it with SLOW.
-pub(super) fn lock_waiter_dies_when_an_older_context_queues_ahead(t: &Target) -> Check {
+pub(super) fn waiting_younger_context_with_locks_dies_when_an_older_one_queues(
+    t: &Target,
+) -> Check {
     let vmm = t.connect()?;
     let d = vmm.driver();
     let (x, y) = (create(d, 1, 0)?, create(d, 1, 0)?);
@@ -137,7 +139,7 @@ pub(super) fn lock_waiter_dies_when_an_older_context_queues_ahead(t: &Target) ->
 
 /// Waiting contexts are granted oldest stamp first, whatever order they
 /// queued in; contexts that hold nothing never die.
-pub(super) fn lock_waiters_are_granted_oldest_first(t: &Target) -> Check {
+pub(super) fn waiting_contexts_are_granted_oldest_stamp_first(t: &Target) -> Check {
     let vmm = t.connect()?;
     let d = vmm.driver();
     let x = create(d, 1, 0)?;
@@ -209,7 +211,7 @@ pub(super) fn lock_contention_parks_until_unlock(t: &Target) -> Check {
     Ok(())
 }
 
-pub(super) fn lock_wait_die_younger_holder_gets_edeadlk(t: &Target) -> Check {
+pub(super) fn wait_die_backoff_and_slow_relock_with_two_contexts(t: &Target) -> Check {
     let vmm = t.connect()?;
     let d = vmm.driver();
     let x = create(d, 1, 0)?;
@@ -243,7 +245,7 @@ pub(super) fn lock_wait_die_younger_holder_gets_edeadlk(t: &Target) -> Check {
     Ok(())
 }
 
-pub(super) fn cancel_ends_a_parked_request(t: &Target) -> Check {
+pub(super) fn cancel_ends_the_waiting_request_with_that_tag(t: &Target) -> Check {
     let vmm = t.connect()?;
     let d = vmm.driver();
     let (object, a, b, parked) = parked_lock(d)?;

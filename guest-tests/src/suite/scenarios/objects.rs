@@ -54,7 +54,7 @@ pub(super) fn release_and_detach_are_ebusy_while_in_use(t: &Target) -> Check {
     Ok(())
 }
 
-pub(super) fn handles_are_never_reused(t: &Target) -> Check {
+pub(super) fn handles_are_nonzero_and_never_reused(t: &Target) -> Check {
     let vmm = t.connect()?;
     let d = vmm.driver();
     let mut seen = std::collections::HashSet::new();

@@ -33,7 +33,7 @@ fn exported_object(vmm: &dyn Session) -> Result<(u64, [u8; 16]), Stop> {
 /// `EXPORT_UUID` and `OPEN BY_UUID` of the guest's own UUID, on any
 /// front-end: the UUID resolves locally, an unknown one is `ENOENT`, and the
 /// UUID dies with the object.
-pub(super) fn shared_objects_resolve_locally(t: &Target) -> Check {
+pub(super) fn open_by_uuid_resolves_own_objects_locally(t: &Target) -> Check {
     let vmm = t.connect()?;
     let (object, uuid) = exported_object(&vmm)?;
     let d = vmm.driver();
@@ -49,7 +49,7 @@ pub(super) fn shared_objects_resolve_locally(t: &Target) -> Check {
     Ok(())
 }
 
-pub(super) fn shared_objects_export_and_lookup(t: &Target) -> Check {
+pub(super) fn open_by_uuid_of_another_device_uses_shared_object_lookup(t: &Target) -> Check {
     let mut vmm = t.connect_loopback()?;
     let (object, uuid) = exported_object(&vmm)?;
     let uuid = uuid::Uuid::from_bytes(uuid);
@@ -89,7 +89,7 @@ pub(super) fn shared_objects_export_and_lookup(t: &Target) -> Check {
     Ok(())
 }
 
-pub(super) fn without_shared_object_export_is_eopnotsupp(t: &Target) -> Check {
+pub(super) fn export_uuid_without_shared_objects_is_eopnotsupp(t: &Target) -> Check {
     let vmm = t.connect_with(|o| o.shared_object = false)?;
     let d = vmm.driver();
     let i = info(d)?;
