@@ -45,7 +45,7 @@ fn shared_export(host: &dyn HostControl, prefix: &str, pg: u64) -> Result<String
     Ok(name)
 }
 
-pub(super) fn two_guests_cannot_name_each_others_handles(t: &Target) -> Check {
+pub(super) fn guests_cannot_name_each_others_handles(t: &Target) -> Check {
     let (g0, g1) = two_guests(t)?;
     let (d0, d1) = (g0.driver(), g1.driver());
     let pg = page(d0)?;
@@ -92,7 +92,7 @@ pub(super) fn two_guests_cannot_name_each_others_handles(t: &Target) -> Check {
     Ok(())
 }
 
-pub(super) fn two_guests_export_for_one_guest_is_enoent_for_the_other(t: &Target) -> Check {
+pub(super) fn open_export_not_granted_is_enoent_like_a_missing_one(t: &Target) -> Check {
     let host = t.host()?;
     let (g0, g1) = two_guests(t)?;
     let (d0, d1) = (g0.driver(), g1.driver());

@@ -370,7 +370,7 @@ pub(super) fn static_importer_pins_a_dynamic_exporter_until_detach(t: &Target) -
 /// for an attachment that has one pending replaces it in place), the rest
 /// are counted; once buffers come, the kept ones arrive in the order they
 /// arose, then one OVERFLOW whose `data` is the dropped count.
-pub(super) fn eventq_overflow_reports_dropped_events(t: &Target) -> Check {
+pub(super) fn events_beyond_the_pending_limit_become_one_overflow(t: &Target) -> Check {
     let host = t.host()?;
     let vmm = t.connect()?;
     let d = vmm.driver();

@@ -34,7 +34,7 @@ fn fence_on(d: &Driver, object: u64, usage: FenceUsage) -> Result<(u64, u64), St
     Ok((ctx, fence))
 }
 
-pub(super) fn fence_wait_timeout_and_poll(t: &Target) -> Check {
+pub(super) fn wait_times_out_with_etimedout(t: &Target) -> Check {
     let vmm = t.connect()?;
     let d = vmm.driver();
     let object = create(d, 1, 0)?;
@@ -102,7 +102,7 @@ pub(super) fn fence_wait_timeout_and_poll(t: &Target) -> Check {
     Ok(())
 }
 
-pub(super) fn fence_timeout_signals_a_hung_fence(t: &Target) -> Check {
+pub(super) fn unsignalled_fence_times_out_after_fence_timeout(t: &Target) -> Check {
     let Some(limit) = t.daemon.fence_timeout else {
         skip!("the suite does not know the daemon's --fence-timeout")
     };

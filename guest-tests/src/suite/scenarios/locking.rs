@@ -1,10 +1,13 @@
-//! The reservation lock beyond two contexts (section 7.4).
+//! The reservation lock (section 7.4): contention, wait-die with two,
+//! three and four contexts, the order waiters are granted in, `CANCEL`,
+//! and waiting requests that never hold up other queues.
 
-use virtio_dmabuf_protocol::{lock_flags, Reply, Status, CONTROLQ};
+use virtio_dmabuf_protocol::{lock_flags, Reply, Request, Status, CONTROLQ};
 
-use super::{create, Check, Target, SETTLE};
+use super::{create, parked_lock, Check, Target, SETTLE};
 use crate::driver::lock_request;
-use crate::{ensure, ensure_eq};
+use crate::session::Session;
+use crate::{ensure, ensure_eq, skip};
 
 /// Three contexts in a cycle, each holding one lock and wanting the next:
 /// A (oldest) holds X and wants Y, B holds Y and wants Z, C (youngest)
@@ -13,7 +16,7 @@ use crate::{ensure, ensure_eq};
 /// everything, and B then A complete. C relocks the contended object
 /// with `SLOW` (holding nothing, it waits without dying) and is granted
 /// it when A lets go, then takes the rest of its set.
-pub(super) fn lock_wait_die_three_context_cycle(t: &Target) -> Check {
+pub(super) fn three_contexts_resolve_by_wait_die(t: &Target) -> Check {
     let vmm = t.connect()?;
     let d = vmm.driver();
     // Spread the waiting requests over the request queues there are.
@@ -90,7 +93,9 @@ const PARKED: std::time::Duration = std::time::Duration::from_millis(100);
 /// Y and waits for X, held by the younger C; when the older A queues for
 /// X, it goes ahead of B, and B's waiting `LOCK` ends with `EDEADLK` at
 /// once. A is granted X when C lets go; B, backed off, gets it with SLOW.
-pub(super) fn lock_waiter_dies_when_an_older_context_queues_ahead(t: &Target) -> Check {
+pub(super) fn waiting_younger_context_with_locks_dies_when_an_older_one_queues(
+    t: &Target,
+) -> Check {
     let vmm = t.connect()?;
     let d = vmm.driver();
     let (x, y) = (create(d, 1, 0)?, create(d, 1, 0)?);
@@ -134,7 +139,7 @@ pub(super) fn lock_waiter_dies_when_an_older_context_queues_ahead(t: &Target) ->
 
 /// Waiting contexts are granted oldest stamp first, whatever order they
 /// queued in; contexts that hold nothing never die.
-pub(super) fn lock_waiters_are_granted_oldest_first(t: &Target) -> Check {
+pub(super) fn waiting_contexts_are_granted_oldest_stamp_first(t: &Target) -> Check {
     let vmm = t.connect()?;
     let d = vmm.driver();
     let x = create(d, 1, 0)?;
@@ -170,5 +175,121 @@ pub(super) fn lock_waiters_are_granted_oldest_first(t: &Target) -> Check {
         ensure_eq!(d.acquire_fini(ctx)?, Ok(()));
     }
     ensure_eq!(d.release(x)?, Ok(()));
+    Ok(())
+}
+
+pub(super) fn lock_contention_parks_until_unlock(t: &Target) -> Check {
+    let vmm = t.connect()?;
+    let d = vmm.driver();
+    let object = create(d, 1, 0)?;
+    let (a, _) = d.acquire_init()??;
+    let (b, _) = d.acquire_init()??;
+    let (c, _) = d.acquire_init()??;
+    ensure_eq!(d.lock(a, object, 0)?, Ok(()));
+    ensure_eq!(d.lock(a, object, 0)?, Err(Status::Already));
+    ensure_eq!(d.lock(c, object, lock_flags::TRY)?, Err(Status::Busy));
+    ensure_eq!(d.unlock(c, object)?, Err(Status::Perm));
+    let parked = d.submit(CONTROLQ, &lock_request(b, object, 0))?;
+    ensure!(
+        !d.settle(&parked, SETTLE)?,
+        "LOCK on a held object must wait"
+    );
+    // The context has a waiting request: anything else naming it is EBUSY.
+    ensure_eq!(d.lock(b, object, lock_flags::TRY)?, Err(Status::Busy));
+    ensure_eq!(
+        d.acquire_fini(a)?,
+        Err(Status::Busy),
+        "FINI while holding a lock"
+    );
+    ensure_eq!(d.unlock(a, object)?, Ok(()));
+    ensure_eq!(d.complete(parked)?, Ok(Reply::Empty));
+    ensure_eq!(d.unlock(b, object)?, Ok(()));
+    for ctx in [a, b, c] {
+        ensure_eq!(d.acquire_fini(ctx)?, Ok(()));
+    }
+    ensure_eq!(d.release(object)?, Ok(()));
+    Ok(())
+}
+
+pub(super) fn wait_die_backoff_and_slow_relock_with_two_contexts(t: &Target) -> Check {
+    let vmm = t.connect()?;
+    let d = vmm.driver();
+    let x = create(d, 1, 0)?;
+    let y = create(d, 1, 0)?;
+    let (old, s_old) = d.acquire_init()??;
+    let (young, s_young) = d.acquire_init()??;
+    ensure!(s_old < s_young, "stamps grow: {s_old} then {s_young}");
+    ensure_eq!(d.lock(old, x, 0)?, Ok(()));
+    ensure_eq!(d.lock(young, y, 0)?, Ok(()));
+    // Younger, holding a lock, contends with an older holder: dies at once.
+    ensure_eq!(d.lock(young, x, 0)?, Err(Status::Deadlk));
+    // SLOW while holding a lock is EINVAL.
+    ensure_eq!(d.lock(young, x, lock_flags::SLOW)?, Err(Status::Inval));
+    // Older contends with the younger holder: waits.
+    let parked = d.submit(CONTROLQ, &lock_request(old, y, 0))?;
+    ensure!(!d.settle(&parked, SETTLE)?, "the older context must wait");
+    // The younger backs off; the older gets Y.
+    ensure_eq!(d.unlock(young, y)?, Ok(()));
+    ensure_eq!(d.complete(parked)?, Ok(Reply::Empty));
+    // Holding nothing, SLOW waits like a plain LOCK.
+    let slow = d.submit(CONTROLQ, &lock_request(young, x, lock_flags::SLOW))?;
+    ensure!(!d.settle(&slow, SETTLE)?);
+    ensure_eq!(d.unlock(old, x)?, Ok(()));
+    ensure_eq!(d.complete(slow)?, Ok(Reply::Empty));
+    ensure_eq!(d.unlock(young, x)?, Ok(()));
+    ensure_eq!(d.unlock(old, y)?, Ok(()));
+    ensure_eq!(d.acquire_fini(old)?, Ok(()));
+    ensure_eq!(d.acquire_fini(young)?, Ok(()));
+    ensure_eq!(d.release(x)?, Ok(()));
+    ensure_eq!(d.release(y)?, Ok(()));
+    Ok(())
+}
+
+pub(super) fn cancel_ends_the_waiting_request_with_that_tag(t: &Target) -> Check {
+    let vmm = t.connect()?;
+    let d = vmm.driver();
+    let (object, a, b, parked) = parked_lock(d)?;
+    let tag = parked.tag();
+    ensure_eq!(d.cancel(tag)?, Ok(()));
+    ensure_eq!(d.complete(parked)?, Err(Status::Canceled));
+    ensure_eq!(d.cancel(tag)?, Err(Status::NoEnt));
+    // ACQUIRE_FINI ends a context's waiting request too.
+    let parked = d.submit(CONTROLQ, &lock_request(b, object, 0))?;
+    ensure!(!d.settle(&parked, SETTLE)?);
+    ensure_eq!(d.acquire_fini(b)?, Ok(()));
+    ensure_eq!(d.complete(parked)?, Err(Status::Canceled));
+    ensure_eq!(d.unlock(a, object)?, Ok(()));
+    ensure_eq!(d.acquire_fini(a)?, Ok(()));
+    ensure_eq!(d.release(object)?, Ok(()));
+    Ok(())
+}
+
+pub(super) fn parked_request_does_not_block_other_queues(t: &Target) -> Check {
+    let vmm = t.connect()?;
+    let d = vmm.driver();
+    let queues = d.request_queues();
+    let Some(&other) = queues.iter().find(|&&q| q != CONTROLQ) else {
+        skip!("the daemon has one request queue (--queues 1)")
+    };
+    let (object, a, b, parked) = parked_lock(d)?;
+    for &q in &queues {
+        ensure!(
+            d.call_on(q, &Request::GetInfo)?.is_ok(),
+            "queue {q} serves while queue 0 has a parked LOCK"
+        );
+    }
+    // The UNLOCK on another queue completes the LOCK on the controlq.
+    ensure_eq!(
+        d.call_on(other, &Request::Unlock { ctx: a, object })?,
+        Ok(Reply::Empty)
+    );
+    ensure_eq!(d.complete(parked)?, Ok(Reply::Empty));
+    ensure_eq!(
+        d.call_on(other, &Request::Unlock { ctx: b, object })?,
+        Ok(Reply::Empty)
+    );
+    ensure_eq!(d.acquire_fini(a)?, Ok(()));
+    ensure_eq!(d.acquire_fini(b)?, Ok(()));
+    ensure_eq!(d.release(object)?, Ok(()));
     Ok(())
 }

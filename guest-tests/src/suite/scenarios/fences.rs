@@ -1,0 +1,48 @@
+//! Fences (section 7.6): `WAIT` parks until every fence it waits for is
+//! signalled.
+
+use virtio_dmabuf_protocol::{caps, FenceUsage, Reply, Request, Status, CONTROLQ};
+
+use super::{create, need_cap, Check, Target, SETTLE};
+use crate::session::Session;
+use crate::{ensure, ensure_eq};
+
+pub(super) fn wait_completes_when_every_fence_up_to_usage_is_signalled(t: &Target) -> Check {
+    let vmm = t.connect()?;
+    let d = vmm.driver();
+    need_cap(d, caps::FENCES, "FENCES", false)?;
+    let object = create(d, 1, 0)?;
+    let (ctx, _) = d.acquire_init()??;
+    ensure_eq!(
+        d.fence_attach(ctx, object, FenceUsage::Write)?,
+        Err(Status::Perm),
+        "needs the lock"
+    );
+    ensure_eq!(d.lock(ctx, object, 0)?, Ok(()));
+    let fence = d.fence_attach(ctx, object, FenceUsage::Write)??;
+    ensure_eq!(
+        d.wait(object, FenceUsage::Write, 0)?,
+        Err(Status::TimedOut),
+        "poll"
+    );
+    ensure_eq!(
+        d.wait(object, FenceUsage::Kernel, 0)?,
+        Ok(()),
+        "no KERNEL fence"
+    );
+    let waiting = d.submit(
+        CONTROLQ,
+        &Request::Wait {
+            object,
+            usage: FenceUsage::Read,
+            timeout_ns: 3_000_000_000,
+        },
+    )?;
+    ensure!(!d.settle(&waiting, SETTLE)?);
+    ensure_eq!(d.fence_signal(fence, 0)?, Ok(()));
+    ensure_eq!(d.complete(waiting)?, Ok(Reply::Empty));
+    ensure_eq!(d.unlock(ctx, object)?, Ok(()));
+    ensure_eq!(d.acquire_fini(ctx)?, Ok(()));
+    ensure_eq!(d.release(object)?, Ok(()));
+    Ok(())
+}
