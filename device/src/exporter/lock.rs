@@ -6,7 +6,7 @@ use std::collections::BTreeSet;
 use virtio_dmabuf_protocol::{Reply, Status};
 
 use super::resv::Locker;
-use super::{done, wait, Attempt, Exporter, GuestId, ObjId, Step};
+use super::{done, park_on, Attempt, Exporter, GuestId, ObjId, Step};
 
 #[derive(Debug)]
 pub(crate) struct Context {
@@ -52,8 +52,8 @@ impl Exporter {
         if !c.held.is_empty() {
             return Err(Status::Busy);
         }
-        if let Some(pid) = c.waiting {
-            self.complete(pid, Err(Status::Canceled));
+        if let Some(pending_id) = c.waiting {
+            self.complete(pending_id, Err(Status::Canceled));
         }
         self.contexts.remove(&ctx);
         self.guests[guest].contexts.remove(&ctx);
@@ -100,7 +100,7 @@ impl Exporter {
         if !c.held.is_empty() && o.resv.must_die_on_arrival(c.stamp) {
             return Err(Status::Deadlk);
         }
-        wait(Step::QueueCtx { object, ctx })
+        park_on(Step::QueueCtx { object, ctx })
     }
 
     /// `UNLOCK` (section 7.4).
@@ -137,8 +137,8 @@ impl Exporter {
         let Some(c) = self.contexts.get(&ctx) else {
             return;
         };
-        if let Some(pid) = c.waiting {
-            self.complete(pid, Err(Status::Canceled));
+        if let Some(pending_id) = c.waiting {
+            self.complete(pending_id, Err(Status::Canceled));
         }
         let held: Vec<ObjId> = self
             .contexts
