@@ -4,6 +4,7 @@
 use virtio_dmabuf_protocol::{AddressSpace, Direction, FenceUsage, Reply, Status};
 
 use super::session::ShmPlacement;
+use super::status::{provider_status, ProviderCall};
 use super::{done, park_on, sync, Attempt, Exporter, GuestId, ObjId, Step};
 
 /// Bytes copied per provider call on the copy path and on a move.
@@ -233,10 +234,11 @@ impl Exporter {
             .ok_or(Status::NoEnt)?;
         f(backing).map_err(|e| match e {
             CopyError::Status(s) => s,
-            CopyError::Provider(e) => {
-                log::error!("copy on object {object}: {e}");
-                Status::Io
-            }
+            CopyError::Provider(e) => provider_status(
+                ProviderCall::Access,
+                format_args!("copy on object {object}"),
+                &e,
+            ),
         })
     }
 }

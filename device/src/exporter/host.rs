@@ -11,6 +11,7 @@ use virtio_dmabuf_protocol::{Event, EventType, FenceUsage, Opcode, Response, Sta
 use super::cpu::COPY_CHUNK;
 use super::objects::{Export, Object};
 use super::resv::Locker;
+use super::status::{provider_status, ProviderCall};
 use super::sync::{SyncEntry, SyncRecord};
 use super::{Attempt, Exporter, GuestId, ObjId, Outcome, Owner, PendingId, Step, Work};
 use crate::provider::Backing;
@@ -354,8 +355,7 @@ impl Exporter {
     fn move_object(&mut self, id: ObjId) -> Result<(), Status> {
         let size = self.objects.get(&id).ok_or(Status::NoEnt)?.size;
         let new = self.provider.allocate(size).map_err(|e| {
-            log::error!("move of object {id}: {e}");
-            Status::NoMem
+            provider_status(ProviderCall::Move, format_args!("move of object {id}"), &e)
         })?;
         {
             let old = self
@@ -372,8 +372,11 @@ impl Exporter {
                     .read_at(at, chunk)
                     .and_then(|()| new.write_at(at, chunk));
                 copied.map_err(|e| {
-                    log::error!("move of object {id}: {e}");
-                    Status::Io
+                    provider_status(
+                        ProviderCall::Access,
+                        format_args!("move of object {id}"),
+                        &e,
+                    )
                 })?;
                 at += n as u64;
             }

@@ -39,6 +39,7 @@ use rustix::event::PollFlags;
 use serde::Serialize;
 use virtio_dmabuf_protocol::{sync_flags, FenceUsage, Status};
 
+use super::status::{provider_status, ProviderCall};
 use super::{Exporter, ObjId, Step};
 use crate::provider::{host_fences, HostAccess, HostFences, Signalled};
 
@@ -166,8 +167,8 @@ impl Exporter {
             0
         };
         let found = host_fences(backing.fd(), access_for(usage), ours > 0).map_err(|e| {
-            log::error!("host fences of object {object}: {e}");
-            Status::Io
+            let doing = format_args!("host fences of object {object}");
+            provider_status(ProviderCall::Access, doing, &e)
         })?;
         match found {
             HostFences::Clear => Ok(None),

@@ -34,6 +34,7 @@ mod objects;
 mod pending;
 mod resv;
 mod session;
+mod status;
 pub mod sync;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -602,16 +603,15 @@ impl Exporter {
             kernel: backing.is_real_dmabuf(),
             errno: None,
         };
+        let uuid = entry.uuid;
         let result = backing.sync(flags);
         if let Err(e) = &result {
-            log::error!(
-                "host sync {} on {} failed: {e}",
-                sync::flags_name(flags),
-                entry.uuid
-            );
             entry.errno = Some(e.raw_os_error().unwrap_or(libc::EIO));
         }
         self.stats.syncs.record(entry);
-        result.map_err(|_| Status::Io)
+        result.map_err(|e| {
+            let doing = format_args!("host sync {} on {uuid} failed", sync::flags_name(flags));
+            status::provider_status(status::ProviderCall::Access, doing, &e)
+        })
     }
 }
