@@ -93,7 +93,7 @@ impl Exporter {
         if must_hold && !c.held.contains(&att.object) {
             return Err(Status::Perm);
         }
-        if c.waiting.is_some() {
+        if c.parked.is_some() {
             return Err(Status::Busy);
         }
         Ok(LockUse::Context)

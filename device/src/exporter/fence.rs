@@ -62,7 +62,7 @@ impl Exporter {
         if !c.held.contains(&object) {
             return Err(Status::Perm);
         }
-        if c.waiting.is_some() {
+        if c.parked.is_some() {
             return Err(Status::Busy);
         }
         if self.guests[guest].fences.len() >= self.config.limits.max_fences as usize {

@@ -106,7 +106,7 @@ impl Exporter {
     ) -> Result<(), Status> {
         if let Owner::Guest { guest, .. } = owner {
             let g = &self.guests[guest];
-            if g.waiting >= self.config.limits.max_waiting {
+            if g.parked >= self.config.limits.max_waiting {
                 return Err(Status::NoSpc);
             }
         }
@@ -138,11 +138,11 @@ impl Exporter {
         }
         if let Some(ctx) = ctx_slot {
             if let Some(c) = self.contexts.get_mut(&ctx) {
-                c.waiting = Some(pending_id);
+                c.parked = Some(pending_id);
             }
         }
         if let Owner::Guest { guest, .. } = owner {
-            self.guests[guest].waiting += 1;
+            self.guests[guest].parked += 1;
         }
         self.pending.insert(
             pending_id,
@@ -218,13 +218,13 @@ impl Exporter {
         self.dirty.insert(p.object);
         if let Some(ctx) = p.ctx {
             if let Some(c) = self.contexts.get_mut(&ctx) {
-                if c.waiting == Some(pending_id) {
-                    c.waiting = None;
+                if c.parked == Some(pending_id) {
+                    c.parked = None;
                 }
             }
         }
         if let Some(g) = p.guest() {
-            self.guests[g].waiting = self.guests[g].waiting.saturating_sub(1);
+            self.guests[g].parked = self.guests[g].parked.saturating_sub(1);
         }
         Some(p)
     }

@@ -1,11 +1,11 @@
 //! The one place a host provider's failure becomes a guest-visible status.
 //!
-//! The contract names two outcomes for a host that cannot do what a request
-//! needs: `ENOMEM` when memory for an object cannot be had (section 7.2,
-//! CREATE; section 11, eviction's move), and `EIO` for any other host failure
-//! (a shared object that is not a usable dma-buf, section 7.2; a copy, sync or
-//! fence query on an existing backing, sections 7.5, 7.6 and 9). The cause
-//! stays in the host's log, written here once; the guest sees only the code.
+//! Section 5 names two codes for a host that cannot do what a request
+//! needs: `ENOMEM`, a host allocation failed (CREATE, 7.2; an eviction's
+//! move, 11), and `EIO`, the host kernel failed an operation, its errno
+//! logged (a shared object that is not a usable dma-buf, 7.2; a copy, sync
+//! or fence query on a backing, 7.5, 7.6, 9). The cause is logged here,
+//! once; the guest sees only the code.
 
 use std::fmt::Display;
 
