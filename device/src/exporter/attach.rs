@@ -18,7 +18,7 @@ use virtio_dmabuf_protocol::{
     map_flags, AddressSpace, Direction, FenceUsage, MapReply, Reply, Segment, Status,
 };
 
-use super::{done, sync, wait, Attempt, Exporter, GuestId, ObjId, Step};
+use super::{done, park_on, sync, Attempt, Exporter, GuestId, ObjId, PendingId, Step};
 
 #[derive(Debug)]
 pub(crate) struct Attachment {
@@ -93,7 +93,7 @@ impl Exporter {
         if must_hold && !c.held.contains(&att.object) {
             return Err(Status::Perm);
         }
-        if c.waiting.is_some() {
+        if c.parked.is_some() {
             return Err(Status::Busy);
         }
         Ok(LockUse::Context)
@@ -103,7 +103,7 @@ impl Exporter {
     pub(crate) fn attach(
         &mut self,
         guest: GuestId,
-        pid: u64,
+        pending_id: PendingId,
         handle: u64,
         dynamic_importer: bool,
         peer2peer: bool,
@@ -113,8 +113,8 @@ impl Exporter {
             return Err(Status::NoSpc);
         }
         // The attachment list changes under the reservation lock.
-        if !self.lock_available(object, pid) {
-            return wait(Step::Lock(object));
+        if !self.lock_available(object, pending_id) {
+            return park_on(Step::Lock(object));
         }
         let dynamic_exporter = self.objects.get(&object).is_some_and(|o| o.dynamic);
         let disagree = dynamic_importer != dynamic_exporter;
@@ -144,7 +144,7 @@ impl Exporter {
     }
 
     /// `DETACH` (section 7.3).
-    pub(crate) fn detach(&mut self, guest: GuestId, pid: u64, id: u64) -> Attempt {
+    pub(crate) fn detach(&mut self, guest: GuestId, pending_id: PendingId, id: u64) -> Attempt {
         let att = self.attachment_of(guest, id)?;
         if !att.mappings.is_empty() {
             return Err(Status::Busy);
@@ -152,14 +152,14 @@ impl Exporter {
         let object = att.object;
         let cached = att.cached;
         let revoked = self.objects.get(&object).is_none_or(|o| o.revoked);
-        if !revoked && !self.lock_available(object, pid) {
-            return wait(Step::Lock(object));
+        if !revoked && !self.lock_available(object, pending_id) {
+            return park_on(Step::Lock(object));
         }
         // The cached mapping's end is a START sync: the host's fences of
         // its direction first (`host_fences.rs`).
         if let (false, Some(dir)) = (revoked, cached) {
             if let Some(step) = self.host_gate_sync(object, sync::for_cpu(dir), false)? {
-                return wait(step);
+                return park_on(step);
             }
         }
         self.drop_attachment(id, !revoked);
@@ -232,7 +232,7 @@ impl Exporter {
     pub(crate) fn map(
         &mut self,
         guest: GuestId,
-        pid: u64,
+        pending_id: PendingId,
         id: u64,
         dir: Direction,
         max_entries: u32,
@@ -260,13 +260,13 @@ impl Exporter {
         }
         let fresh_static = att.cached.is_none() && !att.dynamic_importer;
         if matches!(lock_use, LockUse::Device) {
-            if !self.lock_available(object, pid) {
-                return wait(Step::Lock(object));
+            if !self.lock_available(object, pending_id) {
+                return park_on(Step::Lock(object));
             }
             // A static importer's fresh mapping waits for the KERNEL fences
             // (moves and clears), holding the lock.
             if fresh_static && !self.fences_clear(object, FenceUsage::Kernel) {
-                return wait(Step::Fences {
+                return park_on(Step::Fences {
                     object,
                     usage: FenceUsage::Kernel,
                     locked: true,
@@ -275,7 +275,7 @@ impl Exporter {
             // And the host's, on a kernel dma-buf (`host_fences.rs`).
             if fresh_static {
                 if let Some(step) = self.host_gate(object, FenceUsage::Kernel, true)? {
-                    return wait(step);
+                    return park_on(step);
                 }
             }
         }
@@ -331,7 +331,13 @@ impl Exporter {
     }
 
     /// `UNMAP` (section 7.3).
-    pub(crate) fn unmap(&mut self, guest: GuestId, pid: u64, id: u64, ctx: u64) -> Attempt {
+    pub(crate) fn unmap(
+        &mut self,
+        guest: GuestId,
+        pending_id: PendingId,
+        id: u64,
+        ctx: u64,
+    ) -> Attempt {
         let m = self
             .mappings
             .get(&id)
@@ -347,13 +353,13 @@ impl Exporter {
             self.drop_mapping(id);
             return done(Ok(Reply::Empty));
         }
-        if matches!(lock_use, LockUse::Device) && !self.lock_available(object, pid) {
-            return wait(Step::Lock(object));
+        if matches!(lock_use, LockUse::Device) && !self.lock_available(object, pending_id) {
+            return park_on(Step::Lock(object));
         }
         // The sync is a START: the host's fences of its direction first
         // (`host_fences.rs`).
         if let Some(step) = self.host_gate_sync(object, sync::for_cpu(dir), false)? {
-            return wait(step);
+            return park_on(step);
         }
         // Cached or not, sync-for-cpu(dir); a cached mapping stays in the
         // attachment, this guest's handle on it ends either way.
@@ -367,7 +373,7 @@ impl Exporter {
     pub(crate) fn pin(
         &mut self,
         guest: GuestId,
-        pid: u64,
+        pending_id: PendingId,
         id: u64,
         ctx: u64,
         pin: bool,
@@ -402,8 +408,8 @@ impl Exporter {
         if !pin && att.pins == 0 {
             return Err(Status::Inval);
         }
-        if matches!(lock_use, LockUse::Device) && !self.lock_available(object, pid) {
-            return wait(Step::Lock(object));
+        if matches!(lock_use, LockUse::Device) && !self.lock_available(object, pending_id) {
+            return park_on(Step::Lock(object));
         }
         if let Some(a) = self.attachments.get_mut(&id) {
             if pin {

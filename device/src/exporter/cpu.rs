@@ -4,7 +4,8 @@
 use virtio_dmabuf_protocol::{AddressSpace, Direction, FenceUsage, Reply, Status};
 
 use super::session::ShmPlacement;
-use super::{done, sync, wait, Attempt, Exporter, GuestId, ObjId, Step};
+use super::status::{provider_status, ProviderCall};
+use super::{done, park_on, sync, Attempt, Exporter, GuestId, ObjId, Step};
 
 /// Bytes copied per provider call on the copy path and on a move.
 pub(crate) const COPY_CHUNK: usize = 1 << 20;
@@ -38,7 +39,7 @@ impl Exporter {
         let object = self.object_of(guest, handle)?;
         if begin {
             if let Some(step) = self.cpu_fences(object, dir)? {
-                return wait(step);
+                return park_on(step);
             }
             self.host_sync(object, sync::for_cpu(dir))?;
         } else {
@@ -172,7 +173,7 @@ impl Exporter {
         }
         let dir = Direction::ToDevice;
         if let Some(step) = self.cpu_fences(object, dir)? {
-            return wait(step);
+            return park_on(step);
         }
         self.host_sync(object, sync::for_cpu(dir))?;
         let copied = self.with_backing(object, |b| {
@@ -201,7 +202,7 @@ impl Exporter {
         self.transfer_range(object, offset, len)?;
         let dir = Direction::FromDevice;
         if let Some(step) = self.cpu_fences(object, dir)? {
-            return wait(step);
+            return park_on(step);
         }
         let len = usize::try_from(len).map_err(|_| Status::Inval)?;
         self.host_sync(object, sync::for_cpu(dir))?;
@@ -233,10 +234,11 @@ impl Exporter {
             .ok_or(Status::NoEnt)?;
         f(backing).map_err(|e| match e {
             CopyError::Status(s) => s,
-            CopyError::Provider(e) => {
-                log::error!("copy on object {object}: {e}");
-                Status::Io
-            }
+            CopyError::Provider(e) => provider_status(
+                ProviderCall::Access,
+                format_args!("copy on object {object}"),
+                &e,
+            ),
         })
     }
 }

@@ -9,7 +9,7 @@ use std::time::Instant;
 
 use virtio_dmabuf_protocol::{FenceUsage, Reply, Status};
 
-use super::{done, wait, Attempt, Exporter, GuestId, ObjId, Step};
+use super::{done, park_on, Attempt, Exporter, GuestId, ObjId, Step};
 use crate::provider::InstalledFence;
 
 #[derive(Debug)]
@@ -62,7 +62,7 @@ impl Exporter {
         if !c.held.contains(&object) {
             return Err(Status::Perm);
         }
-        if c.waiting.is_some() {
+        if c.parked.is_some() {
             return Err(Status::Busy);
         }
         if self.guests[guest].fences.len() >= self.config.limits.max_fences as usize {
@@ -153,7 +153,7 @@ impl Exporter {
             if timeout_ns == 0 {
                 return Err(Status::TimedOut);
             }
-            return wait(Step::Fences {
+            return park_on(Step::Fences {
                 object,
                 usage,
                 locked: false,
@@ -167,7 +167,7 @@ impl Exporter {
             return done(Ok(Reply::Empty));
         }
         match self.host_gate(object, usage, false)? {
-            Some(step) => wait(step),
+            Some(step) => park_on(step),
             None => done(Ok(Reply::Empty)),
         }
     }

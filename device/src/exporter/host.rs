@@ -10,8 +10,9 @@ use virtio_dmabuf_protocol::{Event, EventType, FenceUsage, Opcode, Response, Sta
 use super::cpu::COPY_CHUNK;
 use super::objects::{Export, Object};
 use super::resv::Locker;
+use super::status::{provider_status, ProviderCall};
 use super::sync::{SyncEntry, SyncRecord};
-use super::{Attempt, Exporter, GuestId, ObjId, Owner, Step, Work};
+use super::{Attempt, Exporter, GuestId, ObjId, Outcome, Owner, PendingId, Step, Work};
 use crate::provider::Backing;
 
 /// Names a host operation that may wait (an eviction).
@@ -280,13 +281,20 @@ impl Exporter {
         if self.is_pinned(id) {
             return Some(Err(HostError::Pinned));
         }
-        let pid = self.next_pending;
+        let pending_id = self.next_pending;
         self.next_pending += 1;
         let owner = Owner::Host(op);
-        let result = match self.attempt_evict_on(id, pid) {
-            Ok((Step::Done, _)) => Some(Ok(())),
-            Ok((step, _)) => {
-                match self.park(pid, owner, Work::Evict, step, now.checked_add(timeout), now) {
+        let result = match self.attempt_evict_on(id, pending_id) {
+            Ok(Outcome::Answer(_)) => Some(Ok(())),
+            Ok(Outcome::Parked(step)) => {
+                match self.park(
+                    pending_id,
+                    owner,
+                    Work::Evict,
+                    step,
+                    now.checked_add(timeout),
+                    now,
+                ) {
                     Ok(()) => None,
                     Err(status) => Some(Err(HostError::Status(status))),
                 }
@@ -305,34 +313,34 @@ impl Exporter {
     }
 
     /// A parked eviction runs again (its object is in the pending record).
-    pub(crate) fn attempt_evict(&mut self, pid: u64, _now: Instant) -> Attempt {
+    pub(crate) fn attempt_evict(&mut self, pending_id: PendingId, _now: Instant) -> Attempt {
         let id = self
             .pending
-            .get(&pid)
+            .get(&pending_id)
             .map(|p| p.object)
             .ok_or(Status::NoEnt)?;
-        self.attempt_evict_on(id, pid)
+        self.attempt_evict_on(id, pending_id)
     }
 
     /// The order of a move: the lock as a context-less waiter, every fence
     /// (the guests' in the model, then the host's on a kernel dma-buf),
     /// then the move itself under the lock.
-    fn attempt_evict_on(&mut self, id: ObjId, pid: u64) -> Attempt {
+    fn attempt_evict_on(&mut self, id: ObjId, pending_id: PendingId) -> Attempt {
         if self.objects.get(&id).is_none_or(|o| o.revoked) {
             return Err(Status::NoEnt);
         }
-        if !self.lock_available(id, pid) {
-            return super::wait(Step::Lock(id));
+        if !self.lock_available(id, pending_id) {
+            return super::park_on(Step::Lock(id));
         }
         if !self.fences_clear(id, FenceUsage::Bookkeep) {
-            return super::wait(Step::Fences {
+            return super::park_on(Step::Fences {
                 object: id,
                 usage: FenceUsage::Bookkeep,
                 locked: true,
             });
         }
         if let Some(step) = self.host_gate(id, FenceUsage::Bookkeep, true)? {
-            return super::wait(step);
+            return super::park_on(step);
         }
         if self.is_pinned(id) {
             return Err(Status::Busy);
@@ -346,8 +354,7 @@ impl Exporter {
     fn move_object(&mut self, id: ObjId) -> Result<(), Status> {
         let size = self.objects.get(&id).ok_or(Status::NoEnt)?.size;
         let new = self.provider.allocate(size).map_err(|e| {
-            log::error!("move of object {id}: {e}");
-            Status::NoMem
+            provider_status(ProviderCall::Move, format_args!("move of object {id}"), &e)
         })?;
         {
             let old = self
@@ -364,8 +371,11 @@ impl Exporter {
                     .read_at(at, chunk)
                     .and_then(|()| new.write_at(at, chunk));
                 copied.map_err(|e| {
-                    log::error!("move of object {id}: {e}");
-                    Status::Io
+                    provider_status(
+                        ProviderCall::Access,
+                        format_args!("move of object {id}"),
+                        &e,
+                    )
                 })?;
                 at += n as u64;
             }
@@ -448,8 +458,8 @@ impl Exporter {
                 guest: self.contexts.get(&ctx).map(|c| c.guest),
                 stamp: Some(stamp),
             },
-            Locker::Anon(pid) => LockHolderInfo {
-                guest: self.pending.get(&pid).and_then(|p| p.guest()),
+            Locker::Anon(pending_id) => LockHolderInfo {
+                guest: self.pending.get(&pending_id).and_then(|p| p.guest()),
                 stamp: None,
             },
         });

@@ -6,7 +6,7 @@ use std::collections::BTreeSet;
 use virtio_dmabuf_protocol::{Reply, Status};
 
 use super::resv::Locker;
-use super::{done, wait, Attempt, Exporter, GuestId, ObjId, Step};
+use super::{done, park_on, Attempt, Exporter, GuestId, ObjId, PendingId, Step};
 
 #[derive(Debug)]
 pub(crate) struct Context {
@@ -14,8 +14,8 @@ pub(crate) struct Context {
     /// From one counter per daemon process, shared by all guests: lower = older.
     pub stamp: u64,
     pub held: BTreeSet<ObjId>,
-    /// Its one waiting request.
-    pub waiting: Option<u64>,
+    /// Its one parked request (a queued `LOCK`).
+    pub parked: Option<PendingId>,
 }
 
 impl Exporter {
@@ -39,7 +39,7 @@ impl Exporter {
                 guest,
                 stamp,
                 held: BTreeSet::new(),
-                waiting: None,
+                parked: None,
             },
         );
         self.guests[guest].contexts.insert(ctx);
@@ -52,8 +52,8 @@ impl Exporter {
         if !c.held.is_empty() {
             return Err(Status::Busy);
         }
-        if let Some(pid) = c.waiting {
-            self.complete(pid, Err(Status::Canceled));
+        if let Some(pending_id) = c.parked {
+            self.complete(pending_id, Err(Status::Canceled));
         }
         self.contexts.remove(&ctx);
         self.guests[guest].contexts.remove(&ctx);
@@ -75,7 +75,7 @@ impl Exporter {
             // ww_mutex_lock_slow requires that the context holds nothing.
             return Err(Status::Inval);
         }
-        if c.waiting.is_some() {
+        if c.parked.is_some() {
             return Err(Status::Busy);
         }
         let o = self.objects.get(&object).ok_or(Status::NoEnt)?;
@@ -100,7 +100,7 @@ impl Exporter {
         if !c.held.is_empty() && o.resv.must_die_on_arrival(c.stamp) {
             return Err(Status::Deadlk);
         }
-        wait(Step::QueueCtx { object, ctx })
+        park_on(Step::QueueCtx { object, ctx })
     }
 
     /// `UNLOCK` (section 7.4).
@@ -110,7 +110,7 @@ impl Exporter {
         if !c.held.contains(&object) {
             return Err(Status::Perm);
         }
-        if c.waiting.is_some() {
+        if c.parked.is_some() {
             return Err(Status::Busy);
         }
         self.release_lock(ctx, object);
@@ -137,8 +137,8 @@ impl Exporter {
         let Some(c) = self.contexts.get(&ctx) else {
             return;
         };
-        if let Some(pid) = c.waiting {
-            self.complete(pid, Err(Status::Canceled));
+        if let Some(pending_id) = c.parked {
+            self.complete(pending_id, Err(Status::Canceled));
         }
         let held: Vec<ObjId> = self
             .contexts

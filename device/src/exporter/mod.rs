@@ -20,7 +20,8 @@
 //! - `sync.rs`: direction to host sync (9)
 //! - `host.rs`: host exports, revoke, evict, list, stats (10, 11)
 //! - `session.rs`: guests, quotas, reset (6, 7.1)
-//! - this file: dispatch and the parked-request machinery
+//! - `pending.rs`: the parked-request machinery (park, wake, complete, cancel)
+//! - this file: dispatch
 
 mod attach;
 mod cpu;
@@ -30,8 +31,10 @@ mod host;
 mod host_fences;
 mod lock;
 mod objects;
+mod pending;
 mod resv;
 mod session;
+mod status;
 pub mod sync;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -48,7 +51,7 @@ pub use host::{
 pub use host_fences::{HostFenceSetting, HostFenceStats};
 pub use session::GuestCaps;
 
-use resv::Locker;
+pub(crate) use pending::{Owner, Pending, Work};
 
 /// A guest: the index of its vhost-user socket.
 pub type GuestId = usize;
@@ -188,7 +191,6 @@ pub(crate) type ObjId = u64;
 /// What a request needs before it can go on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Step {
-    Done,
     /// The object's reservation lock must be free (or held for this request).
     Lock(ObjId),
     /// No fence of usage <= `usage` may be pending; `locked`: hold the
@@ -199,10 +201,7 @@ pub(crate) enum Step {
         locked: bool,
     },
     /// `LOCK`: queue as the context in the object's waiter list.
-    QueueCtx {
-        object: ObjId,
-        ctx: u64,
-    },
+    QueueCtx { object: ObjId, ctx: u64 },
     /// The host kernel's fences on the object's dma-buf must signal: the
     /// request runs again when `watch` fires (`host_fences.rs`).
     HostFences {
@@ -212,81 +211,26 @@ pub(crate) enum Step {
     },
 }
 
-/// The result of one attempt to run a request.
-pub(crate) type Attempt = Result<(Step, Option<Response>), Status>;
+/// What one attempt to run a request came to: either its answer now, or
+/// parked until what it needs (the [`Step`]) changes — never both.
+#[derive(Debug)]
+pub(crate) enum Outcome {
+    Answer(Response),
+    Parked(Step),
+}
+
+/// The result of one attempt to run a request; `Err` is an answer too.
+pub(crate) type Attempt = Result<Outcome, Status>;
+
+/// Id of a pending (parked) request, unique for the exporter's lifetime.
+pub(crate) type PendingId = u64;
 
 pub(crate) fn done(response: Response) -> Attempt {
-    Ok((Step::Done, Some(response)))
+    Ok(Outcome::Answer(response))
 }
 
-pub(crate) fn wait(step: Step) -> Attempt {
-    Ok((step, None))
-}
-
-/// Who is waiting.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Owner {
-    Guest {
-        guest: GuestId,
-        origin: Origin,
-        tag: u64,
-    },
-    Host(HostOpId),
-}
-
-#[derive(Debug)]
-pub(crate) enum Work {
-    Guest(Request),
-    Evict,
-}
-
-/// A parked request.
-#[derive(Debug)]
-pub(crate) struct Pending {
-    pub owner: Owner,
-    pub work: Work,
-    pub step: Step,
-    /// The object it waits on (lock or fences).
-    pub object: ObjId,
-    /// The acquire context whose one waiting slot it takes.
-    pub ctx: Option<u64>,
-    pub deadline: Option<Instant>,
-    /// `--fence-timeout` after it first waited for host fences: the bound
-    /// of that wait (the device cannot signal the host's fences).
-    pub host_deadline: Option<Instant>,
-}
-
-impl Pending {
-    /// When its timer fires, if it has one now. An eviction's timeout bounds
-    /// only its wait for the lock; once the mover holds it, fences have
-    /// their own timeout, so a spent deadline is no timer (else it would
-    /// stay due and the timer thread would spin on it).
-    pub fn timer(&self) -> Option<Instant> {
-        let own = match (&self.work, self.step) {
-            (Work::Evict, Step::Lock(_)) | (Work::Guest(_), _) => self.deadline,
-            (Work::Evict, _) => None,
-        };
-        let host = match self.step {
-            Step::HostFences { .. } => self.host_deadline,
-            _ => None,
-        };
-        match (own, host) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
-    }
-
-    /// True when its timer is the host-fence bound (not its own timeout).
-    fn host_timed_out(&self, now: Instant) -> bool {
-        matches!(self.step, Step::HostFences { .. }) && self.host_deadline.is_some_and(|d| d <= now)
-    }
-
-    pub fn guest(&self) -> Option<GuestId> {
-        match self.owner {
-            Owner::Guest { guest, .. } => Some(guest),
-            Owner::Host(_) => None,
-        }
-    }
+pub(crate) fn park_on(step: Step) -> Attempt {
+    Ok(Outcome::Parked(step))
 }
 
 /// The whole state of the device, for every guest.
@@ -305,7 +249,7 @@ pub struct Exporter {
     /// One counter for every handle the process hands out: never reused.
     next_handle: u64,
     next_stamp: u64,
-    pub(crate) next_pending: u64,
+    pub(crate) next_pending: PendingId,
     /// Objects whose lock queue or fence waiters must be looked at again.
     dirty: BTreeSet<ObjId>,
     completions: Vec<Completion>,
@@ -416,22 +360,20 @@ impl Exporter {
         if guest >= self.guests.len() {
             return Some(Err(Status::Inval));
         }
-        let pid = self.next_pending;
+        let pending_id = self.next_pending;
         self.next_pending += 1;
         let owner = Owner::Guest { guest, origin, tag };
         let work = Work::Guest(request);
-        let result = match self.attempt(owner, pid, &work, now) {
-            Ok((Step::Done, response)) => {
-                Some(response.unwrap_or(Ok(virtio_dmabuf_protocol::Reply::Empty)))
-            }
-            Ok((step, _)) => {
+        let result = match self.attempt(owner, pending_id, &work, now) {
+            Ok(Outcome::Answer(response)) => Some(response),
+            Ok(Outcome::Parked(step)) => {
                 let deadline = match &work {
                     Work::Guest(Request::Wait { timeout_ns, .. }) => {
                         now.checked_add(Duration::from_nanos(*timeout_ns))
                     }
                     _ => None,
                 };
-                match self.park(pid, owner, work, step, deadline, now) {
+                match self.park(pending_id, owner, work, step, deadline, now) {
                     Ok(()) => None,
                     Err(status) => Some(Err(status)),
                 }
@@ -495,8 +437,8 @@ impl Exporter {
             .filter(|(_, p)| p.timer().is_some_and(|d| d <= now))
             .map(|(id, _)| *id)
             .collect();
-        for pid in due {
-            let Some(p) = self.pending.get(&pid) else {
+        for pending_id in due {
+            let Some(p) = self.pending.get(&pending_id) else {
                 continue;
             };
             let host = p.host_timed_out(now);
@@ -505,21 +447,29 @@ impl Exporter {
                 log::warn!("a request waited --fence-timeout for host fences: ETIMEDOUT");
             }
             match p.work {
-                Work::Guest(_) => self.complete(pid, Err(Status::TimedOut)),
-                Work::Evict if host => self.complete_host(pid, Err(HostError::HostFenceTimeout)),
-                Work::Evict => self.complete_host(pid, Err(HostError::LockTimeout)),
+                Work::Guest(_) => self.complete(pending_id, Err(Status::TimedOut)),
+                Work::Evict if host => {
+                    self.complete_host(pending_id, Err(HostError::HostFenceTimeout))
+                }
+                Work::Evict => self.complete_host(pending_id, Err(HostError::LockTimeout)),
             }
         }
         self.pump(now);
     }
 
     /// One attempt at a request: either it is done, or it says what it waits for.
-    fn attempt(&mut self, owner: Owner, pid: u64, work: &Work, now: Instant) -> Attempt {
+    fn attempt(
+        &mut self,
+        owner: Owner,
+        pending_id: PendingId,
+        work: &Work,
+        now: Instant,
+    ) -> Attempt {
         match (owner, work) {
             (Owner::Guest { guest, tag, .. }, Work::Guest(req)) => {
-                self.dispatch(guest, pid, tag, req, now)
+                self.dispatch(guest, pending_id, tag, req, now)
             }
-            (Owner::Host(_), Work::Evict) => self.attempt_evict(pid, now),
+            (Owner::Host(_), Work::Evict) => self.attempt_evict(pending_id, now),
             _ => Err(Status::Inval),
         }
     }
@@ -528,7 +478,7 @@ impl Exporter {
     fn dispatch(
         &mut self,
         guest: GuestId,
-        pid: u64,
+        pending_id: PendingId,
         tag: u64,
         req: &Request,
         now: Instant,
@@ -560,17 +510,21 @@ impl Exporter {
                 object,
                 dynamic_importer,
                 peer2peer,
-            } => self.attach(guest, pid, *object, *dynamic_importer, *peer2peer),
-            Request::Detach { attachment } => self.detach(guest, pid, *attachment),
+            } => self.attach(guest, pending_id, *object, *dynamic_importer, *peer2peer),
+            Request::Detach { attachment } => self.detach(guest, pending_id, *attachment),
             Request::Map {
                 attachment,
                 dir,
                 max_entries,
                 ctx,
-            } => self.map(guest, pid, *attachment, *dir, *max_entries, *ctx),
-            Request::Unmap { mapping, ctx } => self.unmap(guest, pid, *mapping, *ctx),
-            Request::Pin { attachment, ctx } => self.pin(guest, pid, *attachment, *ctx, true),
-            Request::Unpin { attachment, ctx } => self.pin(guest, pid, *attachment, *ctx, false),
+            } => self.map(guest, pending_id, *attachment, *dir, *max_entries, *ctx),
+            Request::Unmap { mapping, ctx } => self.unmap(guest, pending_id, *mapping, *ctx),
+            Request::Pin { attachment, ctx } => {
+                self.pin(guest, pending_id, *attachment, *ctx, true)
+            }
+            Request::Unpin { attachment, ctx } => {
+                self.pin(guest, pending_id, *attachment, *ctx, false)
+            }
             Request::AcquireInit => self.acquire_init(guest),
             Request::AcquireFini { ctx } => self.acquire_fini(guest, *ctx),
             Request::Lock {
@@ -609,312 +563,6 @@ impl Exporter {
         }
     }
 
-    /// Stores a request that must wait, after the guest's quota check.
-    pub(crate) fn park(
-        &mut self,
-        pid: u64,
-        owner: Owner,
-        work: Work,
-        step: Step,
-        deadline: Option<Instant>,
-        now: Instant,
-    ) -> Result<(), Status> {
-        let parked = self.park_inner(pid, owner, work, step, deadline, now);
-        if parked.is_err() {
-            self.drop_watch(step);
-        }
-        parked
-    }
-
-    fn park_inner(
-        &mut self,
-        pid: u64,
-        owner: Owner,
-        work: Work,
-        step: Step,
-        deadline: Option<Instant>,
-        now: Instant,
-    ) -> Result<(), Status> {
-        if let Owner::Guest { guest, .. } = owner {
-            let g = &self.guests[guest];
-            if g.waiting >= self.config.limits.max_waiting {
-                return Err(Status::NoSpc);
-            }
-        }
-        let mut ctx_slot = None;
-        let (object, waiter) = match step {
-            Step::Done => return Ok(()),
-            Step::Lock(object) => (object, Some(Locker::Anon(pid))),
-            Step::QueueCtx { object, ctx } => {
-                let stamp = self.contexts.get(&ctx).ok_or(Status::NoEnt)?.stamp;
-                ctx_slot = Some(ctx);
-                (object, Some(Locker::Ctx { ctx, stamp }))
-            }
-            Step::Fences { object, locked, .. } | Step::HostFences { object, locked, .. } => {
-                if locked {
-                    let o = self.objects.get_mut(&object).ok_or(Status::NoEnt)?;
-                    if o.resv.is_free() {
-                        o.resv.take(Locker::Anon(pid));
-                    }
-                }
-                (object, None)
-            }
-        };
-        let host_deadline = self.host_wait_started(step, None, now);
-        if let Some(locker) = waiter {
-            let o = self.objects.get_mut(&object).ok_or(Status::NoEnt)?;
-            o.resv.enqueue(resv::Waiter {
-                pending: pid,
-                locker,
-            });
-        }
-        if let Some(ctx) = ctx_slot {
-            if let Some(c) = self.contexts.get_mut(&ctx) {
-                c.waiting = Some(pid);
-            }
-        }
-        if let Owner::Guest { guest, .. } = owner {
-            self.guests[guest].waiting += 1;
-        }
-        self.pending.insert(
-            pid,
-            Pending {
-                owner,
-                work,
-                step,
-                object,
-                ctx: ctx_slot,
-                deadline,
-                host_deadline,
-            },
-        );
-        self.mark_dirty(object);
-        Ok(())
-    }
-
-    /// The host-fence bound of a request now at `step`: kept from its
-    /// first host wait, set by this one, or none.
-    fn host_wait_started(
-        &mut self,
-        step: Step,
-        before: Option<Instant>,
-        now: Instant,
-    ) -> Option<Instant> {
-        match (step, before) {
-            (Step::HostFences { .. }, None) => {
-                self.host_counters.waits += 1;
-                Some(now.checked_add(self.config.fence_timeout).unwrap_or(now))
-            }
-            (_, before) => before,
-        }
-    }
-
-    /// Ends a parked guest request with `response`, releasing the lock it
-    /// held and its slots.
-    pub(crate) fn complete(&mut self, pid: u64, response: Response) {
-        let Some(p) = self.remove_pending(pid) else {
-            return;
-        };
-        if let (Owner::Guest { guest, origin, tag }, Work::Guest(req)) = (p.owner, &p.work) {
-            let opcode = req.opcode();
-            self.stats.count(opcode, &response);
-            self.completions.push(Completion {
-                guest,
-                origin,
-                tag,
-                opcode,
-                response,
-            });
-        }
-    }
-
-    pub(crate) fn complete_host(&mut self, pid: u64, result: Result<(), HostError>) {
-        if let Some(Pending {
-            owner: Owner::Host(op),
-            ..
-        }) = self.remove_pending(pid)
-        {
-            self.host_completions.push((op, result));
-        }
-    }
-
-    fn remove_pending(&mut self, pid: u64) -> Option<Pending> {
-        let p = self.pending.remove(&pid)?;
-        self.drop_watch(p.step);
-        if let Some(o) = self.objects.get_mut(&p.object) {
-            o.resv.remove(pid);
-            if o.resv.is_held_by_anon(pid) {
-                o.resv.release();
-            }
-        }
-        self.dirty.insert(p.object);
-        if let Some(ctx) = p.ctx {
-            if let Some(c) = self.contexts.get_mut(&ctx) {
-                if c.waiting == Some(pid) {
-                    c.waiting = None;
-                }
-            }
-        }
-        if let Some(g) = p.guest() {
-            self.guests[g].waiting = self.guests[g].waiting.saturating_sub(1);
-        }
-        Some(p)
-    }
-
-    /// Waiting requests of `guest` that match `filter` end with `ECANCELED`.
-    pub(crate) fn cancel_where(&mut self, filter: impl Fn(&Pending) -> bool) {
-        let ids: Vec<u64> = self
-            .pending
-            .iter()
-            .filter(|(_, p)| filter(p))
-            .map(|(id, _)| *id)
-            .collect();
-        for pid in ids {
-            match self.pending.get(&pid).map(|p| p.owner) {
-                Some(Owner::Guest { .. }) => self.complete(pid, Err(Status::Canceled)),
-                Some(Owner::Host(_)) => self.complete_host(pid, Err(HostError::Canceled)),
-                None => {}
-            }
-        }
-    }
-
-    /// Moves every parked request whose blocker changed as far as it can
-    /// go: the die rule, lock grants, fence waits. Runs until nothing changes.
-    pub(crate) fn pump(&mut self, now: Instant) {
-        while let Some(object) = self.dirty.pop_first() {
-            self.pump_object(object, now);
-        }
-    }
-
-    fn pump_object(&mut self, object: ObjId, now: Instant) {
-        // Wait-die: a waiting context that holds other locks backs off as soon
-        // as an older context is ahead of it (section 7.4).
-        let dying = {
-            let contexts = &self.contexts;
-            match self.objects.get_mut(&object) {
-                Some(o) => o
-                    .resv
-                    .reap_dying(|ctx| contexts.get(&ctx).is_some_and(|c| !c.held.is_empty())),
-                None => Vec::new(),
-            }
-        };
-        for w in dying {
-            self.complete(w.pending, Err(Status::Deadlk));
-        }
-        // Grant the free lock to the first waiter.
-        let granted = self.objects.get_mut(&object).and_then(|o| o.resv.grant());
-        if let Some(w) = granted {
-            self.dirty.insert(object);
-            match w.locker {
-                Locker::Ctx { ctx, .. } => {
-                    if let Some(c) = self.contexts.get_mut(&ctx) {
-                        c.held.insert(object);
-                    }
-                    self.complete(w.pending, Ok(virtio_dmabuf_protocol::Reply::Empty));
-                }
-                Locker::Anon(pid) => self.retry(pid, now),
-            }
-            return;
-        }
-        // Requests waiting for fences on this object.
-        let ready: Vec<u64> = self
-            .pending
-            .iter()
-            .filter(|(_, p)| p.object == object)
-            .filter_map(|(id, p)| match p.step {
-                Step::Fences { usage, .. } if self.fences_clear(object, usage) => Some(*id),
-                Step::HostFences { watch, .. }
-                    if self.host_watches.get(&watch).is_none_or(|w| w.fired) =>
-                {
-                    Some(*id)
-                }
-                _ => None,
-            })
-            .collect();
-        for pid in ready {
-            self.retry(pid, now);
-        }
-    }
-
-    /// Runs a parked request again now that its blocker changed.
-    fn retry(&mut self, pid: u64, now: Instant) {
-        let Some(p) = self.pending.get_mut(&pid) else {
-            return;
-        };
-        let owner = p.owner;
-        let work = std::mem::replace(&mut p.work, Work::Evict);
-        let attempt = self.attempt(owner, pid, &work, now);
-        if let Some(p) = self.pending.get_mut(&pid) {
-            p.work = work;
-        }
-        match attempt {
-            Ok((Step::Done, response)) => match owner {
-                Owner::Guest { .. } => self.complete(
-                    pid,
-                    response.unwrap_or(Ok(virtio_dmabuf_protocol::Reply::Empty)),
-                ),
-                Owner::Host(_) => self.complete_host(pid, Ok(())),
-            },
-            Ok((step, _)) => self.repark(pid, step, now),
-            Err(status) => match owner {
-                Owner::Guest { .. } => self.complete(pid, Err(status)),
-                Owner::Host(_) => self.complete_host(pid, Err(HostError::Status(status))),
-            },
-        }
-    }
-
-    /// A retried request still waits, maybe for something else now.
-    fn repark(&mut self, pid: u64, step: Step, now: Instant) {
-        let Some(p) = self.pending.get(&pid) else {
-            self.drop_watch(step);
-            return;
-        };
-        let (old, before) = (p.step, p.host_deadline);
-        if old != step {
-            self.drop_watch(old);
-        }
-        let host_deadline = self.host_wait_started(step, before, now);
-        let Some(p) = self.pending.get_mut(&pid) else {
-            return;
-        };
-        p.step = step;
-        p.host_deadline = host_deadline;
-        match step {
-            Step::Lock(object) => {
-                p.object = object;
-                if let Some(o) = self.objects.get_mut(&object) {
-                    if !o.resv.is_held_by_anon(pid) {
-                        o.resv.remove(pid);
-                        o.resv.enqueue(resv::Waiter {
-                            pending: pid,
-                            locker: Locker::Anon(pid),
-                        });
-                    }
-                }
-                self.dirty.insert(object);
-            }
-            Step::Fences { object, locked, .. } | Step::HostFences { object, locked, .. } => {
-                p.object = object;
-                if locked {
-                    if let Some(o) = self.objects.get_mut(&object) {
-                        if o.resv.is_free() {
-                            o.resv.take(Locker::Anon(pid));
-                        }
-                    }
-                }
-            }
-            Step::QueueCtx { .. } | Step::Done => {}
-        }
-    }
-
-    /// True when the lock of `object` may be used by request `pid` now:
-    /// free, or held for it.
-    pub(crate) fn lock_available(&self, object: ObjId, pid: u64) -> bool {
-        self.objects
-            .get(&object)
-            .is_some_and(|o| o.resv.is_free() || o.resv.is_held_by_anon(pid))
-    }
-
     /// `CANCEL` (section 7.1).
     fn cancel(&mut self, guest: GuestId, tag: u64) -> Attempt {
         let found = self.pending.iter().find_map(|(id, p)| match p.owner {
@@ -924,8 +572,8 @@ impl Exporter {
             _ => None,
         });
         match found {
-            Some(pid) => {
-                self.complete(pid, Err(Status::Canceled));
+            Some(pending_id) => {
+                self.complete(pending_id, Err(Status::Canceled));
                 done(Ok(virtio_dmabuf_protocol::Reply::Empty))
             }
             None => Err(Status::NoEnt),
@@ -955,16 +603,15 @@ impl Exporter {
             kernel: backing.is_real_dmabuf(),
             errno: None,
         };
+        let uuid = entry.uuid;
         let result = backing.sync(flags);
         if let Err(e) = &result {
-            log::error!(
-                "host sync {} on {} failed: {e}",
-                sync::flags_name(flags),
-                entry.uuid
-            );
             entry.errno = Some(e.raw_os_error().unwrap_or(libc::EIO));
         }
         self.stats.syncs.record(entry);
-        result.map_err(|_| Status::Io)
+        result.map_err(|e| {
+            let doing = format_args!("host sync {} on {uuid} failed", sync::flags_name(flags));
+            status::provider_status(status::ProviderCall::Access, doing, &e)
+        })
     }
 }

@@ -8,6 +8,7 @@ use virtio_dmabuf_protocol::{obj_flags, ObjectReply, Reply, Segment, Status};
 
 use super::resv::WwMutex;
 use super::session::Held;
+use super::status::{provider_status, ProviderCall};
 use super::{done, Attempt, Exporter, GuestId, ObjId, Owner};
 use crate::provider::{self, Backing};
 
@@ -214,8 +215,8 @@ impl Exporter {
             None => match self.provider.allocate(size) {
                 Ok(b) => (b, provider_name(self.provider.kind())),
                 Err(e) => {
-                    log::warn!("allocating {size} bytes for guest {guest}: {e}");
-                    return Err(Status::NoMem);
+                    let doing = format_args!("allocating {size} bytes for guest {guest}");
+                    return Err(provider_status(ProviderCall::Create, doing, &e));
                 }
             },
         };
@@ -300,8 +301,8 @@ impl Exporter {
             return Err(Status::Io);
         }
         let backing = provider::import_host_fd(fd).map_err(|e| {
-            log::warn!("shared object {}: {e}", uuid::Uuid::from_bytes(*uuid));
-            Status::Io
+            let doing = format_args!("shared object {}", uuid::Uuid::from_bytes(*uuid));
+            provider_status(ProviderCall::SharedObject, doing, &e)
         })?;
         let size = backing.size();
         if size % self.config.page_size != 0 {

@@ -56,8 +56,8 @@ pub(crate) struct Guest {
     pub fences: BTreeSet<u64>,
     /// Fences the device signalled with ETIMEDOUT, for a late FENCE_SIGNAL.
     pub timed_out_fences: VecDeque<u64>,
-    /// Parked requests.
-    pub waiting: u32,
+    /// How many of its requests are parked (quota `max_waiting`, 7.1).
+    pub parked: u32,
     /// Bytes of host memory this guest's objects use.
     pub bytes: u64,
     /// Objects in this guest's shared memory window.
@@ -78,7 +78,7 @@ impl Guest {
             contexts: BTreeSet::new(),
             fences: BTreeSet::new(),
             timed_out_fences: VecDeque::new(),
-            waiting: 0,
+            parked: 0,
             bytes: 0,
             shm: BTreeMap::new(),
             events: EventQueue::new(event_limit),
@@ -254,7 +254,7 @@ impl Exporter {
         let g = &mut self.guests[guest];
         g.events.clear();
         g.timed_out_fences.clear();
-        g.waiting = 0;
+        g.parked = 0;
     }
 }
 
