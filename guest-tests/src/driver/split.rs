@@ -352,6 +352,20 @@ impl SplitQueue {
         }
         Ok(())
     }
+
+    /// Stores `idx` in `used_event` as it is (EVENT_IDX): the device
+    /// interrupts once its used index moves past it.
+    pub fn set_used_event(&self, mem: &dyn GuestMemory, idx: u16) -> Result<(), QueueError> {
+        mem.store_u16(self.layout.used_event(), idx)?;
+        fence(Ordering::SeqCst);
+        Ok(())
+    }
+
+    /// The device's `avail_event` (EVENT_IDX): the avail index at which it
+    /// asks to be notified.
+    pub fn device_avail_event(&self, mem: &dyn GuestMemory) -> Result<u16, QueueError> {
+        Ok(mem.load_u16(self.layout.avail_event())?)
+    }
 }
 
 #[cfg(test)]
@@ -368,5 +382,26 @@ mod tests {
         // Wrapping around u16.
         assert!(need_event(0xffff, 1, 0xfffe));
         assert!(!need_event(2, 1, 0xfffe));
+    }
+
+    #[test]
+    fn used_event_and_avail_event_sit_after_their_rings() {
+        use std::sync::Arc;
+        use vm_memory::{GuestAddress, GuestMemoryMmap};
+
+        let mmap =
+            GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x4000)]).expect("guest memory");
+        let mem = super::super::memory::VmGuestMemory::new(Arc::new(mmap));
+        let layout = RingLayout {
+            size: 8,
+            desc: 0,
+            avail: 0x1000,
+            used: 0x2000,
+        };
+        let q = SplitQueue::new(&mem, layout, true).expect("queue");
+        q.set_used_event(&mem, 0x1234).expect("store");
+        assert_eq!(mem.load_u16(layout.used_event()).expect("load"), 0x1234);
+        mem.store_u16(layout.avail_event(), 7).expect("store");
+        assert_eq!(q.device_avail_event(&mem).expect("load"), 7);
     }
 }
