@@ -289,6 +289,11 @@ impl Backing for GuestPagesBacking {
         false
     }
 
+    fn size_is_fixed(&self) -> bool {
+        // Guest pages are never placed in the window (section 7.5).
+        false
+    }
+
     fn sync(&self, flags: u64) -> Result<(), ProviderError> {
         // The memfd emulation: refuse what the kernel refuses, and order the
         // CPU's accesses as cache maintenance would (guest RAM is coherent).
