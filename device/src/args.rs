@@ -88,8 +88,11 @@ pub struct Args {
     pub queues: u16,
 
     /// Objects each guest may hold at once (ENOSPC beyond); above 0.
-    #[arg(long, value_name = "N", default_value_t = Limits::default().max_objects)]
-    pub max_objects: u32,
+    /// Default 4096, lowered at start when the open-file limit cannot hold
+    /// every guest at it; a value given here is never lowered, and the
+    /// daemon refuses to start when the limit cannot hold it.
+    #[arg(long, value_name = "N")]
+    pub max_objects: Option<u32>,
 
     /// Bytes of host memory each guest's objects may use (ENOSPC beyond);
     /// also the largest memfd or dma-heap object. K, M, G, T suffixes;
@@ -166,14 +169,14 @@ impl TryFrom<Args> for Config {
         if args.fence_timeout.is_zero() {
             return Err(ArgsError::Zero("fence-timeout"));
         }
-        if args.max_objects == 0 {
+        if args.max_objects == Some(0) {
             return Err(ArgsError::Zero("max-objects"));
         }
         if args.max_bytes == 0 {
             return Err(ArgsError::Zero("max-bytes"));
         }
         let limits = Limits {
-            max_objects: args.max_objects,
+            max_objects: args.max_objects.unwrap_or(Limits::default().max_objects),
             max_bytes: args.max_bytes,
             ..Limits::default()
         };
@@ -198,6 +201,7 @@ impl TryFrom<Args> for Config {
         config.control_socket = args.control_socket;
         config.exports = exports;
         config.allow_memfd_shared_objects = args.allow_memfd_shared_objects;
+        config.fit_max_objects = args.max_objects.is_none();
         Ok(config)
     }
 }
@@ -576,7 +580,7 @@ mod tests {
             Err(ArgsError::Zero("fence-timeout"))
         );
         assert_eq!(
-            with(&|a| a.max_objects = 0),
+            with(&|a| a.max_objects = Some(0)),
             Err(ArgsError::Zero("max-objects"))
         );
         assert_eq!(
@@ -703,7 +707,12 @@ mod tests {
     #[test]
     fn help_explains_every_option() {
         let help = Cli::command().render_long_help().to_string();
-        for default in ["[default: 4096]", "[default: 4G]", "1 to 64", "1 to 63"] {
+        for default in [
+            "Default 4096, lowered",
+            "[default: 4G]",
+            "1 to 64",
+            "1 to 63",
+        ] {
             assert!(help.contains(default), "--help lacks {default}");
         }
         for opt in [

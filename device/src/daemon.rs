@@ -99,6 +99,10 @@ pub struct Config {
     pub allow_memfd_shared_objects: bool,
     /// Largest ring size (a power of two).
     pub max_queue_size: u16,
+    /// `run` may lower `limits.max_objects` so that every guest at quota
+    /// fits in the open-file limit (no `--max-objects` given); otherwise a
+    /// quota the limit cannot hold stops the daemon at start.
+    pub fit_max_objects: bool,
 }
 
 impl Config {
@@ -118,6 +122,7 @@ impl Config {
             exports: Vec::new(),
             allow_memfd_shared_objects: false,
             max_queue_size: DEFAULT_MAX_QUEUE_SIZE,
+            fit_max_objects: true,
         }
     }
 }
@@ -148,6 +153,19 @@ pub enum DaemonError {
     },
     #[error("{0}")]
     Activation(#[from] ActivationError),
+    #[error(
+        "the open file limit is {soft} (hard {hard}), but {guests} guest(s) holding \
+         --max-objects {max_objects} each may need {need} open files: lower \
+         --max-objects or --socket-count, or raise the limit (LimitNOFILE= in the \
+         systemd unit, ulimit -n)"
+    )]
+    FdLimit {
+        soft: u64,
+        hard: String,
+        guests: usize,
+        max_objects: u32,
+        need: u64,
+    },
     #[error(
         "systemd handed over socket {name:?} bound to {path:?}, which is none of the \
          daemon's sockets ({expected}): ListenStream= of the socket unit and \
@@ -408,7 +426,7 @@ pub fn run(mut config: Config) -> Result<(), DaemonError> {
     // and the signals wait for `sigwait` here.
     let signals = block_stop_signals().map_err(io_error("blocking SIGINT/SIGTERM"))?;
     take_systemd_sockets(&mut config)?;
-    raise_fd_limit(&config);
+    fit_fd_limit(&mut config)?;
     let guests = config.socket_paths.len();
     let handle = start(config)?;
     notify(&format!("READY=1\nSTATUS=serving {guests} guest socket(s)"));
@@ -461,46 +479,95 @@ fn take_systemd_sockets(config: &mut Config) -> Result<(), DaemonError> {
 /// Open files the daemon may need with `config`, per guest: up to two per
 /// object (udmabuf: the memfd and the dma-buf), three eventfds per queue,
 /// one per guest memory region (vhost-user allows up to 509) and a few for
-/// the connection; plus the daemon's own and the control clients'.
+/// the connection; plus a reserve for the daemon's own files, the control
+/// plane's clients, reconnects and the fds SHMEM_MAP and shared-object
+/// messages carry ([`FD_RESERVE`]).
 pub fn fd_budget(config: &Config) -> u64 {
-    let queues = u64::from(config.request_queues) + 1;
-    let per_guest = 2 * u64::from(config.limits.max_objects) + 3 * queues + 512 + 64;
-    per_guest * config.socket_paths.len() as u64 + 256
+    fixed_fds(config) + FDS_PER_OBJECT * u64::from(config.limits.max_objects) * guests(config)
 }
 
-/// Raises the soft open-file limit towards [`fd_budget`] (up to the hard
-/// limit), and says what to change when even that is too low.
-fn raise_fd_limit(config: &Config) {
+/// Open files kept free of every guest's objects: the daemon's own, the
+/// control plane's clients, reconnects and the fds of back-end messages.
+pub const FD_RESERVE: u64 = 256;
+
+/// A host-placed object holds at most this many fds (udmabuf: the memfd
+/// and the dma-buf).
+const FDS_PER_OBJECT: u64 = 2;
+
+fn guests(config: &Config) -> u64 {
+    config.socket_paths.len().max(1) as u64
+}
+
+/// [`fd_budget`] without the objects.
+fn fixed_fds(config: &Config) -> u64 {
+    let queues = u64::from(config.request_queues) + 1;
+    (3 * queues + 512 + 64) * guests(config) + FD_RESERVE
+}
+
+/// The largest per-guest object quota whose worst case fits in `limit`
+/// open files, if there is one above 0.
+pub fn max_objects_within(config: &Config, limit: u64) -> Option<u32> {
+    let room = limit.checked_sub(fixed_fds(config))?;
+    let fit = room / (FDS_PER_OBJECT * guests(config));
+    u32::try_from(fit.min(u64::from(u32::MAX)))
+        .ok()
+        .filter(|&n| n > 0)
+}
+
+/// Raises the soft open-file limit to the hard limit and logs both; then
+/// makes every guest at its object quota fit in it, so that no guest can
+/// take the files another guest's `CREATE` needs: without `--max-objects`
+/// the default quota is lowered to fit, and a quota given that cannot fit
+/// stops the daemon with what to change.
+fn fit_fd_limit(config: &mut Config) -> Result<(), DaemonError> {
     use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
-    let need = fd_budget(config);
     let limit = getrlimit(Resource::Nofile);
     let mut soft = limit.current.unwrap_or(u64::MAX);
-    if soft >= need {
-        return;
-    }
-    let target = need.min(limit.maximum.unwrap_or(u64::MAX));
+    let hard = limit.maximum;
+    let hard_text = hard.map_or_else(|| "unlimited".to_string(), |h| h.to_string());
+    // An unlimited hard limit still stops at the kernel's fs.nr_open.
+    let target = hard.unwrap_or_else(|| {
+        std::fs::read_to_string("/proc/sys/fs/nr_open")
+            .ok()
+            .and_then(|t| t.trim().parse().ok())
+            .unwrap_or(soft)
+    });
     if target > soft {
         let raised = Rlimit {
             current: Some(target),
-            maximum: limit.maximum,
+            maximum: hard,
         };
         match setrlimit(Resource::Nofile, raised) {
-            Ok(()) => {
-                log::debug!("open file limit raised from {soft} to {target}");
-                soft = target;
-            }
-            Err(e) => log::debug!("raising the open file limit to {target}: {e}"),
+            Ok(()) => soft = target,
+            Err(e) => log::warn!("raising the open file limit from {soft} to {target}: {e}"),
         }
     }
-    if soft < need {
-        log::warn!(
-            "the open file limit is {soft}, below the {need} that {} guest(s) with \
-             --max-objects {} may need: raise LimitNOFILE= in the systemd unit (or \
-             ulimit -n), or lower --max-objects",
-            config.socket_paths.len(),
-            config.limits.max_objects
-        );
+    log::info!("open file limit: {soft} (hard {hard_text})");
+    let need = fd_budget(config);
+    if need <= soft {
+        return Ok(());
     }
+    let refused = DaemonError::FdLimit {
+        soft,
+        hard: hard_text,
+        guests: config.socket_paths.len(),
+        max_objects: config.limits.max_objects,
+        need,
+    };
+    if !config.fit_max_objects {
+        return Err(refused);
+    }
+    let Some(fit) = max_objects_within(config, soft) else {
+        return Err(refused);
+    };
+    log::warn!(
+        "the open file limit {soft} holds {} guest(s) at {fit} objects each, not {}: \
+         --max-objects is {fit} (raise LimitNOFILE= or ulimit -n for more)",
+        config.socket_paths.len(),
+        config.limits.max_objects
+    );
+    config.limits.max_objects = fit;
+    Ok(())
 }
 
 /// What an operator can do about a provider that would not open.

@@ -101,12 +101,42 @@ pub fn guest_pages_backing(
             Err(e) => log::debug!("guest pages: no udmabuf ({e}); emulating"),
         }
     }
-    GuestPagesBacking::new(snapshot, pieces)
+    used_regions(&snapshot, &pieces)
+        .and_then(|used| GuestPagesBacking::new(Arc::new(used), pieces))
         .map(|b| Box::new(b) as Box<dyn Backing>)
         .map_err(|e| {
             log::warn!("guest pages backing: {e}");
             Status::NoMem
         })
+}
+
+/// A memory table of only the regions `pieces` lie in. An object holds
+/// that, not the whole snapshot, so a region the front-end removes (a new
+/// `SET_MEM_TABLE`, `REM_MEM_REG`) is unmapped, and its file closed, once
+/// no live object lies in it: the whole table would keep every region of
+/// the old one mapped while any guest-pages object lives.
+fn used_regions(mem: &GuestRam, pieces: &[Piece]) -> Result<GuestRam, ProviderError> {
+    let mut indices: Vec<usize> = pieces.iter().map(|p| p.region).collect();
+    indices.sort_unstable();
+    indices.dedup();
+    if indices.is_empty() {
+        return Ok(GuestRam::new());
+    }
+    let mut keep = Vec::with_capacity(indices.len());
+    for index in indices {
+        let region = mem
+            .iter()
+            .nth(index)
+            .ok_or_else(|| ProviderError::Unsuitable(format!("no region {index}")))?;
+        // The table hands out its regions' `Arc`s only through removal,
+        // which builds a new table and leaves `mem` as it is.
+        let (_, arc) = mem
+            .remove_region(region.start_addr(), region.len())
+            .map_err(|e| ProviderError::Unsuitable(format!("region {index}: {e}")))?;
+        keep.push(arc);
+    }
+    GuestRam::from_arc_regions(keep)
+        .map_err(|e| ProviderError::Unsuitable(format!("the regions of an object: {e}")))
 }
 
 fn udmabuf_over(
@@ -198,7 +228,7 @@ fn check_udmabuf_seals(file: BorrowedFd<'_>) -> Result<(), ProviderError> {
 
 /// A guest-placed object without a kernel dma-buf: its bytes are the guest
 /// pages (read and written through the back-end's own mapping of guest
-/// RAM, held alive by a snapshot of the memory table), its sync the
+/// RAM, held alive by a table of the regions they lie in), its sync the
 /// emulation memfd buffers get.
 #[derive(Debug)]
 pub struct GuestPagesBacking {
@@ -286,6 +316,11 @@ impl Backing for GuestPagesBacking {
     }
 
     fn is_real_dmabuf(&self) -> bool {
+        false
+    }
+
+    fn size_is_fixed(&self) -> bool {
+        // Guest pages are never placed in the window (section 7.5).
         false
     }
 
@@ -389,6 +424,39 @@ mod tests {
             ),
         ])
         .expect("guest memory")
+    }
+
+    #[test]
+    fn an_object_holds_only_the_regions_its_pages_lie_in() {
+        let mem = two_regions();
+        let in_second = [Segment {
+            addr: 0x20000 + PAGE,
+            len: 2 * PAGE,
+        }];
+        let pieces = resolve(&mem, &in_second).expect("in RAM");
+        let used = used_regions(&mem, &pieces).expect("the regions");
+        assert_eq!(used.num_regions(), 1);
+        let region = used.iter().next().expect("one region");
+        assert_eq!(region.start_addr(), GuestAddress(0x20000));
+        let b = GuestPagesBacking::new(Arc::new(used), pieces).expect("backing");
+        b.write_at(0, b"kept").expect("write");
+        let mut out = [0u8; 4];
+        mem.read_slice(&mut out, GuestAddress(0x20000 + PAGE))
+            .expect("the same pages");
+        assert_eq!(&out, b"kept");
+        // Nothing of the object holds the first region: once the table
+        // goes, only this test's handle on it is left.
+        let (_, first) = mem
+            .remove_region(GuestAddress(0x10000), 16 * PAGE)
+            .expect("the first region");
+        drop(mem);
+        assert_eq!(
+            Arc::strong_count(&first),
+            1,
+            "the object holds a region it does not use"
+        );
+        b.read_at(0, &mut out).expect("read");
+        assert_eq!(&out, b"kept");
     }
 
     #[test]

@@ -30,6 +30,10 @@ pub struct KernelDmabuf {
     /// Set for an fd that is not a kernel dma-buf (a memfd or a file handed
     /// over as a stand-in): its syncs go to the recording emulation.
     emulation: Option<(SyncRecord, u64)>,
+    /// See [`Backing::size_is_fixed`]: a dma-buf's size never changes; a
+    /// stand-in's only when it is sealed against shrinking (a seal cannot
+    /// be taken back, so checking once at import holds).
+    size_fixed: bool,
 }
 
 impl KernelDmabuf {
@@ -42,6 +46,7 @@ impl KernelDmabuf {
             origin,
             map: OnceLock::new(),
             emulation: None,
+            size_fixed: true,
         })
     }
 
@@ -51,6 +56,9 @@ impl KernelDmabuf {
             .map_err(|e| ProviderError::host("fstat", e))?
             .st_ino;
         self.emulation = Some((SyncRecord::new(), inode));
+        // Files other than memfds have no seals (EINVAL): never fixed.
+        self.size_fixed = rustix::fs::fcntl_get_seals(&self.fd)
+            .is_ok_and(|seals| seals.contains(rustix::fs::SealFlags::SHRINK));
         Ok(self)
     }
 
@@ -86,6 +94,10 @@ impl Backing for KernelDmabuf {
 
     fn is_real_dmabuf(&self) -> bool {
         self.emulation.is_none()
+    }
+
+    fn size_is_fixed(&self) -> bool {
+        self.size_fixed
     }
 
     fn sync(&self, flags: u64) -> Result<(), ProviderError> {
@@ -225,6 +237,24 @@ mod tests {
         assert!(!b.is_real_dmabuf());
         b.sync(START | RW).expect("emulated");
         assert!(b.sync(START).is_err(), "flags checked like the kernel");
+    }
+
+    #[test]
+    fn only_a_host_fd_sealed_against_shrinking_has_a_fixed_size() {
+        let plain = crate::provider::import_host_fd(fake_dmabuf(page_size())).expect("import");
+        assert!(!plain.size_is_fixed(), "its owner can truncate it");
+        let grow_only =
+            crate::provider::sealed_memfd_for_tests(page_size(), rustix::fs::SealFlags::GROW);
+        let b = crate::provider::import_host_fd(grow_only).expect("import");
+        assert!(!b.size_is_fixed(), "sealed, but not against shrinking");
+        let sealed =
+            crate::provider::sealed_memfd_for_tests(page_size(), rustix::fs::SealFlags::SHRINK);
+        let b = crate::provider::import_host_fd(sealed).expect("import");
+        assert!(b.size_is_fixed());
+        let file = tempfile::tempfile().expect("a plain file");
+        ftruncate(&file, page_size()).expect("size it");
+        let b = crate::provider::import_host_fd(file.into()).expect("import");
+        assert!(!b.size_is_fixed(), "a plain file has no seals");
     }
 
     #[test]

@@ -120,6 +120,11 @@ impl Backing for MemfdBacking {
         false
     }
 
+    fn size_is_fixed(&self) -> bool {
+        // Sealed against shrinking and growing when it was made.
+        true
+    }
+
     fn sync(&self, flags: u64) -> Result<(), ProviderError> {
         emulated_sync(&self.record, self.inode, flags)
     }

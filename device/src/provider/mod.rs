@@ -94,6 +94,13 @@ pub trait Backing: Debug + Send {
     fn fd(&self) -> BorrowedFd<'_>;
     /// True when `fd` is a kernel dma-buf (host syncs reach the kernel).
     fn is_real_dmabuf(&self) -> bool;
+    /// True when nobody can shrink `fd` under a mapping of it: a kernel
+    /// dma-buf, or a memfd sealed with `F_SEAL_SHRINK`. Only such a buffer
+    /// is handed to the front-end for the shared-memory window
+    /// (`SHMEM_MAP`): a file its owner truncates would fault the VMM with
+    /// `SIGBUS` when the guest touches the window. Any other buffer is
+    /// served through the copy path.
+    fn size_is_fixed(&self) -> bool;
     /// One `DMA_BUF_IOCTL_SYNC` with these flags (section 9): the real ioctl on
     /// a kernel dma-buf (EINTR/EAGAIN retried), the recording emulation on memfd.
     fn sync(&self, flags: u64) -> Result<(), ProviderError>;
