@@ -143,6 +143,7 @@ struct ObjectRecord<'a> {
     lock_holder: Option<LockHolderRecord>,
     fences_pending: usize,
     shm_offset: Option<u64>,
+    window: bool,
 }
 
 impl<'a> From<&'a ObjectInfo> for ObjectRecord<'a> {
@@ -161,6 +162,7 @@ impl<'a> From<&'a ObjectInfo> for ObjectRecord<'a> {
             lock_holder,
             fences_pending,
             shm_offset,
+            window,
         } = o;
         ObjectRecord {
             uuid: *uuid,
@@ -176,6 +178,7 @@ impl<'a> From<&'a ObjectInfo> for ObjectRecord<'a> {
             lock_holder: lock_holder.as_ref().map(LockHolderRecord::from),
             fences_pending: *fences_pending,
             shm_offset: *shm_offset,
+            window: *window,
         }
     }
 }

@@ -47,15 +47,23 @@ pub(crate) fn list(payload: &Value) -> String {
             guests(o.get("guests")),
             lock_holder(o.get("lock_holder")),
             text(o.get("fences_pending")),
-            o.get("shm_offset")
-                .and_then(Value::as_u64)
-                .map_or_else(|| "-".to_owned(), |off| format!("{off:#x}")),
+            shm(o),
             attachments(o.get("attachments")),
         ]);
     }
     let mut out = align(&rows);
     out.push_str(&format!("{} objects, {bytes} bytes\n", objects.len()));
     out
+}
+
+/// The SHM column: the window offset, `-` when not in the window, `copy`
+/// when it cannot be (served through the copy path only).
+fn shm(o: &Value) -> String {
+    match o.get("shm_offset").and_then(Value::as_u64) {
+        Some(off) => format!("{off:#x}"),
+        None if o.get("window").and_then(Value::as_bool) == Some(false) => "copy".to_owned(),
+        None => "-".to_owned(),
+    }
 }
 
 /// Requests by opcode (one line each, `STATUS=count`), then host syncs by

@@ -53,7 +53,11 @@ impl Exporter {
         let object = self.object_of(guest, handle)?;
         let o = self.objects.get(&object).ok_or(Status::NoEnt)?;
         let window = self.guests[guest].caps.shm_size;
-        if window == 0 || o.guest_pages.is_some() {
+        // Only a buffer nobody can shrink goes into the window: the VMM
+        // maps it, and a host file its owner truncates would fault the VMM
+        // with SIGBUS when the guest touches the window (see
+        // `Backing::size_is_fixed`). Such an object keeps the copy path.
+        if window == 0 || !o.window_mappable() {
             return Err(Status::NotSupported);
         }
         if writable && o.read_only {

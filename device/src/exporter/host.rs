@@ -123,6 +123,10 @@ pub struct ObjectInfo {
     pub lock_holder: Option<LockHolderInfo>,
     pub fences_pending: usize,
     pub shm_offset: Option<u64>,
+    /// `MAP_SHM` can place it in the window: host-placed, over a buffer
+    /// whose size nobody can shrink ([`Backing::size_is_fixed`]); other
+    /// objects are served through the copy path only.
+    pub window: bool,
 }
 
 impl Exporter {
@@ -485,6 +489,7 @@ impl Exporter {
             lock_holder,
             fences_pending: o.fences.len(),
             shm_offset,
+            window: o.window_mappable(),
         }
     }
 

@@ -52,6 +52,13 @@ pub(crate) struct Object {
 }
 
 impl Object {
+    /// `MAP_SHM` may place it in the window (section 7.5): host-placed,
+    /// over a buffer whose size nobody can shrink. A revoked object says
+    /// yes here and is refused by the checks made of every revoked object.
+    pub fn window_mappable(&self) -> bool {
+        self.guest_pages.is_none() && self.backing.as_ref().is_none_or(|b| b.size_is_fixed())
+    }
+
     pub fn new(
         size: u64,
         backing: Box<dyn Backing>,

@@ -52,6 +52,14 @@ pub(crate) fn provider_status(
     error: &ProviderError,
 ) -> Status {
     log::log!(call.level(), "{doing}: {error}");
+    // Out of open files (the process's or the system's table): the
+    // daemon's limits keep every guest at quota within RLIMIT_NOFILE, so
+    // this is a table being full (ENOSPC, section 5), not memory.
+    if call == ProviderCall::Create
+        && matches!(error.raw_os_error(), Some(libc::EMFILE | libc::ENFILE))
+    {
+        return Status::NoSpc;
+    }
     call.status()
 }
 
@@ -72,5 +80,17 @@ mod tests {
             Status::Io
         );
         assert_eq!(provider_status(ProviderCall::Access, "a", &e), Status::Io);
+    }
+
+    #[test]
+    fn a_create_out_of_open_files_is_enospc() {
+        for errno in [rustix::io::Errno::MFILE, rustix::io::Errno::NFILE] {
+            let e = ProviderError::host("memfd_create", errno);
+            assert_eq!(
+                provider_status(ProviderCall::Create, "c", &e),
+                Status::NoSpc
+            );
+            assert_eq!(provider_status(ProviderCall::Access, "a", &e), Status::Io);
+        }
     }
 }

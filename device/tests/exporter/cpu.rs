@@ -86,6 +86,55 @@ fn map_shm_without_shmem_or_for_guest_pages_is_eopnotsupp() {
 }
 
 #[test]
+fn map_shm_of_a_host_fd_that_can_shrink_is_eopnotsupp() {
+    // The VMM maps what the window holds: a file its owner truncates would
+    // fault it with SIGBUS. Only a buffer of fixed size is placed; the
+    // other keeps the copy path (`Backing::size_is_fixed`).
+    use rustix::fs::{fcntl_add_seals, ftruncate, memfd_create, MemfdFlags, SealFlags};
+    let mut d = Dev::new();
+    for (name, seal) in [("resizable", false), ("sealed", true)] {
+        let fd = memfd_create(name, MemfdFlags::CLOEXEC | MemfdFlags::ALLOW_SEALING).unwrap();
+        ftruncate(&fd, PAGE).unwrap();
+        if seal {
+            fcntl_add_seals(&fd, SealFlags::SHRINK).unwrap();
+        }
+        let backing = vhost_device_dmabuf::provider::import_host_fd(fd).unwrap();
+        d.ex.host_export(
+            ExportSpec {
+                name: name.into(),
+                dynamic: false,
+                read_only: false,
+                guests: None,
+            },
+            backing,
+        )
+        .unwrap();
+    }
+    let resizable = handle(open_name(&mut d, 0, "resizable").unwrap());
+    assert_eq!(
+        d.err(0, Dev::map_shm_req(resizable, false)),
+        Status::NotSupported
+    );
+    d.ok(
+        0,
+        Request::TransferToHost {
+            object: resizable,
+            offset: 0,
+            data: b"copy path".to_vec(),
+        },
+    );
+    let listed = d.ex.list();
+    assert!(listed
+        .iter()
+        .any(|o| o.export.as_deref() == Some("resizable") && !o.window));
+    assert!(listed
+        .iter()
+        .any(|o| o.export.as_deref() == Some("sealed") && o.window));
+    let sealed = handle(open_name(&mut d, 0, "sealed").unwrap());
+    d.ok(0, Dev::map_shm_req(sealed, false));
+}
+
+#[test]
 fn writes_to_a_read_only_export_are_eperm() {
     let mut d = Dev::new();
     export(&mut d, "ro", 1, false, true, None);

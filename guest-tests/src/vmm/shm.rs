@@ -349,13 +349,18 @@ impl Drop for ShmWindow {
     }
 }
 
-/// A memfd holding `bytes` (tests of the window, or an object another
-/// device of the VM publishes).
+/// A memfd holding `bytes`, sealed against shrinking and growing (tests of
+/// the window, a host export, or an object another device of the VM
+/// publishes).
 pub fn memfd_with(name: &str, bytes: &[u8]) -> io::Result<std::fs::File> {
+    use rustix::fs::{fcntl_add_seals, memfd_create, MemfdFlags, SealFlags};
     use std::io::Write;
-    let fd = rustix::fs::memfd_create(name, rustix::fs::MemfdFlags::CLOEXEC)?;
+    let fd = memfd_create(name, MemfdFlags::CLOEXEC | MemfdFlags::ALLOW_SEALING)?;
     let mut file = std::fs::File::from(fd);
     file.write_all(bytes)?;
+    // A buffer of fixed size, as a device's is: the daemon places only
+    // such a host export in the window.
+    fcntl_add_seals(&file, SealFlags::SHRINK | SealFlags::GROW)?;
     Ok(file)
 }
 

@@ -180,6 +180,10 @@ fn quota_refusal(
 /// What the worker got from a ring.
 enum Take<M: std::ops::Deref<Target = GuestRam>> {
     Chain(u64, DescriptorChain<M>),
+    /// A chain whose links do not end (a loop, or a `next` off the table):
+    /// entered in the table with no writable part, so it comes back with
+    /// `used.len` 0.
+    Cut(u64),
     /// Nothing available.
     Empty,
     /// The ring is stopped, disabled or broken: leave it alone.
@@ -224,6 +228,36 @@ fn check_limits(request: &Request) -> Result<(), Status> {
         Request::TransferFromHost { len, .. } if *len > TRANSFER_MAX => Err(Status::Inval),
         _ => Ok(()),
     }
+}
+
+/// Whether the chain's links end: its last descriptor has no NEXT. The
+/// iterator stops early on a loop (after as many descriptors as the table
+/// holds, so one was visited twice), a `next` off the table or an
+/// unreadable descriptor, each time at a descriptor that still says NEXT.
+fn chain_ends<M>(chain: &DescriptorChain<M>) -> bool
+where
+    M: std::ops::Deref<Target = GuestRam> + Clone,
+{
+    chain.clone().last().is_some_and(|d| !d.has_next())
+}
+
+/// The tag of a request whose readable part is not all in guest memory:
+/// read from the first readable descriptors when the header is there.
+fn header_tag<M>(chain: &DescriptorChain<M>, mem: &GuestRam) -> Option<u64>
+where
+    M: std::ops::Deref<Target = GuestRam> + Clone,
+{
+    let mut header = [0u8; REQ_HDR_SIZE];
+    let mut got = 0;
+    for d in chain.clone().readable() {
+        let n = (d.len() as usize).min(REQ_HDR_SIZE - got);
+        mem.read_slice(&mut header[got..got + n], d.addr()).ok()?;
+        got += n;
+        if got == REQ_HDR_SIZE {
+            return RequestHeader::from_bytes(&header).map(|h| h.tag);
+        }
+    }
+    None
 }
 
 /// Writes `bytes` over the writable descriptors; returns how many went in.
@@ -287,6 +321,14 @@ impl DmabufBackend {
                     Take::Chain(token, chain) => {
                         returned |= self.serve_chain(queue, token, chain, &mem);
                     }
+                    Take::Cut(token) => {
+                        log::debug!(
+                            "guest {}: queue {queue}: a descriptor chain that does not end \
+                             (a loop or a next index off its table): used.len 0",
+                            self.guest
+                        );
+                        returned |= self.finish(token, &[]);
+                    }
                     Take::Empty => break,
                     // Re-enabling notifications would only spin on a ring
                     // that gives nothing (`iter` refuses a stopped queue
@@ -332,6 +374,9 @@ impl DmabufBackend {
         let Some(chain) = chain else {
             return Take::Empty;
         };
+        if !chain_ends(&chain) {
+            return Take::Cut(chains.insert(queue, chain.head_index(), Vec::new()));
+        }
         let writable = chain
             .clone()
             .writable()
@@ -365,8 +410,9 @@ impl DmabufBackend {
         } else {
             match self.read_request(&chain, mem) {
                 Ok(bytes) => self.run_request(queue, token, &bytes, room),
-                // A readable part outside guest memory (section 4).
-                Err(status) => respond(0, &Err(status)),
+                // A readable part outside guest memory (section 4), with
+                // the tag echoed when the header itself could be read.
+                Err(status) => respond(header_tag(&chain, mem).unwrap_or(0), &Err(status)),
             }
         };
         match outcome {

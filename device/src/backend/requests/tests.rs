@@ -82,3 +82,87 @@ fn a_response_needs_room_for_its_header_or_nothing_is_written() {
     assert_eq!(write_response(&mem, &enough, &response), 16);
     assert_eq!(write_response(&mem, &enough, &[]), 0, "no response");
 }
+
+/// Chains in a mock split queue over real guest memory (16 KiB of RAM at 0;
+/// the queue's rings at 0, buffers from 0x2000).
+mod chains {
+    use super::*;
+    use virtio_bindings::bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
+    use virtio_queue::desc::{split::Descriptor as SplitDesc, RawDescriptor};
+    use virtio_queue::mock::MockSplitQueue;
+    use virtio_queue::Queue;
+
+    const NEXT: u16 = VRING_DESC_F_NEXT as u16;
+    const WRITE: u16 = VRING_DESC_F_WRITE as u16;
+
+    fn ram() -> GuestRam {
+        GuestRam::from_ranges(&[(GuestAddress(0), 0x4000)]).expect("guest RAM")
+    }
+
+    /// The chain whose descriptors are `descs` (index i at table slot i,
+    /// head 0), as the back-end's queue iterator hands it out.
+    fn chain_of<'m>(
+        mem: &'m GuestRam,
+        descs: &[(u64, u32, u16, u16)],
+    ) -> DescriptorChain<&'m GuestRam> {
+        let vq = MockSplitQueue::new(mem, 16);
+        for (i, &(addr, len, flags, next)) in descs.iter().enumerate() {
+            let d = RawDescriptor::from(SplitDesc::new(addr, len, flags, next));
+            vq.desc_table().store(i as u16, d).expect("store");
+        }
+        vq.avail().ring().ref_at(0).expect("avail slot").store(0);
+        vq.avail().idx().store(1);
+        let mut q: Queue = vq.create_queue().expect("queue");
+        let mut iter = q.iter(mem).expect("iter");
+        iter.next().expect("one chain")
+    }
+
+    #[test]
+    fn a_chain_that_loops_or_leaves_its_table_does_not_end() {
+        let mem = ram();
+        let ends = chain_of(&mem, &[(0x2000, 16, NEXT, 1), (0x3000, 64, WRITE, 0)]);
+        assert!(chain_ends(&ends));
+        // 0 -> 1 -> 0 -> ...: the iterator stops after 16 descriptors,
+        // at one that still says NEXT.
+        let looped = chain_of(
+            &mem,
+            &[(0x2000, 16, NEXT, 1), (0x3000, 64, WRITE | NEXT, 0)],
+        );
+        assert!(!chain_ends(&looped));
+        assert_eq!(looped.clone().count(), 16, "each descriptor seen 8 times");
+        let self_loop = chain_of(&mem, &[(0x3000, 64, WRITE | NEXT, 0)]);
+        assert!(!chain_ends(&self_loop));
+        let off_the_table = chain_of(&mem, &[(0x2000, 16, NEXT, 99)]);
+        assert!(!chain_ends(&off_the_table));
+    }
+
+    #[test]
+    fn the_tag_of_a_header_in_ram_is_read_even_when_later_parts_are_not() {
+        let mem = ram();
+        let header = RequestHeader {
+            opcode: Opcode::GetInfo as u32,
+            flags: 0,
+            tag: 0x5eed,
+        };
+        mem.write_slice(&header.to_bytes(), GuestAddress(0x2000 - 8))
+            .expect("header");
+        // The header split over two descriptors, then one far outside RAM.
+        let chain = chain_of(
+            &mem,
+            &[
+                (0x2000 - 8, 8, NEXT, 1),
+                (0x2000, 8, NEXT, 2),
+                (1 << 40, 16, NEXT, 3),
+                (0x3000, 64, WRITE, 0),
+            ],
+        );
+        assert!(
+            chain.clone().reader(&mem).is_err(),
+            "not all readable bytes are in RAM"
+        );
+        assert_eq!(header_tag(&chain, &mem), Some(0x5eed));
+        // A header that is itself outside RAM has no tag to echo.
+        let chain = chain_of(&mem, &[(1 << 40, 16, NEXT, 1), (0x3000, 64, WRITE, 0)]);
+        assert_eq!(header_tag(&chain, &mem), None);
+    }
+}

@@ -292,6 +292,38 @@ pub(super) fn framing_address_outside_guest_memory(t: &Target) -> Check {
     Ok(())
 }
 
+/// A header in guest RAM followed by a readable descriptor outside it:
+/// `EFAULT` with the request's tag (section 4), the chain's writable part
+/// written once.
+pub(super) fn framing_readable_part_outside_ram_after_the_header_is_efault_with_its_tag(
+    t: &Target,
+) -> Check {
+    let vmm = t.connect()?;
+    let d = vmm.driver();
+    let far = ram_end(&vmm) + (1 << 30);
+    let chain = RawChain::new()
+        .readable(encode_request(0x7a6, &Request::GetInfo))
+        .at(Desc {
+            addr: far,
+            len: 16,
+            write: false,
+        })
+        .writable(96);
+    let c = d.complete_raw(d.submit_raw(CONTROLQ, chain)?)?;
+    ensure_eq!(
+        c.used_len as usize,
+        RESP_HDR_SIZE,
+        "exactly a response header"
+    );
+    ensure_eq!(
+        raw_status(&c.written),
+        Some((Status::Fault as u32, 0x7a6)),
+        "EFAULT with the tag echoed"
+    );
+    info(d)?;
+    Ok(())
+}
+
 pub(super) fn requests_survive_any_descriptor_layout(t: &Target) -> Check {
     let vmm = t.connect()?;
     let d = vmm.driver();

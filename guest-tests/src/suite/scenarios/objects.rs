@@ -111,3 +111,58 @@ pub(super) fn host_export_open_and_revoke(t: &Target) -> Check {
     ensure_eq!(d.release(o.object)?, Err(Status::NoEnt));
     Ok(())
 }
+
+/// A host export whose size its owner can still change (a memfd without
+/// `F_SEAL_SHRINK`) never goes into the window: the VMM would fault with
+/// `SIGBUS` on a guest access after a truncate. `MAP_SHM` is `EOPNOTSUPP`
+/// and the copy path serves it; a sealed one is placed.
+pub(super) fn map_shm_of_a_host_fd_that_can_shrink_is_eopnotsupp(t: &Target) -> Check {
+    let host = t.host()?;
+    if !host.shares_our_kernel() {
+        crate::skip!("the host makes its own memfd of the bytes sent (always sealed)");
+    }
+    let vmm = t.connect()?;
+    let d = vmm.driver();
+    super::need_cap(
+        d,
+        virtio_dmabuf_protocol::caps::HOST_SHM,
+        "HOST_SHM",
+        super::shm_negotiated(&*vmm),
+    )?;
+    let pg = page(d)?;
+    let content = pattern(pg as usize, 5);
+    let fail = |e: std::io::Error| Stop::Fail(e.to_string());
+    let unsealed = rustix::fs::memfd_create("resizable", rustix::fs::MemfdFlags::CLOEXEC)
+        .map_err(|e| fail(e.into()))?;
+    rustix::io::pwrite(&unsealed, &content, 0).map_err(|e| fail(e.into()))?;
+    let sealed = crate::vmm::shm::memfd_with("sealed", &content).map_err(fail)?;
+    let id = uuid::Uuid::new_v4().simple().to_string();
+    let names = [
+        format!("resizable-{}", &id[..12]),
+        format!("sealed-{}", &id[..12]),
+    ];
+    host.export(&names[0], unsealed.as_fd(), &ExportOptions::default())
+        .map_err(Stop::Fail)?;
+    host.export(&names[1], sealed.as_fd(), &ExportOptions::default())
+        .map_err(Stop::Fail)?;
+    let resizable = d.open_by_name(&names[0])??;
+    ensure_eq!(
+        d.map_shm(resizable.object, false)?,
+        Err(Status::NotSupported)
+    );
+    ensure_eq!(
+        d.transfer_from_host(resizable.object, 0, 64)?,
+        Ok(content[..64].to_vec()),
+        "the copy path serves it"
+    );
+    let fixed = d.open_by_name(&names[1])??;
+    let (off, len) = d.map_shm(fixed.object, false)??;
+    ensure_eq!(len, pg);
+    ensure_eq!(vmm.shm_read(off, 64)?, content[..64].to_vec());
+    ensure_eq!(d.unmap_shm(fixed.object)?, Ok(()));
+    for (name, o) in names.iter().zip([resizable.object, fixed.object]) {
+        ensure_eq!(d.release(o)?, Ok(()));
+        host.revoke(name).map_err(Stop::Fail)?;
+    }
+    Ok(())
+}
