@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 # The Debian package, end to end: build it (cargo-deb, pinned), check what
 # it holds, install it with dpkg, verify its systemd units, run the
 # installed daemon (by hand, and socket-activated by systemd's own

@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
 //! Writes the man pages and shell completions, made from the clap
 //! definitions, under a directory (the Debian package's are made this
 //! way):

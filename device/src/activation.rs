@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
 //! What the daemon says to, and takes from, whoever started it: listening
 //! sockets handed over (`--socket-fd N`, systemd socket activation) and
 //! readiness (`sd_notify`), spoken directly over the documented

@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
 //! The command line: clap arguments, and the one place they are validated
 //! ([`TryFrom<Args>`] for [`Config`]).
 

@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
 //! Running the daemon: the shared model, one listener thread per guest
 //! socket, a fresh vhost-user back-end for every connection, the timer
 //! thread and the control plane.

@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
 //! The daemon behind the virtio-dmabuf device (virtio ID 37): a back-end
 //! for a VMM's front-end, sharing host dma-buf memory with guests.
 //!

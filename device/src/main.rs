@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
 //! The daemon's binary: parse the command line, set up logging, run the
 //! daemon (or the `ctl` client).
 

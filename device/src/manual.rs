@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
 //! The manual, made from the clap definitions (`args.rs`, and `ctl`'s in
 //! `control/client.rs`) so it always says what `--help` says:
 //!

@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
 //! The state every thread of the daemon shares: the exporter behind one
 //! lock, and the wake-ups that tell a guest's worker (or the control plane)
 //! that something for it changed elsewhere.

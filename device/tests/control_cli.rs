@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
 //! `ctl` command lines (contract section 11) parse into the requests the
 //! control socket expects.
 #![allow(clippy::unwrap_used, clippy::expect_used)]

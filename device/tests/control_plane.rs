@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
 //! The host control interface (contract sections 10 and 11) end to end:
 //! the real control plane on a socket, driven through the `ctl` client's
 //! library code, with guests played by calls into the shared exporter.

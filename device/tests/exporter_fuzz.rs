@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
 //! Arbitrary requests with arbitrary handles never panic the core, every
 //! request ends with exactly one response (now or as a completion), and a
 //! reset afterwards leaves nothing of the guest behind.

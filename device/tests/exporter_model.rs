@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
 //! Model-based property test: random sequences of operations from two
 //! guests and several contexts, run against the exporter core and against
 //! a small reference model of the rules (sections 6 to 8). After every step

@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
 //! The systemd units and the default environment file of `packaging/`
 //! agree with the daemon: the unit's command line is one the daemon
 //! accepts, the socket unit listens where the service serves, the file

@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
 //! The host end of the e2e lanes' control link: passes the control lines a
 //! guest writes to its second serial port to the daemon's control socket,
 //! and the answers back (`guest-tests/src/host_link.rs` is the guest end).

@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
 //! A first check of the virtio-pci transport inside a real guest: open the
 //! device from user space, `GET_INFO`, move bytes to an object and back,
 //! read them through shared memory region 0 where there is one, drive the

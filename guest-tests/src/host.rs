@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
 //! The host side of the daemon as the guest-side programs need it
 //! (contract sections 10 and 11): make the host act (evict, export,
 //! revoke) and read what it recorded (host syncs, objects).

@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
 //! The daemon's control socket reached from inside a guest: the control
 //! protocol's JSON lines (`docs/control.md`) over a byte stream the VMM
 //! connects to the host, a serial port in the e2e lanes.

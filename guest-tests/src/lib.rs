@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
 //! The guest's side of the virtio-dmabuf device (virtio ID 37).
 //!
 //! - [`driver`]: split virtqueues over guest memory and a typed client of

@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
 //! A guest's session with the device, whatever carries it: the loopback
 //! VMM in this process, or a real VMM whose guest drives the device over
 //! virtio-pci from user space ([`crate::pci`]).

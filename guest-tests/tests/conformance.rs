@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
 //! The conformance suite against the real daemon: `vhost_device_dmabuf`
 //! started in-process on temporary Unix sockets, driven by the loopback VMM
 //! exactly as a VMM and a guest would drive it.

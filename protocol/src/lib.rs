@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
 //! Wire types of the virtio-dmabuf device (virtio device ID 37), version 1.
 //!
 //! Everything a guest driver and the device exchange on the virtqueues:

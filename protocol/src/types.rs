@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
 //! Constants, enums and typed requests, replies and events.
 
 use std::fmt;

@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
 //! `#[repr(C)]` mirrors of every structure on the wire, each with its
 //! little-endian codec.
 //!

@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
 //! Replies, events, config space and the driver-side codec, against the
 //! layouts of sections 3, 4, 7 and 8.
 #![allow(clippy::unwrap_used)]

@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
 //! `parse_request`: one test per rule of sections 4 and 7.
 #![allow(clippy::unwrap_used)]
 

@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
 //! Property tests: the two directions of the codec agree, and no input
 //! makes the parser panic.
 #![allow(clippy::unwrap_used)]

@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 # Boots one e2e guest under TCG with the kernel from host-setup.sh and an
 # initramfs from initramfs.sh, and exits with the guest's status, read from
 # the "E2E-EXIT <status>" console line. Fails (non-zero) when that line is

@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 # Prepares the host for the e2e guests: enables bookworm-backports, installs
 # QEMU 10, the initramfs tools and jq, and fetches a Debian 6.12 kernel into
 # $E2E_DIR/kernel (vmlinuz, decompressed modules/*.ko, modules.order).

@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 # Builds a busybox initramfs for the e2e guests: busybox-static with its
 # applets, the kernel modules from host-setup.sh, the given files in /bin and
 # an /init that prepares the guest, runs the test and powers off.

@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 # The real-kernel lane: the daemon and the loopback suite inside a TCG guest
 # running the Debian 6.12 kernel from host-setup.sh (udmabuf and the system
 # dma-heap built in, vgem loaded as a module), so udmabuf, dma-heap and a

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 # The QEMU lanes' common part; sourced by lane-qemu10.sh and lane-qemu11.sh
 # after lib.sh. lane_build builds the three binaries; lane_run V runs one
 # lane (README.md says what it checks) and, on exit, whatever happened,

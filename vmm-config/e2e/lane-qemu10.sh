@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 # QEMU 10 lane: the daemon (two guests' sockets, no shared memory region)
 # behind two vhost-user-gpio-pci stand-ins; the guest runs the whole suite
 # (--guests 2), then QEMU is killed while the guest holds state and a third

@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 # QEMU 11 lane: the daemon (two guests' sockets, a 64M shared memory region,
 # two request queues) behind two vhost-user-test-device-pci devices with
 # virtio ID 37; the guest runs the whole suite (--guests 2 --expect-shm),

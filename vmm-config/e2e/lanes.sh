@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 # Both QEMU lanes from scratch: host setup (QEMU 10, kernel), QEMU 11 from
 # sid, one build of the daemon, the relay and the static runner, then
 # lane-qemu10.sh and lane-qemu11.sh; prints each lane's summary and exits

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 # Shared settings for the e2e scripts; sourced, not run.
 # E2E_DIR holds every artefact (kernel, chroot, initramfs, logs).
 E2E_REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)

@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 # Provides QEMU 11 (with vhost-user-test-device-pci) from Debian sid in a
 # debootstrap chroot at $E2E_DIR/sid, and two launchers:
 #   $E2E_DIR/bin/qemu11  the sid QEMU, run from the host through the chroot's

@@ -1,4 +1,5 @@
 #!/bin/sh
+# SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 # Guest side of smoke.sh (installed as /bin/e2e-guest): lists the PCI
 # devices, checks the dmabuf device VENDOR:DEVICE is there, shows its BARs,
 # the host dma-buf device nodes, binds the device to uio_pci_generic and

@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 # End-to-end smoke test of the e2e infrastructure: for QEMU 10 (device as
 # vhost-user-gpio-pci, 1af4:1069) and QEMU 11 (vhost-user-test-device-pci,
 # virtio ID 37, 1af4:1065) it starts the daemon, boots a guest running

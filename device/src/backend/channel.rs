@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
 //! The vhost-user back-end request channel (`SET_BACKEND_REQ_FD`): the
 //! messages this back-end sends to its front-end, `SHMEM_MAP`/`SHMEM_UNMAP`
 //! (section 7.5) and `SHARED_OBJECT_ADD`/`_REMOVE`/`_LOOKUP` (section 7.2).

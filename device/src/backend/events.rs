@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
 //! The eventq (section 8): one event per driver-posted buffer.
 //!
 //! Events wait in the model (bounded, with OVERFLOW) until the driver posts

@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
 //! Guest RAM as the backing of guest-placed objects (contract section 7.2,
 //! `CREATE` with `GUEST_PAGES`, and section 10).
 //!

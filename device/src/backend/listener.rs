@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
 //! One guest socket's listener thread: waits for a front-end, serves the
 //! connection with a fresh `VhostUserDaemon` and [`DmabufBackend`] through
 //! the relay, and, when the front-end hangs up, releases the guest and

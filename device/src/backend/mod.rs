@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
 //! The vhost-user back-end of one connection: a [`VhostUserBackend`] that
 //! turns descriptor chains into typed requests for the model and writes
 //! the responses back (contract sections 1 to 4, 6 and 8).

@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
 //! A message relay between the front-end's connection and the
 //! `VhostUserDaemon` serving it, which sees two things vhost-user-backend
 //! does not hand to a back-end:

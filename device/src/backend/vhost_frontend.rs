@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
 //! What the model asks of one guest's VMM front-end ([`Frontend`]), done
 //! over vhost-user: the back-end channel for the shared memory window and
 //! shared objects, the front-end's memory table for guest pages.

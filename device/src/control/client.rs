@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
 //! The `ctl` subcommand: one request per connection to the control
 //! socket, its answer printed as a table or (`--json`) as one JSON object.
 //!

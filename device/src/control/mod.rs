@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
 //! The host control plane (contract sections 10 and 11): a Unix socket the
 //! daemon listens on, and the `ctl` client that talks to it.
 //!

@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
 //! The JSON of `ctl list --json` and `ctl stats --json` (section 11): serde
 //! records built from the model's plain values, so the model knows nothing
 //! of serialisation. Field names and order are the wire's; each record

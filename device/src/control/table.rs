@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
 //! The human-readable forms of `ctl list` and `ctl stats`.
 //!
 //! They read the JSON payload rather than the exporter's types, so the

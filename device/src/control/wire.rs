@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
 //! What travels on the control socket: requests, responses, limits.
 
 use serde::{Deserialize, Serialize};

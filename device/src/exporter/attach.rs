@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
 //! Attachments and mappings: the static/dynamic rules (contract section 7.3).
 //!
 //! - Importer and exporter agree on dynamic handling: nothing is mapped at

@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
 //! CPU access, the shared-memory window and the copy path (contract
 //! section 7.5).
 

@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
 //! Pending eventq events of one guest (contract section 8).
 
 use std::collections::VecDeque;

@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
 //! Fences on an object's reservation and `WAIT` (contract section 7.6).
 //!
 //! A fence is pending until its creator signals it, the device times it out

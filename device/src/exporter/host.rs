@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
 //! The host side of the model: exports, revoke, eviction (a move of a
 //! dynamic object), and what `ctl list` and `ctl stats` show (contract
 //! sections 8, 10 and 11).

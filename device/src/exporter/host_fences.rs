@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
 //! Implicit sync across the VM boundary (`docs/protocol.md`, "Host
 //! fences"): the host kernel's fences on an object's dma-buf and the
 //! guests' fences, each visible to the other side.

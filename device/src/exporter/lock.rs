@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
 //! Acquire contexts and the reservation lock requests (contract section 7.4).
 //! The queue discipline itself (wait-die) is in `resv.rs`.
 

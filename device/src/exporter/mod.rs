@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
 //! The dma-buf model: objects, attachments, the reservation lock, fences,
 //! cached mappings and the direction-to-sync rules (contract sections 6 to 9).
 //!

@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
 //! Objects: CREATE, OPEN, RELEASE, EXPORT_UUID and the lifetime of an
 //! exported buffer (contract sections 6 and 7.2).
 

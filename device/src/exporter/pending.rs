@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
 //! Parked requests: storing a request that must wait, waking it when what
 //! it waits for changes (a lock, a fence, a host watch, a timer), and
 //! completing or cancelling it (contract sections 7.1, 7.4, 7.6).

@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
 //! The reservation lock of one object: a wait-die ww-mutex, as Linux's
 //! `reservation_ww_class` (contract section 7.4).
 //!

@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
 //! Guests: what each holds, its quotas, `GET_INFO`, events and the reset
 //! that releases everything (contract sections 6 and 7.1).
 

@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
 //! The one place a host provider's failure becomes a guest-visible status.
 //!
 //! Section 5 names two codes for a host that cannot do what a request

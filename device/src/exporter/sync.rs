@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
 //! Guest DMA directions to host `DMA_BUF_IOCTL_SYNC` flags (contract
 //! section 9), and the record of every host sync the device issued.
 //!

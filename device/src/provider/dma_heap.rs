@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
 //! The dma-heap provider (section 10): dma-bufs from the system heap,
 //! `/dev/dma_heap/system`.
 

@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
 //! Kernel dma-bufs: host dma-buf fds handed to the daemon (a GPU, camera or
 //! codec buffer), and the buffers udmabuf and dma-heap allocate.
 

@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
 //! The memfd provider (the default; any Linux): sealed memfds, syncs emulated
 //! and recorded (section 9).
 

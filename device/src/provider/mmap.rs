@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
 //! A shared mapping of a buffer fd, for the buffers that do not support
 //! `pread`/`pwrite` (dma-bufs).
 

@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
 //! Host memory providers: memfd (default), udmabuf, dma-heap and imported
 //! host dma-buf fds, and the host sync call (section 10 of the contract).
 //!

@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
 //! The host sync call (section 9): `DMA_BUF_IOCTL_SYNC` on a kernel dma-buf,
 //! and its emulation for memfd buffers, which records every call.
 

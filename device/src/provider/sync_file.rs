@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
 //! The host kernel's implicit-sync fences on a dma-buf, as user space
 //! reaches them: `DMA_BUF_IOCTL_EXPORT_SYNC_FILE` and
 //! `DMA_BUF_IOCTL_IMPORT_SYNC_FILE` (Linux 6.0 and later), sync_file fds

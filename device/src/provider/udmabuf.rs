@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
 //! The udmabuf provider (section 10): memfds sealed with `F_SEAL_SHRINK`
 //! turned into dma-bufs by `/dev/udmabuf`.
 

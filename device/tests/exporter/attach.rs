@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
 //! ATTACH, DETACH, MAP, UNMAP, PIN, UNPIN and cached mappings (contract section
 //! 7.3; `src/exporter/attach.rs`).
 

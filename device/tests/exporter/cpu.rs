@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
 //! CPU access, the shared-memory window and TRANSFER (contract section 7.5;
 //! `src/exporter/cpu.rs`).
 

@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
 //! CANCEL and queue stops, which end parked requests (contract section 7.1;
 //! `src/exporter/mod.rs` and `pending.rs`).
 

@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
 //! Eventq events and their overflow (contract section 8;
 //! `src/exporter/events.rs`).
 

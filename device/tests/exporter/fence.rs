@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
 //! Fences and WAIT (contract section 7.6; `src/exporter/fence.rs`).
 
 use super::helpers::*;

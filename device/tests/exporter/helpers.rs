@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
 //! What the rule tests share: the harness, the protocol types and a few
 //! helpers for host exports and replies.
 

@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
 //! Host exports, eviction and revoke (contract sections 8, 10 and 11;
 //! `src/exporter/host.rs`).
 

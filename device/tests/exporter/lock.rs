@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
 //! Acquire contexts, LOCK/UNLOCK and their quotas (contract section 7.4;
 //! `src/exporter/lock.rs`).
 

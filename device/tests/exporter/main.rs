@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
 //! One test per rule of the contract's sections 6 to 9, against the
 //! exporter core with the real memfd provider; one module per file of
 //! `src/exporter/`, holding the rules that file implements.

@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
 //! CREATE, OPEN, RELEASE, EXPORT_UUID and object lifetime (contract sections 6
 //! and 7.2; `src/exporter/objects.rs`).
 

@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
 //! Wait-die between acquire contexts (contract section 7.4;
 //! `src/exporter/resv.rs`).
 

@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
 //! GET_INFO, RESET_SESSION and what one guest may name of another (contract
 //! sections 6 and 7.1; `src/exporter/session.rs`).
 

@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
 //! Which host sync each direction makes, and the sync record (contract section
 //! 9; `src/exporter/sync.rs`).
 

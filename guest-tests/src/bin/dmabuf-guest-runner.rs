@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
 //! The conformance suite inside a real guest: the device's PCI functions
 //! driven from user space ([`dmabuf_guest_tests::pci`]), the daemon's
 //! control plane through a serial line to the host

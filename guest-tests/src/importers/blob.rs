@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
 //! (d) A blob another device of the VM fetches by UUID.
 
 use std::io;

@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
 //! (c) A camera frame the host exports read-only, opened by name.
 
 use std::os::fd::AsFd;

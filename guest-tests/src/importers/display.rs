@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
 //! (a) A display controller: a static importer scanning out frames.
 
 use virtio_dmabuf_protocol::{attach_flags, Direction};

@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
 //! (b) A GPU: a dynamic importer rendering under the reservation lock.
 
 use std::time::Duration;

@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
 //! Small programs that use the device the way real dma-buf users do, each
 //! checking its data end to end (the bytes one side wrote are the bytes the
 //! other side reads, through the address space the device named):

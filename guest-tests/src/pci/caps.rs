@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
 //! The virtio-pci capabilities of a modern device, read from its PCI
 //! configuration space (virtio 1.2 section 4.1.4).
 //!

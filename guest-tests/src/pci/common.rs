@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
 //! The common configuration structure (virtio 1.2 section 4.1.4.3) and
 //! the initialisation sequence that goes through it (sections 3.1.1 and
 //! 4.1.5).

@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
 //! Memory the device can DMA to: pages this process allocates, locks, and
 //! looks up in `/proc/self/pagemap` to learn their guest-physical
 //! addresses (the device has no IOMMU in front of it: section 1, no

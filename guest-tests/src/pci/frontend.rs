@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
 //! The PCI transport as a [`FrontEnd`] of the suite: guest `i` is the
 //! `i`-th device function in this guest (each attached to its own daemon
 //! socket by the VMM), and a [`PciSession`] is a [`Session`].

@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
 //! Notifications over virtio-pci with INTx: kicks are writes to the
 //! notification structure, interrupts come through `/dev/uioN`.
 //!

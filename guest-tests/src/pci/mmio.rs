@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
 //! Memory-mapped BARs: a `resourceN` file of the device mapped into this
 //! process, and bounds-checked volatile accesses of the width the register
 //! has (a device register must be read with one access of its own size,

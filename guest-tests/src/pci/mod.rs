@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
 //! The device as a virtio-pci modern device, driven from user space inside
 //! a real Linux guest, so the same [`Driver`] runs over real QEMU.
 //!

@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
 //! Shared memory region 0 as the guest sees it: a range of a BAR
 //! (`VIRTIO_PCI_CAP_SHARED_MEMORY_CFG`, id 0) into which the front-end maps
 //! the daemon's objects (`MAP_SHM`, section 7.5). Parts nothing is mapped

@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
 //! Finding the device under `/sys/bus/pci/devices`, handing it to
 //! `uio_pci_generic`, and its PCI configuration space through the
 //! `config` file.

@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
 //! A small scenario runner for end-to-end suites: each scenario passes,
 //! fails with a reason, or is skipped with a reason (a mode the target
 //! cannot run is never reported as passed). A panic inside a scenario is a

@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
 //! Bytes to types: the device parses a request chain ([`parse_request`]),
 //! a guest driver decodes the device's reply ([`decode_response`]).
 

@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
 //! Types to bytes: a guest driver encodes a request ([`encode_request`]),
 //! the device its reply ([`encode_response`]).
 

@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
 //! Parsing of requests and encoding of replies, events and the config space.
 //!
 //! Both directions live here so that the device and a guest driver share one

@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
 //! The fixed-size structures both ways: info, object replies, events and
 //! the config space.
 

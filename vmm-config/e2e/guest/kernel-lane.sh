@@ -1,4 +1,5 @@
 #!/bin/sh
+# SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 # Guest side of lane-kernel.sh (installed as /bin/e2e-guest): on this
 # kernel's real udmabuf, system dma-heap and vgem, runs
 #   1. the device crate's lib unit tests (/bin/device-lib-tests): the

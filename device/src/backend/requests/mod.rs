@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
 //! The request queues (controlq and controlq2..): descriptor chains in,
 //! typed requests to the model, responses out (sections 2 and 4).
 //!

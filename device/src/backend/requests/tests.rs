@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
 //! Tests of the request queues and the chains in flight.
 
 use super::*;

@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
 //! The control commands (contract section 11): one request line of a
 //! [`Connection`] parsed, carried out on the model, and answered.
 

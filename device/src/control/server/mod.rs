@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
 //! The control socket's event loop (contract section 11).
 //!
 //! One thread runs an `event_manager::EventManager` with three kinds of

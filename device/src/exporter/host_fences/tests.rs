@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
 //! The host-fence rules against real kernel objects (vgem, sync_file);
 //! a test that needs a vgem card skips where the host has none.
 

@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
 //! Signalable host fences: how a guest's fence reaches the host kernel
 //! (`docs/protocol.md`, "Host fences").
 //!

@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
 //! The vgem fence source: a fence attached to a small vgem buffer, shared
 //! through its dma-buf and exported as a `sync_file` (the DRM ioctls of
 //! `<drm/drm.h>` and `<drm/vgem_drm.h>`).

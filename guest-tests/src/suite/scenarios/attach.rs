@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
 //! Attachments and mappings (section 7.3): every exporter/importer
 //! combination, the cached mapping and `MAP` overflow.
 

@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
 //! The CPU's view of objects (section 7.5): `TRANSFER`, the shared-memory
 //! window and objects placed in guest pages.
 

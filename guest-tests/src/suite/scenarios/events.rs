@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
 //! The event queue (section 8): `MOVE_NOTIFY` after an eviction.
 
 use std::time::Duration;

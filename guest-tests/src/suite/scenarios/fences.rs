@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
 //! Fences (section 7.6): `WAIT` parks until every fence it waits for is
 //! signalled.
 

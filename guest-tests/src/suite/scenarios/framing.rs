@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
 //! The device configuration and the framing of requests (sections 3, 4,
 //! 7.1): how chains are cut into descriptors, short and malformed parts,
 //! unknown opcodes, reserved bits and addresses outside guest memory.

@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
 //! Two guests of one daemon, one socket each (`--socket-count 2`): they
 //! share host exports and the stamp counter, nothing else (sections 6,
 //! 7.2, 7.4; `docs/daemon.md`: guests are isolated).

@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
 //! Implicit sync across the VM boundary (`docs/protocol.md`, "Host
 //! fences"): the host's fences on a kernel dma-buf hold the guest's CPU
 //! access and `WAIT`, and a guest's fence holds the host's users of the

@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
 //! What the host sees and does: the section 9 sync table read through the
 //! daemon's record, pins against eviction, and the eventq when the driver
 //! posts no buffers (sections 7.3, 8, 9, 11).

@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
 //! Lifetimes (section 6): a vring stop, a session reset, a device reset
 //! and a reconnect, and the state a front-end that dies leaves behind.
 

@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
 //! Quotas and timeouts: what keeps one guest from holding the device or
 //! another guest hostage (sections 5, 7.1, 7.5, 7.6).
 

@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
 //! The reservation lock (section 7.4): contention, wait-die with two,
 //! three and four contexts, the order waiters are granted in, `CANCEL`,
 //! and waiting requests that never hold up other queues.

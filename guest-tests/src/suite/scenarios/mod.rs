@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
 //! End-to-end conformance scenarios: the device contract exercised from the
 //! guest's side through a [`LoopbackVmm`] connected to a running daemon.
 //!

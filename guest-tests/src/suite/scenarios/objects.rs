@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
 //! Objects (sections 7.2, 8): their lifecycle, handles, `EBUSY` while in
 //! use, and host exports opened by name and revoked.
 

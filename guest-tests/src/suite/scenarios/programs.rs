@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
 //! The importer programs of [`crate::importers`] as scenarios: each must
 //! carry its data end to end, through the window wherever the front-end
 //! negotiated one, and through the copy path otherwise.

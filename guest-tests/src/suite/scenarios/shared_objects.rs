@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
 //! Shared objects (section 7.2): `EXPORT_UUID` and `OPEN BY_UUID`, locally
 //! and through the front-end's shared-object table.
 

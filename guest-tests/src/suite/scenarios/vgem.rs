@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
 //! A GPU buffer of the host shared with the guest (contract sections 7.5,
 //! 8, 9 and 10), with vgem, the kernel's virtual GEM driver, standing in
 //! for the GPU.
