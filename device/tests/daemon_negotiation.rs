@@ -1,14 +1,17 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
 //! Feature and protocol negotiation, the config space and the shared
 //! memory region, over the daemon's real vhost-user socket (contract
 //! sections 1 to 3).
 
-mod vhost_harness;
+mod common;
 
+use common::daemon::*;
+use dmabuf_guest_tests::vmm::{ChannelKind, LoopbackVmm, VmmOptions};
 use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserProtocolFeatures};
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::VhostBackend;
-use vhost_harness::*;
-use virtio_dmabuf_protocol::{caps, Config as ConfigSpace, CONFIG_SIZE};
+use virtio_dmabuf_protocol::{caps, Config as ConfigSpace, Info, CONFIG_SIZE};
 
 #[test]
 fn features_and_protocol_features_are_the_contracts() {
@@ -51,11 +54,15 @@ fn no_window_means_no_shmem_and_queues_count_the_eventq() {
     d.stop();
 }
 
-fn config(vm: &mut Vm, offset: u32, size: u32) -> Result<Vec<u8>, vhost::Error> {
+fn config(vm: &mut LoopbackVmm, offset: u32, size: u32) -> Result<Vec<u8>, vhost::Error> {
     let buf = vec![0u8; size as usize];
-    vm.fe
+    vm.frontend()
         .get_config(offset, size, VhostUserConfigFlags::empty(), &buf)
         .map(|(_, bytes)| bytes)
+}
+
+fn get_info(vm: &LoopbackVmm) -> Info {
+    ok("GET_INFO", vm.driver().get_info())
 }
 
 #[test]
@@ -86,13 +93,13 @@ fn config_reads_have_the_requested_size_and_zeros_past_the_struct() {
     // Out of range for the message itself: refused by the front-end
     // library before it is sent, and the connection goes on.
     assert!(config(&mut vm, 4090, 16).is_err());
-    assert_eq!(vm.info().num_queues, 3);
+    assert_eq!(get_info(&vm).num_queues, 3);
 
     // Writes are ignored (and acked): the config reads as before.
-    vm.fe
+    vm.frontend()
         .set_config(0, VhostUserConfigFlags::WRITABLE, &[0xff; 24])
         .expect("SET_CONFIG is accepted");
-    vm.fe
+    vm.frontend()
         .set_config(20, VhostUserConfigFlags::empty(), &[0xff; 64])
         .expect("SET_CONFIG past the structure");
     assert_eq!(
@@ -105,13 +112,13 @@ fn config_reads_have_the_requested_size_and_zeros_past_the_struct() {
 #[test]
 fn without_shmem_the_window_is_not_live() {
     let d = TestDaemon::start(|_| {});
-    let mut vm = Vm::connect_with(
-        &d.socket(0),
-        Options::without(VhostUserProtocolFeatures::SHMEM),
+    let mut vm = d.vm(
+        0,
+        VmmOptions::default().without_protocol(VhostUserProtocolFeatures::SHMEM),
     );
     let full = config(&mut vm, 0, 24).expect("config");
     assert_eq!(ConfigSpace::from_bytes(&full).expect("config").shm_size, 0);
-    let info = vm.info();
+    let info = get_info(&vm);
     assert_eq!(info.caps & caps::HOST_SHM, 0);
     assert_eq!(info.shm_size, 0);
     assert_ne!(info.caps & caps::SHARED_OBJECTS, 0);
@@ -123,8 +130,8 @@ fn without_shmem_the_window_is_not_live() {
 #[test]
 fn get_info_reports_what_the_front_end_made_live() {
     let d = TestDaemon::start(|_| {});
-    let mut vm = Vm::connect(&d.socket(0));
-    let info = vm.info();
+    let vm = d.vm(0, VmmOptions::default());
+    let info = get_info(&vm);
     assert_eq!(info.version, 1);
     assert_eq!(info.num_queues, 2);
     assert_eq!(info.shm_size, 1 << 20);
@@ -142,8 +149,8 @@ fn get_info_reports_what_the_front_end_made_live() {
     drop(vm);
 
     // No back-end channel: neither the window nor shared objects work.
-    let mut vm = Vm::connect_with(&d.socket(0), Options::channel(ChannelKind::None));
-    let info = vm.info();
+    let vm = d.vm(0, VmmOptions::default().with_channel(ChannelKind::None));
+    let info = get_info(&vm);
     assert_eq!(info.caps & (caps::HOST_SHM | caps::SHARED_OBJECTS), 0);
     d.stop();
 }

@@ -42,6 +42,16 @@ use crate::driver::{
 use channel::{BackendMessage, ChannelServer, FrontendState, SharedObjectSource};
 use shm::{ShmError, ShmWindow};
 
+/// Who serves the back-end request channel (`BACKEND_REQ` acked).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ChannelKind {
+    /// No `SET_BACKEND_REQ_FD`: the daemon has no channel to the VMM.
+    None,
+    /// The VMM's own [`ChannelServer`].
+    #[default]
+    Server,
+}
+
 /// How the loopback VMM presents itself.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VmmOptions {
@@ -63,6 +73,10 @@ pub struct VmmOptions {
     pub timeout: Duration,
     /// How the driver cuts typed requests into descriptors.
     pub chain_layout: ChainLayout,
+    /// Who serves the back-end request channel.
+    pub channel: ChannelKind,
+    /// Protocol features never acked, whatever the flags above say.
+    pub without_protocol: VhostUserProtocolFeatures,
 }
 
 impl Default for VmmOptions {
@@ -78,6 +92,8 @@ impl Default for VmmOptions {
             reply_ack: true,
             timeout: Duration::from_secs(5),
             chain_layout: ChainLayout::default(),
+            channel: ChannelKind::default(),
+            without_protocol: VhostUserProtocolFeatures::empty(),
         }
     }
 }
@@ -92,6 +108,18 @@ impl VmmOptions {
     /// The same VMM without the shared-object table.
     pub fn without_shared_object(mut self) -> Self {
         self.shared_object = false;
+        self
+    }
+
+    /// The same VMM never acking the protocol features `features`.
+    pub fn without_protocol(mut self, features: VhostUserProtocolFeatures) -> Self {
+        self.without_protocol |= features;
+        self
+    }
+
+    /// The same VMM with the back-end channel served by `channel`.
+    pub fn with_channel(mut self, channel: ChannelKind) -> Self {
+        self.channel = channel;
         self
     }
 }
@@ -252,7 +280,7 @@ impl LoopbackVmm {
         if options.shared_object {
             wanted |= VhostUserProtocolFeatures::SHARED_OBJECT;
         }
-        let protocol = offered_protocol & wanted;
+        let protocol = offered_protocol & wanted & !options.without_protocol;
         fe.set_protocol_features(protocol)
             .map_err(vhost("SET_PROTOCOL_FEATURES"))?;
         if protocol.contains(VhostUserProtocolFeatures::REPLY_ACK) {
@@ -278,7 +306,9 @@ impl LoopbackVmm {
         }
         let state = Arc::new(FrontendState::new(window));
         let mut channel = None;
-        if protocol.contains(VhostUserProtocolFeatures::BACKEND_REQ) {
+        if protocol.contains(VhostUserProtocolFeatures::BACKEND_REQ)
+            && options.channel == ChannelKind::Server
+        {
             let (server, theirs) =
                 ChannelServer::start(state.clone()).map_err(io_err("backend channel"))?;
             fe.set_backend_request_fd(&theirs)

@@ -1,0 +1,176 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
+//! The daemon tests' side of the loopback VMM: an in-process daemon on a
+//! fresh socket, the features it must offer, and bounded waits.
+//!
+//! Everything waits with bounded polls; nothing sleeps to decide a result.
+
+use std::fs::File;
+use std::path::PathBuf;
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use dmabuf_guest_tests::driver::{DriverError, Outcome};
+use dmabuf_guest_tests::vmm::{LoopbackVmm, VmmOptions};
+use vhost::vhost_user::message::VhostUserProtocolFeatures;
+use vhost_device_dmabuf::daemon::{self, Config, DaemonHandle};
+
+/// How long any wait in these tests may take before it fails the test.
+pub const TIMEOUT: Duration = Duration::from_secs(10);
+
+pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
+pub const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << 29;
+pub const VIRTIO_RING_F_INDIRECT_DESC: u64 = 1 << 28;
+pub const VHOST_USER_F_PROTOCOL_FEATURES: u64 = 1 << 30;
+
+/// Polls `f` until it returns `Some`, at most [`TIMEOUT`].
+pub fn poll_until<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + TIMEOUT;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// Ends the test process if it is still armed after `limit`: a regression
+/// that deadlocks the daemon (a worker that never returns makes dropping
+/// it wait forever) fails the run instead of hanging it.
+pub struct Watchdog {
+    done: Arc<(Mutex<bool>, Condvar)>,
+}
+
+impl Watchdog {
+    pub fn arm(what: &'static str, limit: Duration) -> Watchdog {
+        let done = Arc::new((Mutex::new(false), Condvar::new()));
+        let d = Arc::clone(&done);
+        std::thread::spawn(move || {
+            let (lock, cv) = &*d;
+            let guard = lock.lock().expect("watchdog");
+            let (guard, _) = cv
+                .wait_timeout_while(guard, limit, |done| !*done)
+                .expect("watchdog");
+            if !*guard {
+                // Not `eprintln!`: the test harness captures that.
+                use std::io::Write;
+                let _ = writeln!(
+                    std::io::stderr(),
+                    "watchdog: {what} still running after {limit:?}; exiting"
+                );
+                std::process::exit(101);
+            }
+        });
+        Watchdog { done }
+    }
+}
+
+impl Drop for Watchdog {
+    fn drop(&mut self) {
+        let (lock, cv) = &*self.done;
+        *lock
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = true;
+        cv.notify_all();
+    }
+}
+
+/// Open fds of this process.
+pub fn open_fds() -> usize {
+    std::fs::read_dir("/proc/self/fd").expect("proc").count()
+}
+
+/// Reads `len` bytes at `offset` of an fd (a memfd or a mapping of one).
+pub fn read_fd(file: &File, offset: u64, len: usize) -> Vec<u8> {
+    use std::os::unix::fs::FileExt;
+    let mut out = vec![0u8; len];
+    file.read_exact_at(&mut out, offset).expect("pread");
+    out
+}
+
+/// A daemon on a fresh socket in a temporary directory.
+pub struct TestDaemon {
+    pub handle: Option<DaemonHandle>,
+    pub dir: tempfile::TempDir,
+}
+
+impl TestDaemon {
+    /// A daemon with a 1 MiB window, after `tweak` had its say.
+    pub fn start(tweak: impl FnOnce(&mut Config)) -> TestDaemon {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut config = Config::new(dir.path().join("dmabuf.sock"));
+        config.shm_size = 1 << 20;
+        tweak(&mut config);
+        let handle = daemon::start(config).expect("daemon starts");
+        TestDaemon {
+            handle: Some(handle),
+            dir,
+        }
+    }
+
+    pub fn handle(&self) -> &DaemonHandle {
+        self.handle.as_ref().expect("running")
+    }
+
+    pub fn socket(&self, guest: usize) -> PathBuf {
+        self.handle().socket_paths()[guest].clone()
+    }
+
+    /// Objects the model has, all guests.
+    pub fn objects(&self) -> usize {
+        self.handle().state().lock().list().len()
+    }
+
+    /// A VM on guest socket `guest`.
+    pub fn vm(&self, guest: usize, options: VmmOptions) -> LoopbackVmm {
+        LoopbackVmm::connect(self.socket(guest), options).expect("the VM connects")
+    }
+
+    pub fn stop(mut self) {
+        if let Some(h) = self.handle.take() {
+            h.stop();
+        }
+    }
+}
+
+impl Drop for TestDaemon {
+    fn drop(&mut self) {
+        if let Some(h) = self.handle.take() {
+            h.stop();
+        }
+    }
+}
+
+/// A daemon with two request queues and a VM connected with all of them.
+pub fn two_queue_daemon() -> (TestDaemon, LoopbackVmm) {
+    let d = TestDaemon::start(|c| c.request_queues = 2);
+    let vm = d.vm(0, VmmOptions::default());
+    (d, vm)
+}
+
+/// Every vhost-user protocol feature the device offers.
+pub fn device_protocol_features() -> VhostUserProtocolFeatures {
+    VhostUserProtocolFeatures::MQ
+        | VhostUserProtocolFeatures::CONFIG
+        | VhostUserProtocolFeatures::REPLY_ACK
+        | VhostUserProtocolFeatures::BACKEND_REQ
+        | VhostUserProtocolFeatures::BACKEND_SEND_FD
+        | VhostUserProtocolFeatures::RESET_DEVICE
+        | VhostUserProtocolFeatures::SHARED_OBJECT
+        | VhostUserProtocolFeatures::SHMEM
+}
+
+/// The device's answer to a driver call that must go through.
+pub fn ok<T>(what: &str, r: Result<Outcome<T>, DriverError>) -> T {
+    match r {
+        Ok(Ok(v)) => v,
+        Ok(Err(status)) => panic!("{what}: {status:?}"),
+        Err(e) => panic!("{what}: transport: {e}"),
+    }
+}
+
+/// The device's status for a driver call (the transport must work).
+pub fn outcome<T>(what: &str, r: Result<Outcome<T>, DriverError>) -> Outcome<T> {
+    r.unwrap_or_else(|e| panic!("{what}: transport: {e}"))
+}
