@@ -11,7 +11,7 @@ use dmabuf_guest_tests::vmm::{ChannelKind, LoopbackVmm, VmmOptions};
 use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserProtocolFeatures};
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::VhostBackend;
-use virtio_dmabuf_protocol::{caps, Config as ConfigSpace, Info, CONFIG_SIZE};
+use virtio_dmabuf_protocol::{caps, Config as ConfigSpace, CONFIG_SIZE};
 
 #[test]
 fn features_and_protocol_features_are_the_contracts() {
@@ -61,10 +61,6 @@ fn config(vm: &mut LoopbackVmm, offset: u32, size: u32) -> Result<Vec<u8>, vhost
         .map(|(_, bytes)| bytes)
 }
 
-fn get_info(vm: &LoopbackVmm) -> Info {
-    ok("GET_INFO", vm.driver().get_info())
-}
-
 #[test]
 fn config_reads_have_the_requested_size_and_zeros_past_the_struct() {
     let (d, mut vm) = two_queue_daemon();
@@ -93,7 +89,7 @@ fn config_reads_have_the_requested_size_and_zeros_past_the_struct() {
     // Out of range for the message itself: refused by the front-end
     // library before it is sent, and the connection goes on.
     assert!(config(&mut vm, 4090, 16).is_err());
-    assert_eq!(get_info(&vm).num_queues, 3);
+    assert_eq!(vm.info().num_queues, 3);
 
     // Writes are ignored (and acked): the config reads as before.
     vm.frontend()
@@ -118,7 +114,7 @@ fn without_shmem_the_window_is_not_live() {
     );
     let full = config(&mut vm, 0, 24).expect("config");
     assert_eq!(ConfigSpace::from_bytes(&full).expect("config").shm_size, 0);
-    let info = get_info(&vm);
+    let info = vm.info();
     assert_eq!(info.caps & caps::HOST_SHM, 0);
     assert_eq!(info.shm_size, 0);
     assert_ne!(info.caps & caps::SHARED_OBJECTS, 0);
@@ -131,7 +127,7 @@ fn without_shmem_the_window_is_not_live() {
 fn get_info_reports_what_the_front_end_made_live() {
     let d = TestDaemon::start(|_| {});
     let vm = d.vm(0, VmmOptions::default());
-    let info = get_info(&vm);
+    let info = vm.info();
     assert_eq!(info.version, 1);
     assert_eq!(info.num_queues, 2);
     assert_eq!(info.shm_size, 1 << 20);
@@ -150,7 +146,7 @@ fn get_info_reports_what_the_front_end_made_live() {
 
     // No back-end channel: neither the window nor shared objects work.
     let vm = d.vm(0, VmmOptions::default().with_channel(ChannelKind::None));
-    let info = get_info(&vm);
+    let info = vm.info();
     assert_eq!(info.caps & (caps::HOST_SHM | caps::SHARED_OBJECTS), 0);
     d.stop();
 }

@@ -10,10 +10,13 @@ use std::path::PathBuf;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-use dmabuf_guest_tests::driver::{DriverError, Outcome};
+use dmabuf_guest_tests::driver::{DriverError, Outcome, Ticket};
 use dmabuf_guest_tests::vmm::{LoopbackVmm, VmmOptions};
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vhost_device_dmabuf::daemon::{self, Config, DaemonHandle};
+use virtio_dmabuf_protocol::{
+    attach_flags, Direction, Info, MapReply, ObjectReply, Reply, Request, Response, CONTROLQ,
+};
 
 /// How long any wait in these tests may take before it fails the test.
 pub const TIMEOUT: Duration = Duration::from_secs(10);
@@ -173,4 +176,172 @@ pub fn ok<T>(what: &str, r: Result<Outcome<T>, DriverError>) -> T {
 /// The device's status for a driver call (the transport must work).
 pub fn outcome<T>(what: &str, r: Result<Outcome<T>, DriverError>) -> Outcome<T> {
     r.unwrap_or_else(|e| panic!("{what}: transport: {e}"))
+}
+
+/// A `LOCK` that waits (no TRY, no SLOW).
+pub fn lock_request(ctx: u64, object: u64) -> Request {
+    Request::Lock {
+        ctx,
+        object,
+        try_lock: false,
+        slow: false,
+    }
+}
+
+/// An `OPEN` of `uuid` (BY_UUID).
+pub fn open_by_uuid(uuid: [u8; 16]) -> Request {
+    Request::Open {
+        uuid: Some(uuid),
+        name: Vec::new(),
+    }
+}
+
+/// The guest's requests as the daemon tests write them: every call must
+/// get through the transport (a transport failure fails the test), and
+/// the device's answer is what the test looks at.
+pub trait Guest {
+    fn vmm(&self) -> &LoopbackVmm;
+
+    /// Sends `request` on `queue` and waits for the response.
+    fn call(&self, queue: u16, request: &Request) -> Response {
+        self.vmm()
+            .driver()
+            .call_on(queue, request)
+            .unwrap_or_else(|e| panic!("{:?} on queue {queue}: {e}", request.opcode()))
+    }
+
+    /// Makes `request` available on `queue`.
+    fn send(&self, queue: u16, request: &Request) -> Ticket {
+        self.vmm()
+            .driver()
+            .submit(queue, request)
+            .unwrap_or_else(|e| panic!("{:?} on queue {queue}: {e}", request.opcode()))
+    }
+
+    /// The response of a sent request.
+    fn wait(&self, ticket: Ticket) -> Response {
+        self.vmm().driver().complete(ticket).expect("the response")
+    }
+
+    /// The response, if the chain is back already.
+    fn try_wait(&self, ticket: &Ticket) -> Option<Response> {
+        self.vmm()
+            .driver()
+            .try_complete(ticket)
+            .expect("a decodable response")
+    }
+
+    /// Waits until the device took every chain made available on `queue`.
+    fn wait_taken(&self, queue: u16) {
+        assert!(
+            self.vmm()
+                .driver()
+                .wait_taken(queue, TIMEOUT)
+                .expect("the ring"),
+            "timed out waiting for queue {queue} to be drained"
+        );
+    }
+
+    fn info(&self) -> Info {
+        ok("GET_INFO", self.vmm().driver().get_info())
+    }
+
+    /// CREATE of a host-placed static object of `size` bytes.
+    fn create(&self, size: u64) -> ObjectReply {
+        ok("CREATE", self.vmm().driver().create(size, 0))
+    }
+
+    fn acquire(&self) -> u64 {
+        ok("ACQUIRE_INIT", self.vmm().driver().acquire_init()).0
+    }
+
+    fn transfer_to(&self, object: u64, offset: u64, data: &[u8]) -> Response {
+        self.call(
+            CONTROLQ,
+            &Request::TransferToHost {
+                object,
+                offset,
+                data: data.to_vec(),
+            },
+        )
+    }
+
+    fn transfer_from(&self, object: u64, offset: u64, len: u64) -> Vec<u8> {
+        ok(
+            "TRANSFER_FROM_HOST",
+            self.vmm().driver().transfer_from_host(object, offset, len),
+        )
+    }
+
+    fn release(&self, object: u64) -> Response {
+        self.call(CONTROLQ, &Request::Release { object })
+    }
+
+    fn unlock(&self, ctx: u64, object: u64) -> Response {
+        self.call(CONTROLQ, &Request::Unlock { ctx, object })
+    }
+
+    /// A LOCK with the TRY flag.
+    fn try_lock(&self, ctx: u64, object: u64) -> Response {
+        self.call(
+            CONTROLQ,
+            &Request::Lock {
+                ctx,
+                object,
+                try_lock: true,
+                slow: false,
+            },
+        )
+    }
+
+    /// A page-sized object locked by one of two fresh contexts: returns
+    /// (object, holder, other).
+    fn lock_held(&self) -> (u64, u64, u64) {
+        let obj = self.create(4096).object;
+        let (a, b) = (self.acquire(), self.acquire());
+        assert_eq!(self.call(CONTROLQ, &lock_request(a, obj)), Ok(Reply::Empty));
+        (obj, a, b)
+    }
+
+    /// ATTACH of a static importer; returns the attachment.
+    fn attach(&self, object: u64, peer2peer: bool) -> u64 {
+        let flags = if peer2peer {
+            attach_flags::PEER2PEER
+        } else {
+            0
+        };
+        ok("ATTACH", self.vmm().driver().attach(object, flags))
+    }
+
+    /// MAP with no fence context.
+    fn map(&self, attachment: u64, dir: Direction, max_entries: u32) -> MapReply {
+        ok(
+            "MAP",
+            self.vmm().driver().map(attachment, dir, max_entries, 0),
+        )
+    }
+
+    /// UNMAP with no fence context.
+    fn unmap(&self, mapping: u64) -> Response {
+        self.call(CONTROLQ, &Request::Unmap { mapping, ctx: 0 })
+    }
+
+    fn map_shm(&self, object: u64, writable: bool) -> Response {
+        self.call(CONTROLQ, &Request::MapShm { object, writable })
+    }
+
+    fn export_uuid(&self, object: u64) -> Response {
+        self.call(CONTROLQ, &Request::ExportUuid { object })
+    }
+
+    /// The UUID EXPORT_UUID publishes `object` under.
+    fn exported_uuid(&self, object: u64) -> [u8; 16] {
+        ok("EXPORT_UUID", self.vmm().driver().export_uuid(object))
+    }
+}
+
+impl Guest for LoopbackVmm {
+    fn vmm(&self) -> &LoopbackVmm {
+        self
+    }
 }

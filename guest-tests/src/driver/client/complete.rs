@@ -119,6 +119,21 @@ impl Driver {
         Ok(q.done.contains_key(&ticket.seq))
     }
 
+    /// Takes the ticket's typed response if its chain has come back,
+    /// without waiting: `None` means it is still with the device. Once it
+    /// answered `Some`, the completion is gone (the ticket is spent).
+    pub fn try_complete(&self, ticket: &Ticket) -> Result<Option<Response>, DriverError> {
+        let opcode = ticket.opcode.ok_or(DriverError::NotTyped(ticket.seq))?;
+        let qm = self.queue(ticket.queue)?;
+        let c = {
+            let mut q = lock(qm);
+            self.drain(&mut q, ticket.queue)?;
+            q.done.remove(&ticket.seq)
+        };
+        c.map(|c| check_response(opcode, ticket.tag, &c))
+            .transpose()
+    }
+
     /// Waits up to `within` for the ticket's chain to come back, without
     /// taking the completion: `false` means it is still with the device
     /// (a parked request, say).
@@ -129,6 +144,37 @@ impl Driver {
                 q.done.contains_key(&seq).then_some(())
             })?
             .is_some())
+    }
+
+    /// Whether the device has taken every chain made available on
+    /// `queue`: its `avail_event` (EVENT_IDX) caught up with the avail
+    /// index. Always `false` without EVENT_IDX (the device says nothing).
+    pub fn device_took_all(&self, queue: u16) -> Result<bool, DriverError> {
+        let q = lock(self.queue(queue)?);
+        if !q.ring.event_idx() {
+            return Ok(false);
+        }
+        let seen = q
+            .ring
+            .device_avail_event(&*self.mem)
+            .map_err(DriverError::queue(queue))?;
+        Ok(seen == q.ring.avail_idx())
+    }
+
+    /// Waits up to `within` until the device has taken every chain made
+    /// available on `queue` ([`device_took_all`](Self::device_took_all)):
+    /// a parked request is then with the device, not still in the ring.
+    pub fn wait_taken(&self, queue: u16, within: Duration) -> Result<bool, DriverError> {
+        let deadline = Instant::now() + within;
+        loop {
+            if self.device_took_all(queue)? {
+                return Ok(true);
+            }
+            if Instant::now() >= deadline {
+                return Ok(false);
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
     }
 
     /// Waits for a typed ticket and decodes its response (default timeout).
