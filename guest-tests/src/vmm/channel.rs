@@ -16,7 +16,7 @@ use std::collections::HashMap;
 use std::io::{self, Read};
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::thread::JoinHandle;
 
 use uuid::Uuid;
@@ -76,6 +76,11 @@ pub struct FrontendState {
     objects: Mutex<HashMap<Uuid, SharedObjectSource>>,
     log: Mutex<Vec<BackendMessage>>,
     frontend: Mutex<Option<FrontendHandle>>,
+    /// `(request, flags)` of every request as it arrived, before handling.
+    received: Mutex<Vec<(u32, u32)>>,
+    /// While true, `LOOKUP`s wait unanswered.
+    hold_lookups: Mutex<bool>,
+    released: Condvar,
 }
 
 /// The connection, for `GET_SHARED_OBJECT` on a lookup.
@@ -137,6 +142,29 @@ impl FrontendState {
         lock(&self.log).clone()
     }
 
+    /// `(request, flags)` of every back-end request as it arrived, before
+    /// it was handled (a held `LOOKUP` is here, not yet in the log).
+    pub fn received(&self) -> Vec<(u32, u32)> {
+        lock(&self.received).clone()
+    }
+
+    /// While `hold` is true, `LOOKUP`s wait unanswered: the back-end's
+    /// worker stays blocked on the front-end.
+    pub fn hold_lookups(&self, hold: bool) {
+        *lock(&self.hold_lookups) = hold;
+        self.released.notify_all();
+    }
+
+    fn wait_while_held(&self) {
+        let mut held = lock(&self.hold_lookups);
+        while *held {
+            held = self
+                .released
+                .wait(held)
+                .unwrap_or_else(PoisonError::into_inner);
+        }
+    }
+
     /// Handles one request; returns the reply value and an fd to send.
     fn handle(&self, request: u32, body: &[u8], fds: &[OwnedFd]) -> (u64, Option<OwnedFd>) {
         let errno = |e: i32| (-i64::from(e)) as u64;
@@ -161,10 +189,13 @@ impl FrontendState {
                 None => (errno(libc::EINVAL), None),
             },
             backend_req::SHARED_OBJECT_LOOKUP => match parse_uuid(body) {
-                Some(u) => match self.lookup(&u) {
-                    Ok(fd) => (0, Some(fd)),
-                    Err(e) => (errno(e), None),
-                },
+                Some(u) => {
+                    self.wait_while_held();
+                    match self.lookup(&u) {
+                        Ok(fd) => (0, Some(fd)),
+                        Err(e) => (errno(e), None),
+                    }
+                }
                 None => (errno(libc::EINVAL), None),
             },
             backend_req::SHMEM_MAP => {
@@ -331,6 +362,7 @@ fn serve(sock: UnixStream, state: &FrontendState) {
         if (&sock).read_exact(&mut body).is_err() {
             return;
         }
+        lock(&state.received).push((request, flags));
         let (value, fd) = state.handle(request, &body, &fds);
         // LOOKUP has a reply payload of its own and is always answered;
         // the others are acked only when asked to (REPLY_ACK).

@@ -511,6 +511,12 @@ impl LoopbackVmm {
         self.state.log()
     }
 
+    /// What the back-end channel shares with the VMM (the shared-object
+    /// table, the request log, holding `LOOKUP`s).
+    pub fn frontend_state(&self) -> &Arc<FrontendState> {
+        &self.state
+    }
+
     // ---- lifecycle ----
 
     /// `GET_VRING_BASE` on every queue, as a VMM does on pause: the daemon
@@ -579,6 +585,8 @@ impl LoopbackVmm {
         // The channel thread holds a clone of the connection for LOOKUP;
         // let go of it first so dropping ours closes the socket.
         self.state.set_frontend(None);
+        // A held LOOKUP must be answered for the channel thread to end.
+        self.state.hold_lookups(false);
         if let Some(shm) = self.shm() {
             shm.clear();
         }
