@@ -64,13 +64,7 @@ fn busy_connection(d: &TestDaemon) -> u64 {
     // The worker asks the front-end about a UUID, which does not answer.
     vm.frontend_state().hold_lookups(true);
     let looking = vm.send(2, &open_by_uuid([0x42; 16]));
-    poll_until("the LOOKUP", || {
-        vm.frontend_state()
-            .received()
-            .iter()
-            .any(|&(r, _)| r == backend_req::SHARED_OBJECT_LOOKUP)
-            .then_some(())
-    });
+    wait_for_request(&vm, "the LOOKUP", backend_req::SHARED_OBJECT_LOOKUP, None);
     assert!(vm.try_wait(&looking).is_none());
     assert_eq!(d.objects(), 2);
     obj

@@ -345,3 +345,53 @@ impl Guest for LoopbackVmm {
         self
     }
 }
+
+/// A memfd of `size` bytes.
+pub fn memfd(name: &str, size: u64) -> File {
+    let fd = rustix::fs::memfd_create(name, rustix::fs::MemfdFlags::CLOEXEC).expect("memfd");
+    rustix::fs::ftruncate(&fd, size).expect("ftruncate");
+    File::from(fd)
+}
+
+/// The vhost-user message naming `uuid`.
+pub fn shared_msg(uuid: [u8; 16]) -> vhost::vhost_user::message::VhostUserSharedMsg {
+    vhost::vhost_user::message::VhostUserSharedMsg {
+        uuid: uuid::Uuid::from_bytes(uuid),
+    }
+}
+
+/// `(request, flags)` of every back-end request the VM received so far.
+pub fn channel_headers(vm: &LoopbackVmm) -> Vec<(u32, u32)> {
+    vm.frontend_state()
+        .received()
+        .iter()
+        .map(|r| (r.request, r.flags))
+        .collect()
+}
+
+/// Waits until the VM's back-end channel received a `request` naming
+/// `uuid` (any UUID with `None`), handled or not.
+pub fn wait_for_request(vm: &LoopbackVmm, what: &str, request: u32, uuid: Option<[u8; 16]>) {
+    poll_until(what, || {
+        vm.frontend_state()
+            .received()
+            .iter()
+            .any(|r| {
+                r.request == request
+                    && uuid.is_none_or(|u| r.uuid == Some(uuid::Uuid::from_bytes(u)))
+            })
+            .then_some(())
+    });
+}
+
+/// Waits until the VM's back-end channel answered a `request` naming
+/// `uuid`.
+pub fn wait_for_answer(vm: &LoopbackVmm, what: &str, request: u32, uuid: [u8; 16]) {
+    poll_until(what, || {
+        vm.frontend_state()
+            .log()
+            .iter()
+            .any(|m| m.request == request && m.uuid == Some(uuid::Uuid::from_bytes(uuid)))
+            .then_some(())
+    });
+}
