@@ -13,6 +13,7 @@
 //! ([`shm`]), the shared-object table.
 
 pub mod channel;
+pub mod crate_channel;
 pub mod shm;
 
 use std::fs::File;
@@ -40,6 +41,7 @@ use crate::driver::{
     BufferPool, ChainLayout, Driver, DriverConfig, DriverError, EventFdNotifier, VmGuestMemory,
 };
 use channel::{BackendMessage, ChannelServer, FrontendState, SharedObjectSource};
+use crate_channel::CrateChannel;
 use shm::{ShmError, ShmWindow};
 
 /// Who serves the back-end request channel (`BACKEND_REQ` acked).
@@ -50,6 +52,9 @@ pub enum ChannelKind {
     /// The VMM's own [`ChannelServer`].
     #[default]
     Server,
+    /// The `vhost` crate's `FrontendReqHandler` ([`CrateChannel`]),
+    /// recording what it is asked.
+    Crate,
 }
 
 /// How the loopback VMM presents itself.
@@ -235,6 +240,7 @@ pub struct LoopbackVmm {
     notifier: Arc<EventFdNotifier>,
     state: Arc<FrontendState>,
     channel: Option<ChannelServer>,
+    crate_channel: Option<CrateChannel>,
     driver: Driver,
 }
 
@@ -306,6 +312,17 @@ impl LoopbackVmm {
         }
         let state = Arc::new(FrontendState::new(window));
         let mut channel = None;
+        let mut crate_channel = None;
+        if protocol.contains(VhostUserProtocolFeatures::BACKEND_REQ)
+            && options.channel == ChannelKind::Crate
+        {
+            let (server, theirs) =
+                CrateChannel::start(protocol.contains(VhostUserProtocolFeatures::REPLY_ACK))
+                    .map_err(io_err("backend channel"))?;
+            fe.set_backend_request_fd(&theirs)
+                .map_err(vhost("SET_BACKEND_REQ_FD"))?;
+            crate_channel = Some(server);
+        }
         if protocol.contains(VhostUserProtocolFeatures::BACKEND_REQ)
             && options.channel == ChannelKind::Server
         {
@@ -408,6 +425,7 @@ impl LoopbackVmm {
             notifier,
             state,
             channel,
+            crate_channel,
             driver,
         })
     }
@@ -509,6 +527,12 @@ impl LoopbackVmm {
     /// Every back-end channel request so far.
     pub fn backend_requests(&self) -> Vec<BackendMessage> {
         self.state.log()
+    }
+
+    /// The `vhost` crate's handler, when it serves the back-end channel
+    /// ([`ChannelKind::Crate`]).
+    pub fn crate_channel(&self) -> Option<&CrateChannel> {
+        self.crate_channel.as_ref()
     }
 
     /// What the back-end channel shares with the VMM (the shared-object
@@ -613,6 +637,7 @@ impl Drop for LoopbackVmm {
         // `frontend` (the socket) and `channel` (shut down and joined) drop
         // after this, in field order.
         let _ = self.channel.take();
+        let _ = self.crate_channel.take();
     }
 }
 
