@@ -15,7 +15,8 @@ use dmabuf_guest_tests::vmm::{LoopbackVmm, VmmOptions};
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vhost_device_dmabuf::daemon::{self, Config, DaemonHandle};
 use virtio_dmabuf_protocol::{
-    attach_flags, Direction, Info, MapReply, ObjectReply, Reply, Request, Response, CONTROLQ,
+    attach_flags, Direction, Event, Info, MapReply, ObjectReply, Reply, Request, Response,
+    CONTROLQ, EVENT_SIZE,
 };
 
 /// How long any wait in these tests may take before it fails the test.
@@ -332,6 +333,26 @@ pub trait Guest {
 
     fn export_uuid(&self, object: u64) -> Response {
         self.call(CONTROLQ, &Request::ExportUuid { object })
+    }
+
+    /// Posts one eventq buffer of `len` bytes.
+    fn post_event_buffer(&self, len: u32) {
+        self.vmm()
+            .driver()
+            .post_event_buffers(1, len)
+            .expect("an eventq buffer");
+    }
+
+    /// Waits for the next event.
+    fn wait_event(&self) -> Event {
+        let record = self
+            .vmm()
+            .driver()
+            .next_event(TIMEOUT)
+            .expect("the eventq")
+            .expect("an event in time");
+        assert_eq!(record.used_len as usize, EVENT_SIZE);
+        record.event.expect("a known event")
     }
 
     /// The UUID EXPORT_UUID publishes `object` under.

@@ -77,6 +77,8 @@ pub struct Received {
     pub flags: u32,
     /// The UUID of a shared-object request.
     pub uuid: Option<Uuid>,
+    /// `(shm_offset, len)` of a `SHMEM_MAP` or `SHMEM_UNMAP`.
+    pub shm_range: Option<(u64, u64)>,
 }
 
 /// What the channel thread shares with the VMM.
@@ -412,6 +414,12 @@ fn serve(sock: UnixStream, state: &FrontendState) {
             request,
             flags,
             uuid: shared_object_uuid(request, &body),
+            shm_range: match request {
+                backend_req::SHMEM_MAP | backend_req::SHMEM_UNMAP => {
+                    parse_mmap(&body).map(|m| (m.shm_offset, m.len))
+                }
+                _ => None,
+            },
         });
         let (value, fd) = state.handle(request, &body, &fds);
         // LOOKUP has a reply payload of its own and is always answered;

@@ -38,7 +38,8 @@ use virtio_dmabuf_protocol::{Config, CONFIG_SIZE};
 use vm_memory::{FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
 use crate::driver::{
-    BufferPool, ChainLayout, Driver, DriverConfig, DriverError, EventFdNotifier, VmGuestMemory,
+    BufferPool, ChainLayout, Driver, DriverConfig, DriverError, EventFdNotifier, RingLayout,
+    VmGuestMemory,
 };
 use channel::{BackendMessage, ChannelServer, FrontendState, SharedObjectSource};
 use crate_channel::CrateChannel;
@@ -568,6 +569,21 @@ impl LoopbackVmm {
         )
     }
 
+    /// Starts vring `queue` afresh after a stop (or a `RESET_DEVICE`):
+    /// empty rings in new guest memory, base 0, the same eventfds. What
+    /// the old rings had in flight is dropped.
+    pub fn restart_ring(&mut self, queue: u16) -> Result<(), VmmError> {
+        let layout = self.driver.restart_queue(queue)?;
+        program_vring(
+            &mut self.frontend,
+            &self.ram,
+            &self.notifier,
+            queue,
+            layout,
+            0,
+        )
+    }
+
     /// A device reset as the guest triggers it: stop the vrings,
     /// `RESET_DEVICE`, then bring the device up again with fresh rings
     /// (the old driver and its tickets are gone).
@@ -652,33 +668,49 @@ fn program_vrings(
     driver: &Driver,
     bases: Option<&[u32]>,
 ) -> Result<(), VmmError> {
-    for (q, layout) in driver.ring_layouts().iter().enumerate() {
+    for (q, layout) in driver.ring_layouts().into_iter().enumerate() {
         let base = bases.and_then(|b| b.get(q)).copied().unwrap_or(0);
-        fe.set_vring_num(q, layout.size)
-            .map_err(vhost("SET_VRING_NUM"))?;
-        fe.set_vring_base(q, base as u16)
-            .map_err(vhost("SET_VRING_BASE"))?;
-        let addr = VringConfigData {
-            queue_max_size: layout.size,
-            queue_size: layout.size,
-            flags: 0,
-            desc_table_addr: ram.hva(layout.desc)?,
-            used_ring_addr: ram.hva(layout.used)?,
-            avail_ring_addr: ram.hva(layout.avail)?,
-            log_addr: None,
-        };
-        fe.set_vring_addr(q, &addr)
-            .map_err(vhost("SET_VRING_ADDR"))?;
-        let qi = q as u16;
-        let missing = || VmmError::Unsupported(format!("no eventfd for queue {qi}"));
-        let call = notifier.call_fd(qi).ok_or_else(missing)?;
-        let kick = notifier.kick_fd(qi).ok_or_else(missing)?;
-        fe.set_vring_call(q, call)
-            .map_err(vhost("SET_VRING_CALL"))?;
-        fe.set_vring_kick(q, kick)
-            .map_err(vhost("SET_VRING_KICK"))?;
-        fe.set_vring_enable(q, true)
-            .map_err(vhost("SET_VRING_ENABLE"))?;
+        let qi = u16::try_from(q)
+            .map_err(|_| VmmError::Unsupported(format!("queue {q} out of range")))?;
+        program_vring(fe, ram, notifier, qi, layout, base as u16)?;
     }
+    Ok(())
+}
+
+/// Tells the back-end where one ring is and starts it (see
+/// [`program_vrings`]).
+fn program_vring(
+    fe: &mut Frontend,
+    ram: &GuestRam,
+    notifier: &EventFdNotifier,
+    qi: u16,
+    layout: RingLayout,
+    base: u16,
+) -> Result<(), VmmError> {
+    let q = usize::from(qi);
+    fe.set_vring_num(q, layout.size)
+        .map_err(vhost("SET_VRING_NUM"))?;
+    fe.set_vring_base(q, base)
+        .map_err(vhost("SET_VRING_BASE"))?;
+    let addr = VringConfigData {
+        queue_max_size: layout.size,
+        queue_size: layout.size,
+        flags: 0,
+        desc_table_addr: ram.hva(layout.desc)?,
+        used_ring_addr: ram.hva(layout.used)?,
+        avail_ring_addr: ram.hva(layout.avail)?,
+        log_addr: None,
+    };
+    fe.set_vring_addr(q, &addr)
+        .map_err(vhost("SET_VRING_ADDR"))?;
+    let missing = || VmmError::Unsupported(format!("no eventfd for queue {qi}"));
+    let call = notifier.call_fd(qi).ok_or_else(missing)?;
+    let kick = notifier.kick_fd(qi).ok_or_else(missing)?;
+    fe.set_vring_call(q, call)
+        .map_err(vhost("SET_VRING_CALL"))?;
+    fe.set_vring_kick(q, kick)
+        .map_err(vhost("SET_VRING_KICK"))?;
+    fe.set_vring_enable(q, true)
+        .map_err(vhost("SET_VRING_ENABLE"))?;
     Ok(())
 }

@@ -119,18 +119,30 @@ impl Driver {
         Ok(q.done.contains_key(&ticket.seq))
     }
 
+    /// Takes the ticket's raw completion if its chain has come back,
+    /// without waiting: `None` means it is still with the device.
+    pub fn try_complete_raw(&self, ticket: &Ticket) -> Result<Option<RawCompletion>, DriverError> {
+        let qm = self.queue(ticket.queue)?;
+        let mut q = lock(qm);
+        self.drain(&mut q, ticket.queue)?;
+        Ok(q.done.remove(&ticket.seq))
+    }
+
+    /// The used ring's index of `queue` as the device last wrote it.
+    pub fn device_used_idx(&self, queue: u16) -> Result<u16, DriverError> {
+        let q = lock(self.queue(queue)?);
+        q.ring
+            .device_used_idx(&*self.mem)
+            .map_err(DriverError::queue(queue))
+    }
+
     /// Takes the ticket's typed response if its chain has come back,
     /// without waiting: `None` means it is still with the device. Once it
     /// answered `Some`, the completion is gone (the ticket is spent).
     pub fn try_complete(&self, ticket: &Ticket) -> Result<Option<Response>, DriverError> {
         let opcode = ticket.opcode.ok_or(DriverError::NotTyped(ticket.seq))?;
-        let qm = self.queue(ticket.queue)?;
-        let c = {
-            let mut q = lock(qm);
-            self.drain(&mut q, ticket.queue)?;
-            q.done.remove(&ticket.seq)
-        };
-        c.map(|c| check_response(opcode, ticket.tag, &c))
+        self.try_complete_raw(ticket)?
+            .map(|c| check_response(opcode, ticket.tag, &c))
             .transpose()
     }
 
