@@ -468,6 +468,12 @@ impl LoopbackVmm {
         &self.ram.mem
     }
 
+    /// The guest RAM regions as `SET_MEM_TABLE` describes them, in
+    /// [`VmmOptions::ram`] order (send a subset to take RAM away).
+    pub fn memory_regions(&self) -> Result<Vec<VhostUserMemoryRegionInfo>, VmmError> {
+        self.ram.region_infos()
+    }
+
     /// `GET_CONFIG` of `size` bytes at `offset`.
     pub fn get_config(&mut self, offset: u32, size: u32) -> Result<Vec<u8>, VmmError> {
         let buf = vec![0u8; size as usize];

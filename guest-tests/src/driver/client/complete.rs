@@ -136,6 +136,16 @@ impl Driver {
             .map_err(DriverError::queue(queue))
     }
 
+    /// Stores `idx` in `queue`'s `used_event` (EVENT_IDX): the device
+    /// interrupts once its used index passes it. The driver's own waits on
+    /// `queue` store their own value again.
+    pub fn set_used_event(&self, queue: u16, idx: u16) -> Result<(), DriverError> {
+        let q = lock(self.queue(queue)?);
+        q.ring
+            .set_used_event(&*self.mem, idx)
+            .map_err(DriverError::queue(queue))
+    }
+
     /// Takes the ticket's typed response if its chain has come back,
     /// without waiting: `None` means it is still with the device. Once it
     /// answered `Some`, the completion is gone (the ticket is spent).
