@@ -4,6 +4,8 @@
 //! fresh socket, the features it must offer, and bounded waits.
 //!
 //! Everything waits with bounded polls; nothing sleeps to decide a result.
+//! The benchmark includes this file too (`#[path]`).
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
 use std::fs::File;
 use std::path::PathBuf;

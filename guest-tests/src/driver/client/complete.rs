@@ -136,6 +136,16 @@ impl Driver {
             .map_err(DriverError::queue(queue))
     }
 
+    /// Asks for an interrupt at `queue`'s next used entry, as a driver
+    /// does before it sleeps: `true` when used entries are already there
+    /// (look again instead of sleeping).
+    pub fn arm_interrupts(&self, queue: u16) -> Result<bool, DriverError> {
+        let mut q = lock(self.queue(queue)?);
+        q.ring
+            .enable_interrupts(&*self.mem)
+            .map_err(DriverError::queue(queue))
+    }
+
     /// Stores `idx` in `queue`'s `used_event` (EVENT_IDX): the device
     /// interrupts once its used index passes it. The driver's own waits on
     /// `queue` store their own value again.
