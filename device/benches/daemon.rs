@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
 //! Speed of the daemon over its real vhost-user socket, each number next to
 //! a baseline measured in the same run on the same machine.
 //!
@@ -5,8 +7,10 @@
 //!
 //! The daemon runs in this process and is driven the way a VMM drives it:
 //! the `vhost` crate's `Frontend` over the daemon's socket, guest RAM in
-//! memfds, split virtqueues (the test harness, `tests/vhost_harness`); the
-//! driver sleeps on the call eventfd as a guest waits for its interrupt.
+//! memfds, split virtqueues (guest-tests' loopback VMM and driver, with the
+//! daemon started as the daemon tests start it, `tests/common/daemon.rs`);
+//! the driver sleeps on the call eventfd as a guest waits for its
+//! interrupt.
 //! The eventfd and socket baselines run pinned to one CPU (see [`pinned`]).
 //! Each quantity is measured in [`ROUNDS`] rounds after one warm-up round
 //! and the median is printed as
@@ -15,8 +19,8 @@
 //! says what each line measures and what its baseline is. Nothing here
 //! asserts on time.
 
-#[path = "../tests/vhost_harness/mod.rs"]
-mod vhost_harness;
+#[path = "../tests/common/daemon.rs"]
+mod daemon;
 
 use std::fs::File;
 use std::hint::black_box;
@@ -26,9 +30,11 @@ use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use daemon::{lock_request, memfd, Guest, TestDaemon, Watchdog, TIMEOUT};
+use dmabuf_guest_tests::driver::{BatchItem, Buffer, Desc, RawChain, Ticket};
+use dmabuf_guest_tests::vmm::{LoopbackVmm, VmmOptions};
 use rustix::event::{poll, PollFd, PollFlags, Timespec};
 use vhost::VhostBackend;
-use vhost_harness::{memfd, Buf, Options, TestDaemon, Vm, Watchdog, TIMEOUT};
 use virtio_dmabuf_protocol::*;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -87,77 +93,102 @@ fn show(v: f64) -> String {
 }
 
 /// A request written once into guest RAM, with its reply room. Sending it
-/// again only rewrites the tag and makes the chain available, so the
-/// driver's side costs next to nothing and guest RAM is not used up.
+/// again only rewrites the tag and makes the chain available (descriptors
+/// over these buffers, which the driver neither copies nor reads back), so
+/// the driver's side costs next to nothing and guest RAM is not used up.
 #[derive(Clone, Copy)]
 struct Prepared {
     opcode: Opcode,
-    req: Buf,
-    reply: Buf,
+    req: Buffer,
+    req_len: u32,
+    reply: Buffer,
+    reply_len: u32,
 }
 
 impl Prepared {
-    fn new(vm: &mut Vm, request: &Request, reply_len: u32) -> Prepared {
-        let req = vm.readable(&encode_request(0, request));
-        let reply = vm.writable(reply_len);
+    fn new(vm: &LoopbackVmm, request: &Request, reply_len: u32) -> Prepared {
+        let bytes = encode_request(0, request);
+        let pool = vm.driver().pool();
+        let req = pool.alloc(bytes.len() as u64, 64).expect("guest RAM");
+        vm.driver()
+            .memory()
+            .write(req.gpa, &bytes)
+            .expect("guest RAM");
+        let reply = pool.alloc(u64::from(reply_len), 64).expect("guest RAM");
         Prepared {
             opcode: request.opcode(),
             req,
+            req_len: bytes.len() as u32,
             reply,
+            reply_len,
         }
     }
 
-    /// Makes the chain available on `queue` with a fresh tag, without a
-    /// kick; returns (head, tag).
-    fn post(&self, vm: &mut Vm, queue: usize) -> (u16, u64) {
-        let tag = vm.tag();
-        vm.ram.write(self.req.gpa + TAG_OFFSET, &tag.to_le_bytes());
-        let head = vm.queues[queue].add(&vm.ram, &[self.req, self.reply]);
-        (head, tag)
+    /// The chain with a fresh tag written in; returns (chain, tag).
+    fn chain(&self, vm: &LoopbackVmm) -> (BatchItem, u64) {
+        let tag = vm.driver().next_tag();
+        vm.driver()
+            .memory()
+            .write(self.req.gpa + TAG_OFFSET, &tag.to_le_bytes())
+            .expect("guest RAM");
+        let chain = RawChain::new()
+            .at(Desc {
+                addr: self.req.gpa,
+                len: self.req_len,
+                write: false,
+            })
+            .at(Desc {
+                addr: self.reply.gpa,
+                len: self.reply_len,
+                write: true,
+            });
+        (BatchItem::raw(chain), tag)
     }
 
-    fn send(&self, vm: &mut Vm, queue: usize) -> (u16, u64) {
-        let sent = self.post(vm, queue);
-        vm.queues[queue].notify();
-        sent
+    /// Makes the chain available on `queue` (with a kick if the device
+    /// asks for one); returns (ticket, tag).
+    fn send(&self, vm: &LoopbackVmm, queue: u16) -> (Ticket, u64) {
+        let (item, tag) = self.chain(vm);
+        let mut tickets = vm.driver().submit_batch(queue, &[item]).expect("the chain");
+        (tickets.pop().expect("one ticket"), tag)
     }
 
     /// Blocks on the queue's call eventfd until the chain is back, as a
     /// driver waiting for its interrupt does; checks the response header
     /// says OK for this tag. Returns `used.len`.
-    fn wait(&self, vm: &mut Vm, queue: usize, (head, tag): (u16, u64)) -> u32 {
+    fn wait(&self, vm: &LoopbackVmm, queue: u16, (ticket, tag): (Ticket, u64)) -> u32 {
+        let driver = vm.driver();
+        let call = vm.notifier().call_fd(queue).expect("a call eventfd");
         let deadline = Instant::now() + TIMEOUT;
         let len = loop {
-            // `try_used` publishes `used_event` (EVENT_IDX) after reading
-            // the used index; reading it again afterwards closes the race
-            // with a completion in between, as a driver does before it
-            // sleeps.
-            let q = &mut vm.queues[queue];
-            if let Some(len) = q.try_used(&vm.ram, head) {
-                break len;
+            if let Some(c) = driver.try_complete_raw(&ticket).expect("the used ring") {
+                break c.used_len;
             }
-            if let Some(len) = q.try_used(&vm.ram, head) {
-                break len;
+            // Asking for the call (`used_event`, EVENT_IDX) says whether
+            // entries came meanwhile: then look again instead of sleeping,
+            // as a driver does before it sleeps.
+            if driver.arm_interrupts(queue).expect("the used ring") {
+                continue;
             }
             assert!(Instant::now() < deadline, "no answer to {:?}", self.opcode);
-            // SAFETY: the queue's call eventfd, open while `q` is borrowed
-            // here.
-            let call = unsafe { BorrowedFd::borrow_raw(q.call.as_raw_fd()) };
-            let mut fds = [PollFd::from_borrowed_fd(call, PollFlags::IN)];
+            // SAFETY: the queue's call eventfd, open as long as `vm`, which
+            // is borrowed here.
+            let fd = unsafe { BorrowedFd::borrow_raw(call.as_raw_fd()) };
+            let mut fds = [PollFd::from_borrowed_fd(fd, PollFlags::IN)];
             // A timeout with the chain back is a call that never came; an
             // interrupted poll just looks again.
             if matches!(poll(&mut fds, Some(&POLL_LIMIT)), Ok(0)) {
-                if let Some(len) = q.try_used(&vm.ram, head) {
+                if let Some(c) = driver.try_complete_raw(&ticket).expect("the used ring") {
                     MISSED_CALLS.fetch_add(1, Ordering::Relaxed);
-                    break len;
+                    break c.used_len;
                 }
             }
             // Consumes the signal (EAGAIN when there was none).
-            let _ = q.call.read();
+            let _ = call.read();
         };
         assert!(len as usize >= RESP_HDR_SIZE, "used.len {len}");
         assert_eq!(
-            vm.response_header(&self.reply),
+            self.response_header(vm),
             (Status::Ok as u32, tag),
             "{:?}",
             self.opcode
@@ -165,17 +196,34 @@ impl Prepared {
         len
     }
 
-    fn call(&self, vm: &mut Vm, queue: usize) {
+    /// (status, tag) of the response header in the reply room.
+    fn response_header(&self, vm: &LoopbackVmm) -> (u32, u64) {
+        let mut r = [0u8; 16];
+        vm.driver()
+            .memory()
+            .read(self.reply.gpa, &mut r)
+            .expect("guest RAM");
+        (
+            u32::from_le_bytes(r[0..4].try_into().expect("4")),
+            u64::from_le_bytes(r[8..16].try_into().expect("8")),
+        )
+    }
+
+    fn call(&self, vm: &LoopbackVmm, queue: u16) {
         let sent = self.send(vm, queue);
         self.wait(vm, queue, sent);
     }
 
     /// Sends once and decodes the whole response (the check before
     /// measuring).
-    fn check(&self, vm: &mut Vm, queue: usize) -> Reply {
+    fn check(&self, vm: &LoopbackVmm, queue: u16) -> Reply {
         let sent = self.send(vm, queue);
         let len = self.wait(vm, queue, sent);
-        let bytes = vm.ram.read(self.reply.gpa, len as usize);
+        let mut bytes = vec![0u8; len as usize];
+        vm.driver()
+            .memory()
+            .read(self.reply.gpa, &mut bytes)
+            .expect("guest RAM");
         match decode_response(self.opcode, &bytes) {
             Ok((_, Ok(reply))) => reply,
             other => panic!("{:?}: {other:?}", self.opcode),
@@ -198,7 +246,7 @@ struct Requests {
 }
 
 impl Requests {
-    fn new(vm: &mut Vm) -> Requests {
+    fn new(vm: &LoopbackVmm) -> Requests {
         let get_info = Prepared::new(vm, &Request::GetInfo, REPLY_ROOM);
         let batch = (0..BATCH)
             .map(|_| Prepared::new(vm, &Request::GetInfo, REPLY_ROOM))
@@ -223,10 +271,10 @@ impl Requests {
             (RESP_HDR_SIZE + MIB) as u32,
         );
         let (a, b) = (vm.acquire(), vm.acquire());
-        let lock_a = Prepared::new(vm, &Vm::lock_request(a, object), REPLY_ROOM);
-        let lock_b = Prepared::new(vm, &Vm::lock_request(b, object), REPLY_ROOM);
+        let lock_a = Prepared::new(vm, &lock_request(a, object), REPLY_ROOM);
+        let lock_b = Prepared::new(vm, &lock_request(b, object), REPLY_ROOM);
         let unlock =
-            |vm: &mut Vm, ctx| Prepared::new(vm, &Request::Unlock { ctx, object }, REPLY_ROOM);
+            |vm: &LoopbackVmm, ctx| Prepared::new(vm, &Request::Unlock { ctx, object }, REPLY_ROOM);
         let unlock_a = unlock(vm, a);
         let unlock_b = unlock(vm, b);
         let map_shm = Prepared::new(
@@ -253,7 +301,7 @@ impl Requests {
     }
 
     /// Every request once, each reply decoded and checked.
-    fn check(&self, vm: &mut Vm) {
+    fn check(&self, vm: &LoopbackVmm) {
         assert!(matches!(self.get_info.check(vm, 0), Reply::Info(_)));
         assert_eq!(self.to_host.check(vm, 0), Reply::Empty);
         match self.from_host.check(vm, 0) {
@@ -456,7 +504,7 @@ struct Setup {
 }
 
 /// One round of every quantity measured on the connected `vm`.
-fn steady_round(vm: &mut Vm, setup: &Setup, s: &mut Samples) {
+fn steady_round(vm: &mut LoopbackVmm, setup: &Setup, s: &mut Samples) {
     let (r, maps, (cpu, other_cpu)) = (&setup.requests, &setup.maps, setup.cpus);
     s.eventfd.push(eventfd_ping_pong(10_000, (cpu, cpu)));
     if let Some(other) = other_cpu {
@@ -465,10 +513,11 @@ fn steady_round(vm: &mut Vm, setup: &Setup, s: &mut Samples) {
     s.get_info.push(per_op_us(5000, || r.get_info.call(vm, 0)));
     s.batched.push(
         per_op_us(100, || {
-            let sent: Vec<_> = r.batch.iter().map(|p| p.post(vm, 0)).collect();
-            vm.queues[0].notify();
-            for (p, sent) in r.batch.iter().zip(sent) {
-                p.wait(vm, 0, sent);
+            // One avail index update and at most one kick for the batch.
+            let (items, tags): (Vec<_>, Vec<_>) = r.batch.iter().map(|p| p.chain(vm)).unzip();
+            let tickets = vm.driver().submit_batch(0, &items).expect("the batch");
+            for ((p, ticket), tag) in r.batch.iter().zip(tickets).zip(tags) {
+                p.wait(vm, 0, (ticket, tag));
             }
         }) / BATCH as f64,
     );
@@ -490,7 +539,7 @@ fn steady_round(vm: &mut Vm, setup: &Setup, s: &mut Samples) {
 
     s.unix.push(unix_ping_pong(10_000, cpu));
     s.get_features.push(per_op_us(2000, || {
-        vm.fe.get_features().expect("GET_FEATURES");
+        vm.frontend().get_features().expect("GET_FEATURES");
     }));
 
     // Each MAP_SHM and UNMAP_SHM is one acked message on the back-end
@@ -499,20 +548,15 @@ fn steady_round(vm: &mut Vm, setup: &Setup, s: &mut Samples) {
         r.map_shm.call(vm, 0);
         r.unmap_shm.call(vm, 0);
     }));
-    // The channel peer keeps every message (and each SHMEM_MAP's fd).
-    vm.peer().with(|st| {
-        st.messages.clear();
-        st.headers.clear();
-    });
 }
 
 /// A whole connection: negotiation, memory table, rings, one GET_INFO,
 /// hang-up.
 fn connect_round(d: &TestDaemon, s: &mut Samples) {
     s.connect.push(per_op_us(40, || {
-        let mut vm = Vm::connect(&d.socket(0));
-        let get_info = Prepared::new(&mut vm, &Request::GetInfo, REPLY_ROOM);
-        get_info.call(&mut vm, 0);
+        let vm = d.vm(0, VmmOptions::default());
+        let get_info = Prepared::new(&vm, &Request::GetInfo, REPLY_ROOM);
+        get_info.call(&vm, 0);
     }));
 }
 
@@ -543,17 +587,17 @@ fn main() {
     );
 
     let d = TestDaemon::start(|c| c.request_queues = 2);
-    let mut vm = Vm::connect_with(
-        &d.socket(0),
-        Options {
-            queues: 3,
-            regions: vec![(0, 64 << 20)],
+    let mut vm = d.vm(
+        0,
+        VmmOptions {
+            ram: vec![(0, 64 << 20)],
             queue_size: 1024,
-            ..Options::default()
+            ..VmmOptions::default()
         },
     );
-    let requests = Requests::new(&mut vm);
-    requests.check(&mut vm);
+    assert_eq!(vm.negotiated().num_queues, 3, "two request queues");
+    let requests = Requests::new(&vm);
+    requests.check(&vm);
     let cpus = allowed_cpus();
     let setup = Setup {
         requests,

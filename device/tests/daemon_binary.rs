@@ -1,13 +1,16 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
 //! The real binary: started as the README says, driven by the vhost
 //! crate's front-end, reconnected, and stopped with SIGTERM.
 
-mod vhost_harness;
+mod common;
 
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 
+use common::daemon::*;
+use dmabuf_guest_tests::vmm::{LoopbackVmm, VmmOptions};
 use vhost::VhostBackend;
-use vhost_harness::*;
 use virtio_dmabuf_protocol::*;
 
 const BIN: &str = env!("CARGO_BIN_EXE_vhost-device-dmabuf");
@@ -67,13 +70,8 @@ fn the_binary_serves_reconnects_and_stops_on_sigterm() {
     let baseline = idle_fds(&child);
     let mut old = 0;
     for round in 0..3 {
-        let mut vm = Vm::connect_with(
-            &socket,
-            Options {
-                queues: 3,
-                ..Options::default()
-            },
-        );
+        let vm = LoopbackVmm::connect(&socket, VmmOptions::default()).expect("connect");
+        assert_eq!(vm.negotiated().num_queues, 3);
         let info = vm.info();
         assert_eq!(info.provider, ProviderKind::Memfd as u32, "memfd default");
         assert_eq!(info.num_queues, 3);
@@ -87,10 +85,10 @@ fn the_binary_serves_reconnects_and_stops_on_sigterm() {
         }
         let obj = vm.create(4096).object;
         let (a, b) = (vm.acquire(), vm.acquire());
-        assert_eq!(vm.call(0, &Vm::lock_request(a, obj)), Ok(Reply::Empty));
-        let parked = vm.send(2, &Vm::lock_request(b, obj));
-        vm.queues[2].wait_taken(&vm.ram);
-        assert!(vm.try_wait(parked).is_none());
+        assert_eq!(vm.call(0, &lock_request(a, obj)), Ok(Reply::Empty));
+        let parked = vm.send(2, &lock_request(b, obj));
+        vm.wait_taken(2);
+        assert!(vm.try_wait(&parked).is_none());
         old = obj;
         drop(vm);
         poll_until(&format!("the daemon's fds back to {baseline}"), || {
@@ -118,13 +116,16 @@ fn sigint_with_a_front_end_connected_stops_cleanly() {
     poll_until("both sockets", || {
         sockets.iter().all(|s| s.exists()).then_some(())
     });
-    let mut vm = Vm::connect(&sockets[1]);
+    let mut vm = LoopbackVmm::connect(&sockets[1], VmmOptions::default()).expect("connect");
     assert_eq!(vm.info().version, 1);
     signal(&child, libc::SIGINT);
     let status = wait_exit(&mut child);
     assert!(status.success(), "{status}");
     assert!(sockets.iter().all(|s| !s.exists()));
-    assert!(vm.fe.get_features().is_err(), "the front-end was hung up");
+    assert!(
+        vm.frontend().get_features().is_err(),
+        "the front-end was hung up"
+    );
 }
 
 #[test]
@@ -161,7 +162,7 @@ fn exports_given_on_the_command_line_are_listed_by_ctl() {
         ],
     );
     poll_until("the control socket", || control.exists().then_some(()));
-    let mut vm = Vm::connect(&socket);
+    let vm = LoopbackVmm::connect(&socket, VmmOptions::default()).expect("connect");
     let info = vm.info();
     assert_ne!(info.caps & caps::HOST_EXPORTS, 0);
     let o = match vm.call(

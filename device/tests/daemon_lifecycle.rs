@@ -1,39 +1,48 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
 //! Lifetimes over the real socket (contract section 6): vring stop, device
 //! reset, in-band reset, several isolated guests woken by each other, and
 //! stopping the daemon with a front-end connected.
 
-mod vhost_harness;
+mod common;
 
 use std::time::{Duration, Instant};
 
+use common::daemon::*;
+use dmabuf_guest_tests::vmm::channel::backend_req::{SHARED_OBJECT_LOOKUP, SHMEM_UNMAP};
+use dmabuf_guest_tests::vmm::{LoopbackVmm, VmmOptions};
 use vhost::vhost_user::VhostUserFrontend;
 use vhost::VhostBackend;
 use vhost_device_dmabuf::exporter::ExportSpec;
 use vhost_device_dmabuf::provider::{MemfdProvider, Provider};
-use vhost_harness::*;
 use virtio_dmabuf_protocol::*;
 
 const PAGE: u64 = 4096;
+
+/// The used ring's index of `queue` as the device last wrote it.
+fn used_idx(vm: &LoopbackVmm, queue: u16) -> u16 {
+    vm.driver().device_used_idx(queue).expect("the used ring")
+}
 
 #[test]
 fn vring_stop_returns_parked_chains_with_ecanceled_and_keeps_state() {
     let (d, mut vm) = two_queue_daemon();
     let (obj, a, b) = vm.lock_held();
-    let parked = vm.send(2, &Vm::lock_request(b, obj));
+    let parked = vm.send(2, &lock_request(b, obj));
     // The device took the chain (its avail_event moved past it).
-    vm.queues[2].wait_taken(&vm.ram);
+    vm.wait_taken(2);
     assert_eq!(vm.info().version, 1);
 
     // GET_VRING_BASE: the parked chain is back before the answer.
-    let base = vm.fe.get_vring_base(2).expect("GET_VRING_BASE");
+    let base = vm.frontend().get_vring_base(2).expect("GET_VRING_BASE");
     assert_eq!(base, 1, "one chain was taken from queue 2");
-    assert_eq!(vm.try_wait(parked), Some(Err(Status::Canceled)));
+    assert_eq!(vm.try_wait(&parked), Some(Err(Status::Canceled)));
 
     // The guest's state stays: a still holds the lock.
     assert_eq!(vm.try_lock(b, obj), Err(Status::Busy));
     // The ring restarts and serves again.
-    vm.restart_ring(2);
-    let parked = vm.send(2, &Vm::lock_request(b, obj));
+    vm.restart_ring(2).expect("queue 2 restarts");
+    let parked = vm.send(2, &lock_request(b, obj));
     assert_eq!(vm.unlock(a, obj), Ok(Reply::Empty));
     assert_eq!(vm.wait(parked), Ok(Reply::Empty));
     d.stop();
@@ -43,22 +52,21 @@ fn vring_stop_returns_parked_chains_with_ecanceled_and_keeps_state() {
 /// vring worker then sits inside an `OPEN` it took from the controlq, the
 /// moment at which a stop or a reset meets a chain that left the avail ring
 /// and is not back.
-fn hold_lookups_of(vm: &Vm, uuid: [u8; 16]) {
-    vm.peer().with(|st| {
-        st.hold_lookups = true;
-        st.lookups.insert(uuid, LookupAnswer::Refuse);
-    });
+/// (The front-end does not know `uuid`: the held answer is a refusal.)
+fn hold_lookups_of(vm: &LoopbackVmm, uuid: [u8; 16]) {
+    assert!(!vm
+        .shared_objects()
+        .iter()
+        .any(|(u, _)| *u.as_bytes() == uuid));
+    vm.frontend_state().hold_lookups(true);
 }
 
-fn wait_for_lookup(vm: &Vm, uuid: [u8; 16]) {
-    vm.peer().wait_for_msg(
-        "the LOOKUP",
-        |m| matches!(m, ChannelMsg::Lookup(u) if *u == uuid),
-    );
+fn wait_for_lookup(vm: &LoopbackVmm, uuid: [u8; 16]) {
+    wait_for_request(vm, "the LOOKUP", SHARED_OBJECT_LOOKUP, Some(uuid));
 }
 
-fn release_lookups(vm: &Vm) {
-    vm.peer().with(|st| st.hold_lookups = false);
+fn release_lookups(vm: &LoopbackVmm) {
+    vm.frontend_state().hold_lookups(false);
 }
 
 #[test]
@@ -72,23 +80,24 @@ fn vring_stop_returns_a_chain_the_worker_holds_before_its_answer_and_nothing_aft
     // More work on the same ring while the worker is busy: not taken yet.
     let later = vm.send(0, &Request::GetInfo);
 
-    let base = vm.fe.get_vring_base(0).expect("GET_VRING_BASE");
+    let base = vm.frontend().get_vring_base(0).expect("GET_VRING_BASE");
     assert_eq!(base, 1, "one chain left the avail ring");
     // That chain is back before the answer: its request never ran.
-    let len = vm.queues[0]
-        .try_used(&vm.ram, open.head)
+    let done = vm
+        .driver()
+        .try_complete_raw(&open)
+        .expect("the used ring")
         .expect("the chain is on the used ring when GET_VRING_BASE is answered");
-    let (tag, response) = decode_response(Opcode::Open, &vm.ram.read(open.reply_gpa, len as usize))
-        .expect("a response");
-    assert_eq!((tag, response), (open.tag, Err(Status::Canceled)));
+    let (tag, response) = decode_response(Opcode::Open, &done.written).expect("a response");
+    assert_eq!((tag, response), (open.tag(), Err(Status::Canceled)));
 
     // The worker comes back from the front-end, finds the chain gone and
     // leaves the stopped ring alone (no spinning on it): the other request
     // queue is served, and nothing more reaches the stopped ring.
     release_lookups(&vm);
     assert_eq!(vm.call(2, &Request::GetInfo).map(|_| ()), Ok(()));
-    assert_eq!(vm.queues[0].used_idx(&vm.ram), 1, "nothing after the stop");
-    assert!(vm.try_wait(later).is_none());
+    assert_eq!(used_idx(&vm, 0), 1, "nothing after the stop");
+    assert!(vm.try_wait(&later).is_none());
     let opens = d
         .handle()
         .state()
@@ -100,7 +109,7 @@ fn vring_stop_returns_a_chain_the_worker_holds_before_its_answer_and_nothing_aft
     assert_eq!(opens, 0, "the cancelled OPEN never reached the model");
 
     // The ring restarts and serves again.
-    vm.restart_ring(0);
+    vm.restart_ring(0).expect("the controlq restarts");
     assert_eq!(vm.info().version, 1);
     d.stop();
 }
@@ -114,34 +123,35 @@ fn reset_device_writes_nothing_of_the_old_rings_into_the_new_ones() {
     hold_lookups_of(&vm, uuid);
     // One batch: an OPEN the worker asks the front-end about, then a LOCK
     // that would park behind `a`.
-    let room = (RESP_HDR_SIZE + INFO_SIZE) as u32;
-    vm.post(0, &open_by_uuid(uuid), room);
-    vm.post(0, &Vm::lock_request(b, obj), room);
-    vm.queues[0].notify();
+    let room = RESP_HDR_SIZE + INFO_SIZE;
+    let driver = vm.driver();
+    let batch = [
+        driver.typed_item(driver.next_tag(), &open_by_uuid(uuid), room),
+        driver.typed_item(driver.next_tag(), &lock_request(b, obj), room),
+    ];
+    let _tickets = driver.submit_batch(0, &batch).expect("one kick");
     wait_for_lookup(&vm, uuid);
 
-    vm.fe.reset_device().expect("RESET_DEVICE");
+    vm.frontend().reset_device().expect("RESET_DEVICE");
     assert_eq!(d.objects(), 0, "released before the answer");
     // The driver starts again, with new rings, before the worker is back.
-    let features = vm.features();
-    vm.fe.set_features(features).expect("SET_FEATURES");
-    for q in 0..vm.queues.len() {
-        vm.restart_ring(q);
+    let features = vm.negotiated().features;
+    vm.frontend().set_features(features).expect("SET_FEATURES");
+    for q in 0..vm.negotiated().num_queues {
+        vm.restart_ring(q).expect("the ring restarts");
     }
     release_lookups(&vm);
 
     // The first entry of the new controlq's used ring is its first chain.
     let info = vm.send(0, &Request::GetInfo);
-    let (tag, response) = vm.wait_tagged(info);
-    assert_eq!(tag, info.tag);
+    let info_tag = info.tag();
+    let done = vm.driver().complete_raw(info).expect("the response");
+    let (tag, response) = decode_response(Opcode::GetInfo, &done.written).expect("a response");
+    assert_eq!(tag, info_tag);
     assert!(matches!(response, Ok(Reply::Info(_))), "{response:?}");
-    assert_eq!(
-        vm.queues[0].used_idx(&vm.ram),
-        1,
-        "nothing of the old rings"
-    );
+    assert_eq!(used_idx(&vm, 0), 1, "nothing of the old rings");
     let ctx = vm.acquire();
-    assert_eq!(vm.queues[0].used_idx(&vm.ram), 2);
+    assert_eq!(used_idx(&vm, 0), 2);
     assert_ne!(ctx, 0);
     d.stop();
 }
@@ -149,10 +159,10 @@ fn reset_device_writes_nothing_of_the_old_rings_into_the_new_ones() {
 #[test]
 fn reset_device_releases_everything_and_the_device_serves_again() {
     let d = TestDaemon::start(|_| {});
-    let mut vm = Vm::connect(&d.socket(0));
+    let mut vm = d.vm(0, VmmOptions::default());
     let obj = vm.create(PAGE).object;
     let ctx = vm.acquire();
-    assert_eq!(vm.call(0, &Vm::lock_request(ctx, obj)), Ok(Reply::Empty));
+    assert_eq!(vm.call(0, &lock_request(ctx, obj)), Ok(Reply::Empty));
     assert_eq!(
         vm.map_shm(obj, false),
         Ok(Reply::Shm {
@@ -162,17 +172,23 @@ fn reset_device_releases_everything_and_the_device_serves_again() {
     );
     assert_eq!(d.objects(), 1);
 
-    vm.fe.reset_device().expect("RESET_DEVICE");
+    vm.frontend().reset_device().expect("RESET_DEVICE");
     assert_eq!(d.objects(), 0, "released before the answer");
-    vm.peer().wait_for_msg("the window to be emptied", |m| {
-        matches!(m, ChannelMsg::ShmemUnmap { shm_offset: 0, .. })
+    poll_until("the window to be emptied", || {
+        vm.frontend_state()
+            .received()
+            .iter()
+            .any(|r| r.request == SHMEM_UNMAP && matches!(r.shm_range, Some((0, _))))
+            .then_some(())
     });
 
     // The driver starts again: features, then the rings.
-    let features = vm.features();
-    vm.fe.set_features(features).expect("SET_FEATURES");
-    for q in 0..vm.queues.len() {
-        vm.fe.set_vring_enable(q, true).expect("SET_VRING_ENABLE");
+    let features = vm.negotiated().features;
+    vm.frontend().set_features(features).expect("SET_FEATURES");
+    for q in 0..usize::from(vm.negotiated().num_queues) {
+        vm.frontend()
+            .set_vring_enable(q, true)
+            .expect("SET_VRING_ENABLE");
     }
     assert_eq!(vm.release(obj), Err(Status::NoEnt));
     assert_eq!(vm.create(PAGE).size, PAGE);
@@ -181,9 +197,11 @@ fn reset_device_releases_everything_and_the_device_serves_again() {
 
 #[test]
 fn reset_session_cancels_waiting_requests_and_releases_everything() {
-    let (d, mut vm) = two_queue_daemon();
+    let (d, vm) = two_queue_daemon();
     let (obj, _, b) = vm.lock_held();
-    let parked = vm.send(2, &Vm::lock_request(b, obj));
+    let parked = vm.send(2, &lock_request(b, obj));
+    // Parked before the reset (not still in the ring when it runs).
+    vm.wait_taken(2);
     assert_eq!(vm.call(0, &Request::ResetSession), Ok(Reply::Empty));
     assert_eq!(vm.wait(parked), Err(Status::Canceled));
     assert_eq!(d.objects(), 0);
@@ -213,8 +231,8 @@ fn guests_are_isolated_and_wake_each_other() {
         state.changed(&ex);
         uuid
     };
-    let mut g0 = Vm::connect(&d.socket(0));
-    let mut g1 = Vm::connect(&d.socket(1));
+    let g0 = d.vm(0, VmmOptions::default());
+    let g1 = d.vm(1, VmmOptions::default());
     let open = Request::Open {
         uuid: None,
         name: b"shared".to_vec(),
@@ -240,27 +258,24 @@ fn guests_are_isolated_and_wake_each_other() {
     // Guest 1 waits for the lock guest 0 holds; guest 0's UNLOCK wakes
     // guest 1's worker, which returns the chain.
     let (c0, c1) = (g0.acquire(), g1.acquire());
-    assert_eq!(
-        g0.call(0, &Vm::lock_request(c0, h0.object)),
-        Ok(Reply::Empty)
-    );
-    let parked = g1.send(0, &Vm::lock_request(c1, h1.object));
-    g1.queues[0].wait_taken(&g1.ram);
-    assert!(g1.try_wait(parked).is_none());
+    assert_eq!(g0.call(0, &lock_request(c0, h0.object)), Ok(Reply::Empty));
+    let parked = g1.send(0, &lock_request(c1, h1.object));
+    g1.wait_taken(0);
+    assert!(g1.try_wait(&parked).is_none());
     assert_eq!(g0.unlock(c0, h0.object), Ok(Reply::Empty));
     assert_eq!(g1.wait(parked), Ok(Reply::Empty));
 
     // A host revoke reaches both guests' eventqs.
-    let (e0, gpa0) = g0.post_event_buffer(32);
-    let (e1, gpa1) = g1.post_event_buffer(32);
+    g0.post_event_buffer(32);
+    g1.post_event_buffer(32);
     {
         let state = d.handle().state();
         let mut ex = state.lock();
         ex.host_revoke("shared", Instant::now()).expect("revoke");
         state.changed(&ex);
     }
-    let ev0 = g0.wait_event(e0, gpa0);
-    let ev1 = g1.wait_event(e1, gpa1);
+    let ev0 = g0.wait_event();
+    let ev1 = g1.wait_event();
     assert_eq!((ev0.kind, ev0.object), (EventType::Revoked, h0.object));
     assert_eq!((ev1.kind, ev1.object), (EventType::Revoked, h1.object));
     d.stop();
@@ -270,7 +285,7 @@ fn guests_are_isolated_and_wake_each_other() {
 fn stop_hangs_up_connected_front_ends_and_removes_the_sockets() {
     let d = TestDaemon::start(|_| {});
     let path = d.socket(0);
-    let mut vm = Vm::connect(&path);
+    let mut vm = d.vm(0, VmmOptions::default());
     vm.create(PAGE);
     assert!(path.exists());
     let handle_state = std::sync::Arc::clone(d.handle().state());
@@ -281,5 +296,5 @@ fn stop_hangs_up_connected_front_ends_and_removes_the_sockets() {
         "the guest was released"
     );
     // The front-end sees the hang-up.
-    assert!(vm.fe.get_features().is_err());
+    assert!(vm.frontend().get_features().is_err());
 }

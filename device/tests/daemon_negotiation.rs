@@ -1,13 +1,16 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
 //! Feature and protocol negotiation, the config space and the shared
 //! memory region, over the daemon's real vhost-user socket (contract
 //! sections 1 to 3).
 
-mod vhost_harness;
+mod common;
 
+use common::daemon::*;
+use dmabuf_guest_tests::vmm::{ChannelKind, LoopbackVmm, VmmOptions};
 use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserProtocolFeatures};
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::VhostBackend;
-use vhost_harness::*;
 use virtio_dmabuf_protocol::{caps, Config as ConfigSpace, CONFIG_SIZE};
 
 #[test]
@@ -51,9 +54,9 @@ fn no_window_means_no_shmem_and_queues_count_the_eventq() {
     d.stop();
 }
 
-fn config(vm: &mut Vm, offset: u32, size: u32) -> Result<Vec<u8>, vhost::Error> {
+fn config(vm: &mut LoopbackVmm, offset: u32, size: u32) -> Result<Vec<u8>, vhost::Error> {
     let buf = vec![0u8; size as usize];
-    vm.fe
+    vm.frontend()
         .get_config(offset, size, VhostUserConfigFlags::empty(), &buf)
         .map(|(_, bytes)| bytes)
 }
@@ -89,10 +92,10 @@ fn config_reads_have_the_requested_size_and_zeros_past_the_struct() {
     assert_eq!(vm.info().num_queues, 3);
 
     // Writes are ignored (and acked): the config reads as before.
-    vm.fe
+    vm.frontend()
         .set_config(0, VhostUserConfigFlags::WRITABLE, &[0xff; 24])
         .expect("SET_CONFIG is accepted");
-    vm.fe
+    vm.frontend()
         .set_config(20, VhostUserConfigFlags::empty(), &[0xff; 64])
         .expect("SET_CONFIG past the structure");
     assert_eq!(
@@ -105,9 +108,9 @@ fn config_reads_have_the_requested_size_and_zeros_past_the_struct() {
 #[test]
 fn without_shmem_the_window_is_not_live() {
     let d = TestDaemon::start(|_| {});
-    let mut vm = Vm::connect_with(
-        &d.socket(0),
-        Options::without(VhostUserProtocolFeatures::SHMEM),
+    let mut vm = d.vm(
+        0,
+        VmmOptions::default().without_protocol(VhostUserProtocolFeatures::SHMEM),
     );
     let full = config(&mut vm, 0, 24).expect("config");
     assert_eq!(ConfigSpace::from_bytes(&full).expect("config").shm_size, 0);
@@ -123,7 +126,7 @@ fn without_shmem_the_window_is_not_live() {
 #[test]
 fn get_info_reports_what_the_front_end_made_live() {
     let d = TestDaemon::start(|_| {});
-    let mut vm = Vm::connect(&d.socket(0));
+    let vm = d.vm(0, VmmOptions::default());
     let info = vm.info();
     assert_eq!(info.version, 1);
     assert_eq!(info.num_queues, 2);
@@ -142,7 +145,7 @@ fn get_info_reports_what_the_front_end_made_live() {
     drop(vm);
 
     // No back-end channel: neither the window nor shared objects work.
-    let mut vm = Vm::connect_with(&d.socket(0), Options::channel(ChannelKind::None));
+    let vm = d.vm(0, VmmOptions::default().with_channel(ChannelKind::None));
     let info = vm.info();
     assert_eq!(info.caps & (caps::HOST_SHM | caps::SHARED_OBJECTS), 0);
     d.stop();

@@ -1,9 +1,11 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
 //! The binary as an operator runs it: sockets handed over (`--socket-fd`,
 //! systemd socket activation's `LISTEN_FDS`), readiness over
 //! `NOTIFY_SOCKET`, debug logs, and refusals that say what to change. All
 //! over real sockets, with the real binary.
 
-mod vhost_harness;
+mod common;
 
 use std::io::Read;
 use std::os::fd::{AsRawFd, RawFd};
@@ -13,7 +15,8 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use vhost_harness::*;
+use common::daemon::*;
+use dmabuf_guest_tests::vmm::{LoopbackVmm, VmmOptions};
 use virtio_dmabuf_protocol::*;
 
 const BIN: &str = env!("CARGO_BIN_EXE_vhost-device-dmabuf");
@@ -61,7 +64,7 @@ fn with_fd3(command: &mut Command, listener: &UnixListener) {
 
 /// Connects a front-end and asks GET_INFO: the socket is served.
 fn served(socket: &Path) {
-    let mut vm = Vm::connect(socket);
+    let vm = LoopbackVmm::connect(socket, VmmOptions::default()).expect("connect");
     assert_eq!(vm.info().version, 1);
 }
 
@@ -216,7 +219,7 @@ fn debug_logs_show_messages_requests_and_a_summary_at_disconnect() {
         .expect("spawn");
     poll_until("the socket", || socket.exists().then_some(()));
     {
-        let mut vm = Vm::connect(&socket);
+        let vm = LoopbackVmm::connect(&socket, VmmOptions::default()).expect("connect");
         vm.info();
         let o = vm.create(4096);
         assert_eq!(
@@ -265,7 +268,7 @@ fn info_logs_have_the_summary_but_no_line_per_request() {
         .expect("spawn");
     poll_until("the socket", || socket.exists().then_some(()));
     {
-        let mut vm = Vm::connect(&socket);
+        let vm = LoopbackVmm::connect(&socket, VmmOptions::default()).expect("connect");
         vm.info();
     }
     std::thread::sleep(Duration::from_millis(200));
@@ -292,7 +295,7 @@ fn a_quota_refusal_names_the_option_to_raise() {
         .expect("spawn");
     poll_until("the socket", || socket.exists().then_some(()));
     {
-        let mut vm = Vm::connect(&socket);
+        let vm = LoopbackVmm::connect(&socket, VmmOptions::default()).expect("connect");
         let create = |size| Request::Create {
             size,
             dynamic: false,

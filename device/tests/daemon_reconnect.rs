@@ -1,11 +1,14 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
 //! A front-end that disconnects in the middle of parked requests, and the
 //! next one on the same socket (contract section 6). The only test in this
 //! binary, so the process's fd count is the daemon's and this test's.
 
-mod vhost_harness;
+mod common;
 
-use vhost::vhost_user::VhostUserFrontend;
-use vhost_harness::*;
+use common::daemon::*;
+use dmabuf_guest_tests::vmm::channel::backend_req;
+use dmabuf_guest_tests::vmm::VmmOptions;
 use virtio_dmabuf_protocol::*;
 
 const PAGE: u64 = 4096;
@@ -16,21 +19,21 @@ const PAGE: u64 = 4096;
 /// a parked LOCK, a parked WAIT on a fence, and a worker waiting for the
 /// front-end's answer to a LOOKUP.
 fn busy_connection(d: &TestDaemon) -> u64 {
-    let mut vm = Vm::connect_with(&d.socket(0), Options::two_request_queues());
+    let mut vm = d.vm(0, VmmOptions::default());
+    assert_eq!(vm.negotiated().num_queues, 3, "two request queues");
     let obj = vm.create(2 * PAGE).object;
     let other = vm.create(PAGE).object;
     assert!(matches!(vm.map_shm(obj, true), Ok(Reply::Shm { .. })));
     let uuid = vm.exported_uuid(other);
     // The object's fd crosses the relay from the daemon to the front-end.
     let shared = vm
-        .fe
-        .get_shared_object(&shared_msg(uuid))
+        .get_shared_object(uuid::Uuid::from_bytes(uuid))
         .expect("GET_SHARED_OBJECT");
     drop(shared);
     let att = vm.attach(other, false);
     vm.map(att, Direction::ToDevice, 4);
     let (a, b) = (vm.acquire(), vm.acquire());
-    assert_eq!(vm.call(0, &Vm::lock_request(a, obj)), Ok(Reply::Empty));
+    assert_eq!(vm.call(0, &lock_request(a, obj)), Ok(Reply::Empty));
     let fence = match vm.call(
         0,
         &Request::FenceAttach {
@@ -45,7 +48,7 @@ fn busy_connection(d: &TestDaemon) -> u64 {
     };
     assert_ne!(fence, 0);
     // Parked: a LOCK on controlq2 and a WAIT on the controlq.
-    let lock = vm.send(2, &Vm::lock_request(b, obj));
+    let lock = vm.send(2, &lock_request(b, obj));
     let wait = vm.send(
         0,
         &Request::Wait {
@@ -54,16 +57,15 @@ fn busy_connection(d: &TestDaemon) -> u64 {
             timeout_ns: 60_000_000_000,
         },
     );
-    vm.queues[2].wait_taken(&vm.ram);
-    vm.queues[0].wait_taken(&vm.ram);
-    assert!(vm.try_wait(lock).is_none());
-    assert!(vm.try_wait(wait).is_none());
+    vm.wait_taken(2);
+    vm.wait_taken(0);
+    assert!(vm.try_wait(&lock).is_none());
+    assert!(vm.try_wait(&wait).is_none());
     // The worker asks the front-end about a UUID, which does not answer.
-    vm.peer().with(|st| st.hold_lookups = true);
+    vm.frontend_state().hold_lookups(true);
     let looking = vm.send(2, &open_by_uuid([0x42; 16]));
-    vm.peer()
-        .wait_for_msg("the LOOKUP", |m| matches!(m, ChannelMsg::Lookup(_)));
-    assert!(vm.try_wait(looking).is_none());
+    wait_for_request(&vm, "the LOOKUP", backend_req::SHARED_OBJECT_LOOKUP, None);
+    assert!(vm.try_wait(&looking).is_none());
     assert_eq!(d.objects(), 2);
     obj
     // The front-end goes away here, with all of it outstanding.
@@ -84,7 +86,7 @@ fn disconnect_with_parked_requests_then_reconnect_finds_nothing_and_leaks_no_fds
         });
 
         // The next front-end on the same socket finds nothing left.
-        let mut vm = Vm::connect(&d.socket(0));
+        let vm = d.vm(0, VmmOptions::default());
         assert_eq!(vm.release(old), Err(Status::NoEnt), "round {round}");
         let info = vm.info();
         assert_eq!(info.version, 1);

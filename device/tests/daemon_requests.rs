@@ -1,19 +1,62 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
 //! Requests through real descriptor chains on the daemon's socket: the
 //! object life cycle, request framing, bad chains, parked requests, the
 //! copy path and guest pages (contract sections 2, 4, 7 and 10).
 
-mod vhost_harness;
+mod common;
 
+use common::daemon::*;
+use dmabuf_guest_tests::driver::{BatchItem, Desc, RawChain, RawCompletion};
+use dmabuf_guest_tests::vmm::{LoopbackVmm, VmmOptions};
 use vhost::VhostBackend;
-use vhost_harness::*;
 use virtio_dmabuf_protocol::*;
 
 const PAGE: u64 = 4096;
 
+/// Guest RAM of one region of `size` bytes at 0.
+fn ram(size: u64) -> VmmOptions {
+    VmmOptions {
+        ram: vec![(0, size)],
+        ..VmmOptions::default()
+    }
+}
+
+/// Makes every chain of `batch` available on `queue` at once; returns
+/// what came back for each, in order.
+fn run_batch(vm: &LoopbackVmm, queue: u16, batch: Vec<RawChain>) -> Vec<RawCompletion> {
+    let items: Vec<BatchItem> = batch.into_iter().map(BatchItem::raw).collect();
+    let tickets = vm.driver().submit_batch(queue, &items).expect("the batch");
+    tickets
+        .into_iter()
+        .map(|t| vm.driver().complete_raw(t).expect("the chain comes back"))
+        .collect()
+}
+
+/// (status, tag) of the response header a chain's writable part holds.
+fn response_header(c: &RawCompletion) -> (u32, u64) {
+    let r = &c.written;
+    assert!(r.len() >= 16, "no response header: {c:?}");
+    (
+        u32::from_le_bytes(r[0..4].try_into().expect("4")),
+        u64::from_le_bytes(r[8..16].try_into().expect("8")),
+    )
+}
+
+/// The controlq's used index as the device last wrote it.
+fn used_idx(vm: &LoopbackVmm) -> u16 {
+    vm.driver().device_used_idx(0).expect("the used ring")
+}
+
+/// A descriptor the driver does not back: an address outside guest RAM.
+fn outside(addr: u64, len: u32, write: bool) -> Desc {
+    Desc { addr, len, write }
+}
+
 #[test]
 fn create_attach_map_unmap_detach_release_through_chains() {
     let d = TestDaemon::start(|_| {});
-    let mut vm = Vm::connect(&d.socket(0));
+    let vm = d.vm(0, ram(32 << 20));
     let obj = vm.create(2 * PAGE);
     assert_ne!(obj.object, 0);
     assert_eq!(obj.size, 2 * PAGE);
@@ -52,64 +95,32 @@ fn create_attach_map_unmap_detach_release_through_chains() {
 #[test]
 fn a_header_may_span_descriptors_and_indirect_tables_work() {
     let d = TestDaemon::start(|_| {});
-    let mut vm = Vm::connect(&d.socket(0));
+    let vm = d.vm(0, ram(32 << 20));
     let bytes = encode_request(0x77, &Request::GetInfo);
     // The 16-byte header in 3-byte pieces; the reply in 5-byte pieces.
-    let mut bufs = Vec::new();
-    for chunk in bytes.chunks(3) {
-        let gpa = vm.ram.alloc(chunk.len() as u64, false);
-        vm.ram.write(gpa, chunk);
-        bufs.push(Buf {
-            gpa,
-            len: chunk.len() as u32,
-            writable: false,
-        });
-    }
+    let cuts: Vec<usize> = (3..bytes.len()).step_by(3).collect();
     let reply_len = RESP_HDR_SIZE + INFO_SIZE;
-    let mut reply_parts = Vec::new();
-    for _ in 0..reply_len.div_ceil(5) {
-        let gpa = vm.ram.alloc(5, false);
-        reply_parts.push(gpa);
-        bufs.push(Buf {
-            gpa,
-            len: 5,
-            writable: true,
-        });
-    }
-    let head = vm.queues[0].add(&vm.ram, &bufs);
-    vm.queues[0].notify();
-    let used = vm.queues[0].wait_used(&vm.ram, head) as usize;
+    let parts = vec![5u32; reply_len.div_ceil(5)];
+    let chain = RawChain::split(&bytes, &cuts, &parts).indirect(false);
+    assert_eq!(chain.descs.len(), bytes.len().div_ceil(3) + parts.len());
+    let t = vm.driver().submit_raw(0, chain).expect("the chain");
+    let done = vm.driver().complete_raw(t).expect("the chain comes back");
+    let used = done.used_len as usize;
     assert_eq!(used, reply_len);
-    let mut reply = Vec::new();
-    for gpa in reply_parts {
-        reply.extend(vm.ram.read(gpa, 5));
-    }
+    let reply = &done.written;
     let (tag, response) = decode_response(Opcode::GetInfo, &reply[..used]).expect("decodes");
     assert_eq!(tag, 0x77);
     assert!(matches!(response, Ok(Reply::Info(i)) if i.version == 1));
 
     // The same request through one indirect descriptor.
-    let req = vm.ram.alloc(16, false);
-    vm.ram.write(req, &encode_request(0x78, &Request::GetInfo));
-    let out = vm.ram.alloc(reply_len as u64, false);
-    let head = vm.queues[0].add_indirect(
-        &mut vm.ram,
-        &[
-            Buf {
-                gpa: req,
-                len: 16,
-                writable: false,
-            },
-            Buf {
-                gpa: out,
-                len: reply_len as u32,
-                writable: true,
-            },
-        ],
-    );
-    vm.queues[0].notify();
-    assert_eq!(vm.queues[0].wait_used(&vm.ram, head) as usize, reply_len);
-    let (tag, _) = decode_response(Opcode::GetInfo, &vm.ram.read(out, reply_len)).expect("decodes");
+    let chain = RawChain::new()
+        .readable(encode_request(0x78, &Request::GetInfo))
+        .writable(reply_len as u32)
+        .indirect(true);
+    let t = vm.driver().submit_raw(0, chain).expect("the chain");
+    let done = vm.driver().complete_raw(t).expect("the chain comes back");
+    assert_eq!(done.used_len as usize, reply_len);
+    let (tag, _) = decode_response(Opcode::GetInfo, &done.written).expect("decodes");
     assert_eq!(tag, 0x78);
     d.stop();
 }
@@ -117,55 +128,47 @@ fn a_header_may_span_descriptors_and_indirect_tables_work() {
 #[test]
 fn every_bad_chain_comes_back_and_the_batch_goes_on() {
     let d = TestDaemon::start(|_| {});
-    let mut vm = Vm::connect(&d.socket(0));
+    let vm = d.vm(0, ram(32 << 20));
     let ram_end = 32 << 20;
     let info = encode_request(5, &Request::GetInfo);
 
     // 1. A writable part too short for the response header: used.len 0.
-    let b1 = [vm.readable(&info), vm.writable(8)];
+    let b1 = RawChain::new().readable(info.clone()).writable(8);
     // 2. An unknown opcode: ENOSYS, tag echoed.
     let mut unknown = info.clone();
     unknown[0..4].copy_from_slice(&0xbeefu32.to_le_bytes());
     unknown[8..16].copy_from_slice(&0x1234u64.to_le_bytes());
-    let b2 = [vm.readable(&unknown), vm.writable(16)];
+    let b2 = RawChain::new().readable(unknown).writable(16);
     // 3. A readable part outside guest memory: EFAULT.
-    let b3 = [
-        Buf {
-            gpa: ram_end + PAGE,
-            len: 16,
-            writable: false,
-        },
-        vm.writable(16),
-    ];
+    let b3 = RawChain::new()
+        .at(outside(ram_end + PAGE, 16, false))
+        .writable(16);
     // 4. A writable part outside guest memory: used.len 0.
-    let b4 = [
-        vm.readable(&info),
-        Buf {
-            gpa: ram_end + PAGE,
-            len: 96,
-            writable: true,
-        },
-    ];
+    let b4 = RawChain::new()
+        .readable(info.clone())
+        .at(outside(ram_end + PAGE, 96, true));
     // 5. A readable part too short for its opcode: EINVAL.
     let short = encode_request(6, &Request::Release { object: 1 });
-    let b5 = [vm.readable(&short[..20]), vm.writable(16)];
+    let b5 = RawChain::new().readable(&short[..20]).writable(16);
     // 6. A good request after all of them.
-    let b6 = [vm.readable(&info), vm.writable(96)];
-    let used = vm.run_batch(0, &[&b1, &b2, &b3, &b4, &b5, &b6]);
+    let b6 = RawChain::new().readable(info.clone()).writable(96);
+    let before = used_idx(&vm);
+    let done = run_batch(&vm, 0, vec![b1, b2, b3, b4, b5, b6]);
+    let used: Vec<u32> = done.iter().map(|c| c.used_len).collect();
     assert_eq!(used[0], 0);
     assert_eq!(used[3], 0);
-    let status = |b: &Buf| vm.response_header(b);
+    let status = |i: usize| response_header(&done[i]);
     assert_eq!(used[1], 16);
-    assert_eq!(status(&b2[1]), (Status::NoSys as u32, 0x1234));
+    assert_eq!(status(1), (Status::NoSys as u32, 0x1234));
     assert_eq!(used[2], 16);
-    assert_eq!(status(&b3[1]).0, Status::Fault as u32);
+    assert_eq!(status(2).0, Status::Fault as u32);
     assert_eq!(used[4], 16);
-    assert_eq!(status(&b5[1]), (Status::Inval as u32, 6));
+    assert_eq!(status(4), (Status::Inval as u32, 6));
     assert_eq!(used[5] as usize, RESP_HDR_SIZE + INFO_SIZE);
-    assert_eq!(status(&b6[1]), (0, 5));
+    assert_eq!(status(5), (0, 5));
     assert_eq!(
-        vm.queues[0].returned(&vm.ram),
-        0,
+        (used_idx(&vm).wrapping_sub(before), vm.driver().in_flight(0)),
+        (6, 0),
         "each chain came back once"
     );
     d.stop();
@@ -173,10 +176,10 @@ fn every_bad_chain_comes_back_and_the_batch_goes_on() {
 
 #[test]
 fn lock_contention_parks_on_one_queue_while_another_serves() {
-    let (d, mut vm) = two_queue_daemon();
+    let (d, vm) = two_queue_daemon();
     let (obj, a, b) = vm.lock_held();
     // b waits for the lock on controlq2 (queue 2).
-    let parked = vm.send(2, &Vm::lock_request(b, obj));
+    let parked = vm.send(2, &lock_request(b, obj));
     // The controlq keeps serving meanwhile, and TRY is EBUSY at once.
     assert_eq!(
         vm.try_lock(b, obj),
@@ -184,7 +187,7 @@ fn lock_contention_parks_on_one_queue_while_another_serves() {
         "the context already has a waiting request"
     );
     assert!(vm.info().version == 1);
-    assert!(vm.try_wait(parked).is_none(), "still parked");
+    assert!(vm.try_wait(&parked).is_none(), "still parked");
     // Unlocking on the controlq completes the parked chain on queue 2.
     assert_eq!(vm.unlock(a, obj), Ok(Reply::Empty));
     assert_eq!(vm.wait(parked), Ok(Reply::Empty));
@@ -195,7 +198,7 @@ fn lock_contention_parks_on_one_queue_while_another_serves() {
 #[test]
 fn transfers_copy_through_the_chain_and_are_bounded() {
     let d = TestDaemon::start(|_| {});
-    let mut vm = Vm::connect_with(&d.socket(0), Options::regions(vec![(0, 48 << 20)]));
+    let vm = d.vm(0, ram(48 << 20));
     let obj = vm.create(4 * PAGE).object;
     let data: Vec<u8> = (0..5000u32).map(|i| (i % 251) as u8).collect();
     assert_eq!(vm.transfer_to(obj, 100, &data), Ok(Reply::Empty));
@@ -207,15 +210,19 @@ fn transfers_copy_through_the_chain_and_are_bounded() {
     );
     // Longer than the daemon's 16 MiB limit, even with room for it.
     let limit = vhost_device_dmabuf::backend::TRANSFER_MAX;
-    let big = vm.send_sized(
-        0,
-        &Request::TransferFromHost {
-            object: obj,
-            offset: 0,
-            len: limit + 1,
-        },
-        (RESP_HDR_SIZE as u64 + limit + 1) as u32,
-    );
+    let big = vm
+        .driver()
+        .submit_sized(
+            0,
+            vm.driver().next_tag(),
+            &Request::TransferFromHost {
+                object: obj,
+                offset: 0,
+                len: limit + 1,
+            },
+            (RESP_HDR_SIZE as u64 + limit + 1) as usize,
+        )
+        .expect("the chain");
     assert_eq!(vm.wait(big), Err(Status::Inval));
     d.stop();
 }
@@ -223,8 +230,13 @@ fn transfers_copy_through_the_chain_and_are_bounded() {
 #[test]
 fn guest_pages_objects_live_in_guest_ram() {
     let d = TestDaemon::start(|_| {});
-    let mut vm = Vm::connect(&d.socket(0));
-    let pages = [vm.ram.alloc(PAGE, true), vm.ram.alloc(2 * PAGE, true)];
+    let vm = d.vm(0, ram(32 << 20));
+    let pool = vm.driver().pool();
+    let pages = [
+        pool.alloc(PAGE, PAGE).expect("a page").gpa,
+        pool.alloc(2 * PAGE, PAGE).expect("two pages").gpa,
+    ];
+    let mem = vm.driver().memory();
     let entries = vec![
         Segment {
             addr: pages[1],
@@ -253,8 +265,10 @@ fn guest_pages_objects_live_in_guest_ram() {
         vm.transfer_to(obj.object, 2 * PAGE + 8, b"guest!"),
         Ok(Reply::Empty)
     );
-    assert_eq!(vm.ram.read(pages[0] + 8, 6), b"guest!");
-    vm.ram.write(pages[1], b"from the guest");
+    let mut back = [0u8; 6];
+    mem.read(pages[0] + 8, &mut back).expect("guest RAM");
+    assert_eq!(&back, b"guest!");
+    mem.write(pages[1], b"from the guest").expect("guest RAM");
     assert_eq!(vm.transfer_from(obj.object, 0, 14), b"from the guest");
 
     let att = vm.attach(obj.object, false);
@@ -285,9 +299,12 @@ fn guest_pages_objects_live_in_guest_ram() {
 fn removing_guest_memory_revokes_objects_over_it() {
     let d = TestDaemon::start(|_| {});
     // Region 0 holds the rings; region 1 the object's pages.
-    let mut vm = Vm::connect_with(
-        &d.socket(0),
-        Options::regions(vec![(0, 16 << 20), (1 << 30, 1 << 20)]),
+    let mut vm = d.vm(
+        0,
+        VmmOptions {
+            ram: vec![(0, 16 << 20), (1 << 30, 1 << 20)],
+            ..VmmOptions::default()
+        },
     );
     let obj = match vm.call(
         0,
@@ -305,18 +322,30 @@ fn removing_guest_memory_revokes_objects_over_it() {
         other => panic!("CREATE: {other:?}"),
     };
     // A buffer too short for an event comes back empty and unused.
-    let (short, _) = vm.post_event_buffer(16);
-    let (head, gpa) = vm.post_event_buffer(32);
-    assert_eq!(vm.queues[EVENTQ as usize].try_used(&vm.ram, head), None);
+    vm.post_event_buffer(16);
+    vm.post_event_buffer(32);
+    assert_eq!(vm.driver().poll_events().expect("the eventq"), []);
 
     // A new memory table without region 1.
-    let keep = vm.ram.region_infos()[..1].to_vec();
-    vm.fe.set_mem_table(&keep).expect("SET_MEM_TABLE");
+    let keep = vm.memory_regions().expect("the regions")[..1].to_vec();
+    vm.frontend().set_mem_table(&keep).expect("SET_MEM_TABLE");
 
-    let event = vm.wait_event(head, gpa);
+    // Both buffers come back: the short one empty, the other with the event.
+    let mut records = Vec::new();
+    while records.len() < 2 {
+        records.push(
+            vm.driver()
+                .next_event(TIMEOUT)
+                .expect("the eventq")
+                .expect("both eventq buffers back in time"),
+        );
+    }
+    let (empty, full): (Vec<_>, Vec<_>) = records.into_iter().partition(|r| r.used_len == 0);
+    assert_eq!((empty.len(), full.len()), (1, 1), "one empty, one event");
+    assert_eq!(full[0].used_len as usize, EVENT_SIZE);
+    let event = full[0].event.expect("a known event");
     assert_eq!(event.kind, EventType::Revoked);
     assert_eq!(event.object, obj);
-    assert_eq!(vm.queues[EVENTQ as usize].wait_used(&vm.ram, short), 0);
     assert_eq!(
         vm.transfer_to(obj, 0, b"x"),
         Err(Status::NoEnt),
@@ -329,14 +358,14 @@ fn removing_guest_memory_revokes_objects_over_it() {
 #[test]
 fn oversized_undecodable_and_cancelled_chains_come_back_once_and_the_batch_goes_on() {
     let d = TestDaemon::start(|c| c.request_queues = 1);
-    let mut vm = Vm::connect_with(&d.socket(0), Options::regions(vec![(0, 48 << 20)]));
+    let vm = d.vm(0, ram(48 << 20));
     let (obj, _a, b) = vm.lock_held();
     let info_len = (RESP_HDR_SIZE + INFO_SIZE) as u32;
 
     // 1. A GET_INFO with 1 MiB of readable bytes: only its header is used.
     let mut big = encode_request(11, &Request::GetInfo);
     big.resize(1 << 20, 0xa5);
-    let c1 = [vm.readable(&big), vm.writable(info_len)];
+    let c1 = RawChain::new().readable(big).writable(info_len);
     // 2. A TRANSFER_TO_HOST carrying more than the daemon's bound: EINVAL.
     let limit = vhost_device_dmabuf::backend::TRANSFER_MAX;
     let mut huge = encode_request(
@@ -349,7 +378,7 @@ fn oversized_undecodable_and_cancelled_chains_come_back_once_and_the_batch_goes_
     );
     huge[REQ_HDR_SIZE + 16..REQ_HDR_SIZE + 24].copy_from_slice(&(limit + 1).to_le_bytes());
     huge.resize(huge.len() + limit as usize + 1, 0);
-    let c2 = [vm.readable(&huge), vm.writable(16)];
+    let c2 = RawChain::new().readable(huge).writable(16);
     // 3. A CREATE naming more entries than it carries: EINVAL.
     let mut create = encode_request(
         13,
@@ -364,61 +393,63 @@ fn oversized_undecodable_and_cancelled_chains_come_back_once_and_the_batch_goes_
         },
     );
     create[REQ_HDR_SIZE + 8..REQ_HDR_SIZE + 12].copy_from_slice(&100_000u32.to_le_bytes());
-    let c3 = [vm.readable(&create), vm.writable(64)];
+    let c3 = RawChain::new().readable(create).writable(64);
     // 4. A LOCK that parks behind `a`, 5. the CANCEL of its tag.
-    let lock = encode_request(14, &Vm::lock_request(b, obj));
-    let c4 = [vm.readable(&lock), vm.writable(16)];
+    let lock = encode_request(14, &lock_request(b, obj));
+    let c4 = RawChain::new().readable(lock).writable(16);
     let cancel = encode_request(15, &Request::Cancel { tag: 14 });
-    let c5 = [vm.readable(&cancel), vm.writable(16)];
+    let c5 = RawChain::new().readable(cancel).writable(16);
     // 6. A good request at the end.
     let info = encode_request(16, &Request::GetInfo);
-    let c6 = [vm.readable(&info), vm.writable(info_len)];
+    let c6 = RawChain::new().readable(info).writable(info_len);
 
-    let before = vm.queues[0].used_idx(&vm.ram);
-    let used = vm.run_batch(0, &[&c1, &c2, &c3, &c4, &c5, &c6]);
-    let header = |b: &Buf| vm.response_header(b);
+    let before = used_idx(&vm);
+    let done = run_batch(&vm, 0, vec![c1, c2, c3, c4, c5, c6]);
+    let used: Vec<u32> = done.iter().map(|c| c.used_len).collect();
+    let header = |i: usize| response_header(&done[i]);
     assert_eq!(used[0], info_len);
-    assert_eq!(header(&c1[1]), (0, 11));
-    assert_eq!((used[1], header(&c2[1])), (16, (Status::Inval as u32, 12)));
-    assert_eq!((used[2], header(&c3[1])), (16, (Status::Inval as u32, 13)));
+    assert_eq!(header(0), (0, 11));
+    assert_eq!((used[1], header(1)), (16, (Status::Inval as u32, 12)));
+    assert_eq!((used[2], header(2)), (16, (Status::Inval as u32, 13)));
+    assert_eq!((used[3], header(3)), (16, (Status::Canceled as u32, 14)));
+    assert_eq!((used[4], header(4)), (16, (0, 15)));
+    assert_eq!((used[5], header(5)), (info_len, (0, 16)));
     assert_eq!(
-        (used[3], header(&c4[1])),
-        (16, (Status::Canceled as u32, 14))
-    );
-    assert_eq!((used[4], header(&c5[1])), (16, (0, 15)));
-    assert_eq!((used[5], header(&c6[1])), (info_len, (0, 16)));
-    assert_eq!(
-        vm.queues[0].used_idx(&vm.ram).wrapping_sub(before),
+        used_idx(&vm).wrapping_sub(before),
         6,
         "each chain came back exactly once"
     );
-    assert_eq!(vm.queues[0].returned(&vm.ram), 0);
+    assert_eq!(vm.driver().in_flight(0), 0);
     d.stop();
 }
 
 #[test]
 fn used_queue_signals_follow_the_drivers_used_event() {
-    let (d, mut vm) = two_queue_daemon();
+    let (d, vm) = two_queue_daemon();
     assert_eq!(vm.info().version, 1);
-    let _ = vm.queues[0].call.read();
+    let call = vm
+        .notifier()
+        .call_fd(0)
+        .expect("the controlq's call eventfd");
+    let _ = call.read();
     // The driver wants a call only once the used index passes used + 1.
-    let used = vm.queues[0].used_idx(&vm.ram);
-    vm.queues[0].set_used_event(&vm.ram, used.wrapping_add(1));
-    let first = vm.post(0, &Request::GetInfo, (RESP_HDR_SIZE + INFO_SIZE) as u32);
-    vm.queues[0].notify();
+    let used = used_idx(&vm);
+    vm.driver()
+        .set_used_event(0, used.wrapping_add(1))
+        .expect("used_event");
+    let first = vm.send(0, &Request::GetInfo);
     poll_until("the first answer", || {
-        (vm.queues[0].used_idx(&vm.ram) == used.wrapping_add(1)).then_some(())
+        (used_idx(&vm) == used.wrapping_add(1)).then_some(())
     });
     // A round trip on another queue: the worker finished the first batch.
     assert_eq!(vm.call(2, &Request::GetInfo).map(|_| ()), Ok(()));
     assert!(
-        vm.queues[0].call.read().is_err(),
+        call.read().is_err(),
         "no call before the driver's used_event"
     );
-    let second = vm.post(0, &Request::GetInfo, (RESP_HDR_SIZE + INFO_SIZE) as u32);
-    vm.queues[0].notify();
-    poll_until("the call", || vm.queues[0].call.read().ok());
-    assert!(vm.try_wait(first).is_some());
-    assert!(vm.try_wait(second).is_some());
+    let second = vm.send(0, &Request::GetInfo);
+    poll_until("the call", || call.read().ok());
+    assert!(vm.try_wait(&first).is_some());
+    assert!(vm.try_wait(&second).is_some());
     d.stop();
 }

@@ -1,16 +1,23 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
 //! Virtio shared objects over the real socket: `EXPORT_UUID` and
 //! `SHARED_OBJECT_ADD`/`_REMOVE`, `GET_SHARED_OBJECT`, and `OPEN` BY_UUID
 //! through `SHARED_OBJECT_LOOKUP` (contract sections 1 and 7.2;
 //! `docs/shared-objects.md`).
 
-mod vhost_harness;
+mod common;
 
 use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 
-use vhost::vhost_user::{Backend, VhostUserFrontend, VhostUserFrontendReqHandler};
-use vhost_harness::*;
+use common::daemon::*;
+use dmabuf_guest_tests::vmm::channel::backend_req::{
+    SHARED_OBJECT_ADD, SHARED_OBJECT_LOOKUP, SHARED_OBJECT_REMOVE,
+};
+use dmabuf_guest_tests::vmm::VmmOptions;
+use uuid::Uuid;
+use vhost::vhost_user::{Backend, VhostUserFrontendReqHandler};
 use virtio_dmabuf_protocol::*;
 
 const PAGE: u64 = 4096;
@@ -26,43 +33,39 @@ fn foreign_buffer(pages: u64, byte: u8) -> OwnedFd {
 #[test]
 fn export_uuid_adds_get_shared_object_answers_and_death_removes() {
     let d = TestDaemon::start(|c| c.allow_memfd_shared_objects = true);
-    let mut vm = Vm::connect(&d.socket(0));
+    let mut vm = d.vm(0, VmmOptions::default());
     let obj = vm.create(PAGE).object;
     assert_eq!(vm.transfer_to(obj, 0, b"shared bytes"), Ok(Reply::Empty));
     let uuid = vm.exported_uuid(obj);
     // ADD was acked before the guest got its answer.
-    assert!(vm.peer().with(|st| st
-        .messages
+    assert!(vm
+        .backend_requests()
         .iter()
-        .any(|m| matches!(m, ChannelMsg::Add(u) if *u == uuid))));
+        .any(|m| m.request == SHARED_OBJECT_ADD && m.uuid == Some(Uuid::from_bytes(uuid))));
     // Exporting again does not add again.
     assert_eq!(vm.export_uuid(obj), Ok(Reply::Uuid(uuid)));
 
     // The front-end asks for the object's fd (GET_SHARED_OBJECT, 41).
     let file = vm
-        .fe
-        .get_shared_object(&shared_msg(uuid))
+        .get_shared_object(Uuid::from_bytes(uuid))
         .expect("the object's fd");
     assert_eq!(read_fd(&file, 0, 12), b"shared bytes");
     drop(file);
     // An unknown UUID: no fd, and the connection goes on.
-    assert!(vm.fe.get_shared_object(&shared_msg([9; 16])).is_err());
+    assert!(vm.get_shared_object(Uuid::from_bytes([9; 16])).is_err());
     assert_eq!(vm.info().version, 1);
 
     // The object dies with its last handle: REMOVE.
     assert_eq!(vm.release(obj), Ok(Reply::Empty));
-    vm.peer().wait_for_msg(
-        "SHARED_OBJECT_REMOVE",
-        |m| matches!(m, ChannelMsg::Remove(u) if *u == uuid),
-    );
-    assert!(vm.fe.get_shared_object(&shared_msg(uuid)).is_err());
+    wait_for_answer(&vm, "SHARED_OBJECT_REMOVE", SHARED_OBJECT_REMOVE, uuid);
+    assert!(vm.get_shared_object(Uuid::from_bytes(uuid)).is_err());
     d.stop();
 }
 
 #[test]
 fn export_uuid_of_a_memfd_object_needs_the_test_flag() {
     let d = TestDaemon::start(|_| {});
-    let mut vm = Vm::connect(&d.socket(0));
+    let vm = d.vm(0, VmmOptions::default());
     let obj = vm.create(PAGE).object;
     assert_eq!(vm.export_uuid(obj), Err(Status::NotSupported));
     d.stop();
@@ -71,14 +74,13 @@ fn export_uuid_of_a_memfd_object_needs_the_test_flag() {
 #[test]
 fn open_by_uuid_looks_the_object_up_on_the_front_end() {
     let d = TestDaemon::start(|c| c.allow_memfd_shared_objects = true);
-    let mut vm = Vm::connect(&d.socket(0));
+    let vm = d.vm(0, VmmOptions::default());
     let (found, refused, no_fd) = ([1; 16], [2; 16], [3; 16]);
-    vm.peer().with(|st| {
-        st.lookups
-            .insert(found, LookupAnswer::Fd(foreign_buffer(2, 0x5a)));
-        st.lookups.insert(refused, LookupAnswer::Refuse);
-        st.lookups.insert(no_fd, LookupAnswer::NoFd);
-    });
+    // Found: another device's buffer. Refused: the front-end does not
+    // know it. No fd: success without one.
+    vm.publish_shared_object(Uuid::from_bytes(found), foreign_buffer(2, 0x5a));
+    vm.frontend_state()
+        .answer_lookup_without_fd(Uuid::from_bytes(no_fd));
 
     let req = open_by_uuid(found);
     let o = match vm.call(0, &req) {
@@ -103,15 +105,13 @@ fn open_by_uuid_looks_the_object_up_on_the_front_end() {
     let uuid = vm.exported_uuid(mine);
     let req = open_by_uuid(uuid);
     assert!(matches!(vm.call(0, &req), Ok(Reply::Object(m)) if m.object == mine));
-    let lookups: Vec<[u8; 16]> = vm.peer().with(|st| {
-        st.messages
-            .iter()
-            .filter_map(|m| match m {
-                ChannelMsg::Lookup(u) => Some(*u),
-                _ => None,
-            })
-            .collect()
-    });
+    let lookups: Vec<[u8; 16]> = vm
+        .frontend_state()
+        .received()
+        .iter()
+        .filter(|r| r.request == SHARED_OBJECT_LOOKUP)
+        .filter_map(|r| r.uuid.map(Uuid::into_bytes))
+        .collect();
     assert_eq!(lookups, [found, refused, no_fd]);
     d.stop();
 }
@@ -119,30 +119,23 @@ fn open_by_uuid_looks_the_object_up_on_the_front_end() {
 #[test]
 fn get_shared_object_is_answered_while_a_lookup_waits() {
     let d = TestDaemon::start(|c| c.allow_memfd_shared_objects = true);
-    let mut vm = Vm::connect(&d.socket(0));
+    let mut vm = d.vm(0, VmmOptions::default());
     let obj = vm.create(PAGE).object;
     let published = vm.exported_uuid(obj);
     let wanted = [7; 16];
-    vm.peer().with(|st| {
-        st.hold_lookups = true;
-        st.lookups
-            .insert(wanted, LookupAnswer::Fd(foreign_buffer(1, 1)));
-    });
+    vm.frontend_state().hold_lookups(true);
+    vm.publish_shared_object(Uuid::from_bytes(wanted), foreign_buffer(1, 1));
     let req = open_by_uuid(wanted);
     let pending = vm.send(0, &req);
-    vm.peer().wait_for_msg(
-        "the LOOKUP",
-        |m| matches!(m, ChannelMsg::Lookup(u) if *u == wanted),
-    );
+    wait_for_request(&vm, "the LOOKUP", SHARED_OBJECT_LOOKUP, Some(wanted));
     // The back-end waits for the front-end's LOOKUP answer; the front-end
     // asks it for an object meanwhile, and gets it.
     let file = vm
-        .fe
-        .get_shared_object(&shared_msg(published))
+        .get_shared_object(Uuid::from_bytes(published))
         .expect("answered while the LOOKUP waits");
     drop(file);
-    assert!(vm.try_wait(pending).is_none());
-    vm.peer().with(|st| st.hold_lookups = false);
+    assert!(vm.try_wait(&pending).is_none());
+    vm.frontend_state().hold_lookups(false);
     assert!(matches!(vm.wait(pending), Ok(Reply::Object(o)) if o.uuid == wanted));
     d.stop();
 }
@@ -199,12 +192,12 @@ fn channel_messages_ask_for_an_ack_exactly_when_reply_ack_is_live() {
     const NEED_REPLY: u32 = 0x8;
     let d = TestDaemon::start(|c| c.allow_memfd_shared_objects = true);
 
-    let mut vm = Vm::connect(&d.socket(0));
+    let vm = d.vm(0, VmmOptions::default());
     let obj = vm.create(PAGE).object;
     assert!(matches!(vm.map_shm(obj, false), Ok(Reply::Shm { .. })));
     assert!(matches!(vm.export_uuid(obj), Ok(Reply::Uuid(_))));
     let other = vm.create(PAGE).object;
-    vm.peer().with(|st| st.refuse.push(6));
+    vm.frontend_state().refuse(SHARED_OBJECT_ADD);
     assert_eq!(vm.export_uuid(other), Err(Status::Io));
     let uuid = match vm.call(0, &Request::ExportUuid { object: other }) {
         Err(Status::Io) => None,
@@ -214,7 +207,7 @@ fn channel_messages_ask_for_an_ack_exactly_when_reply_ack_is_live() {
     assert_eq!(uuid, None, "still refused: nothing was published");
     let open = open_by_uuid([5; 16]);
     assert_eq!(vm.call(0, &open), Err(Status::NoEnt));
-    let headers = vm.peer().with(|st| st.headers.clone());
+    let headers = channel_headers(&vm);
     assert_eq!(
         headers.iter().map(|h| h.0).collect::<Vec<_>>(),
         [9, 6, 6, 6, 8]
@@ -225,16 +218,16 @@ fn channel_messages_ask_for_an_ack_exactly_when_reply_ack_is_live() {
     }
     drop(vm);
 
-    let mut vm = Vm::connect_with(
-        &d.socket(0),
-        Options::without(VhostUserProtocolFeatures::REPLY_ACK),
+    let vm = d.vm(
+        0,
+        VmmOptions::default().without_protocol(VhostUserProtocolFeatures::REPLY_ACK),
     );
     let obj = vm.create(PAGE).object;
     assert!(matches!(vm.export_uuid(obj), Ok(Reply::Uuid(_))));
     // Nothing is awaited without REPLY_ACK: the message may still be on its
     // way to the front-end's channel thread when the guest has its answer.
     let headers = poll_until("SHARED_OBJECT_ADD at the front-end", || {
-        let h = vm.peer().with(|st| st.headers.clone());
+        let h = channel_headers(&vm);
         (!h.is_empty()).then_some(h)
     });
     assert_eq!(headers, [(6, 0x1)], "no NEED_REPLY without REPLY_ACK");

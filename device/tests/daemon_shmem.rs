@@ -1,11 +1,15 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
 //! The shared memory window over the real socket: `MAP_SHM` places the
 //! object's fd with `VHOST_USER_BACKEND_SHMEM_MAP`, checked on the
 //! front-end side (contract sections 1, 7.3, 7.5 and 10).
 
-mod vhost_harness;
+mod common;
 
+use common::daemon::*;
+use dmabuf_guest_tests::vmm::channel::backend_req::{SHMEM_MAP, SHMEM_UNMAP};
+use dmabuf_guest_tests::vmm::{ChannelKind, VmmOptions};
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
-use vhost_harness::*;
 use virtio_dmabuf_protocol::*;
 
 const PAGE: u64 = 4096;
@@ -14,7 +18,7 @@ const PAGE: u64 = 4096;
 fn map_shm_is_placed_by_shmem_map_first_fit_and_removed_by_unmap() {
     let d = TestDaemon::start(|c| c.shm_size = 4 * PAGE);
     // The vhost crate's own front-end handler serves the channel.
-    let mut vm = Vm::connect_with(&d.socket(0), Options::channel(ChannelKind::Crate));
+    let vm = d.vm(0, VmmOptions::default().with_channel(ChannelKind::Crate));
     let a = vm.create(2 * PAGE).object;
     let b = vm.create(PAGE).object;
     let c = vm.create(2 * PAGE).object;
@@ -30,8 +34,8 @@ fn map_shm_is_placed_by_shmem_map_first_fit_and_removed_by_unmap() {
     );
     // The reply came after the front-end mapped it: the map is there.
     {
-        let chan = vm.crate_channel.as_ref().expect("crate channel");
-        let log = chan.log.lock().expect("log");
+        let chan = vm.crate_channel().expect("crate channel");
+        let log = chan.log();
         assert_eq!(log.maps.len(), 1);
         let m = &log.maps[0];
         assert_eq!(
@@ -88,8 +92,8 @@ fn map_shm_is_placed_by_shmem_map_first_fit_and_removed_by_unmap() {
         Ok(Reply::Empty)
     );
     {
-        let chan = vm.crate_channel.as_ref().expect("crate channel");
-        assert_eq!(chan.log.lock().expect("log").unmaps, [(0, 2 * PAGE)]);
+        let chan = vm.crate_channel().expect("crate channel");
+        assert_eq!(chan.log().unmaps, [(0, 2 * PAGE)]);
     }
     // The freed range is reused first.
     assert_eq!(
@@ -101,8 +105,9 @@ fn map_shm_is_placed_by_shmem_map_first_fit_and_removed_by_unmap() {
     );
     // Releasing the guest's state takes its objects out of the window.
     assert_eq!(vm.call(0, &Request::ResetSession), Ok(Reply::Empty));
-    let chan = vm.crate_channel.as_ref().expect("crate channel");
-    let mut unmaps = chan.wait_for("SHMEM_UNMAPs of the reset", |log| {
+    let chan = vm.crate_channel().expect("crate channel");
+    let mut unmaps = poll_until("SHMEM_UNMAPs of the reset", || {
+        let log = chan.log();
         (log.unmaps.len() == 3).then(|| log.unmaps.clone())
     });
     unmaps.sort_unstable();
@@ -113,18 +118,16 @@ fn map_shm_is_placed_by_shmem_map_first_fit_and_removed_by_unmap() {
 #[test]
 fn a_refused_shmem_map_is_eio_and_leaves_nothing_placed() {
     let d = TestDaemon::start(|_| {});
-    let mut vm = Vm::connect(&d.socket(0));
+    let vm = d.vm(0, VmmOptions::default());
     let obj = vm.create(PAGE).object;
-    vm.peer().with(|st| st.refuse.push(9));
+    vm.frontend_state().refuse(SHMEM_MAP);
     assert_eq!(vm.map_shm(obj, true), Err(Status::Io));
     // Nothing placed: RELEASE is not EBUSY, and no SHMEM_UNMAP was sent.
     assert_eq!(vm.release(obj), Ok(Reply::Empty));
-    let unmaps = vm.peer().with(|st| {
-        st.messages
-            .iter()
-            .filter(|m| matches!(m, ChannelMsg::ShmemUnmap { .. }))
-            .count()
-    });
+    let unmaps = channel_headers(&vm)
+        .iter()
+        .filter(|&&(request, _)| request == SHMEM_UNMAP)
+        .count();
     assert_eq!(unmaps, 0);
     d.stop();
 }
@@ -132,9 +135,9 @@ fn a_refused_shmem_map_is_eio_and_leaves_nothing_placed() {
 #[test]
 fn without_shmem_map_shm_is_eopnotsupp_and_map_is_in_object_space() {
     let d = TestDaemon::start(|_| {});
-    let mut vm = Vm::connect_with(
-        &d.socket(0),
-        Options::without(VhostUserProtocolFeatures::SHMEM),
+    let vm = d.vm(
+        0,
+        VmmOptions::default().without_protocol(VhostUserProtocolFeatures::SHMEM),
     );
     let obj = vm.create(PAGE).object;
     assert_eq!(vm.map_shm(obj, false), Err(Status::NotSupported));

@@ -361,6 +361,12 @@ impl SplitQueue {
         Ok(())
     }
 
+    /// The used ring's index as the device last wrote it.
+    pub fn device_used_idx(&self, mem: &dyn GuestMemory) -> Result<u16, QueueError> {
+        fence(Ordering::SeqCst);
+        Ok(mem.load_u16(self.layout.used_idx())?)
+    }
+
     /// The device's `avail_event` (EVENT_IDX): the avail index at which it
     /// asks to be notified.
     pub fn device_avail_event(&self, mem: &dyn GuestMemory) -> Result<u16, QueueError> {

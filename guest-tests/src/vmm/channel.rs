@@ -12,11 +12,11 @@
 //! Wire format (native little-endian): `u32 request; u32 flags; u32 size`,
 //! then `size` bytes; `flags` bit 0x4 is REPLY, 0x8 NEED_REPLY, version 1.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::io::{self, Read};
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::thread::JoinHandle;
 
 use uuid::Uuid;
@@ -69,6 +69,18 @@ pub struct BackendMessage {
     pub fds_received: usize,
 }
 
+/// One back-end request as it arrived, before the channel handled it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Received {
+    pub request: u32,
+    /// The header flags (`NEED_REPLY` is 0x8).
+    pub flags: u32,
+    /// The UUID of a shared-object request.
+    pub uuid: Option<Uuid>,
+    /// `(shm_offset, len)` of a `SHMEM_MAP` or `SHMEM_UNMAP`.
+    pub shm_range: Option<(u64, u64)>,
+}
+
 /// What the channel thread shares with the VMM.
 #[derive(Debug, Default)]
 pub struct FrontendState {
@@ -76,6 +88,15 @@ pub struct FrontendState {
     objects: Mutex<HashMap<Uuid, SharedObjectSource>>,
     log: Mutex<Vec<BackendMessage>>,
     frontend: Mutex<Option<FrontendHandle>>,
+    /// Every request as it arrived, before handling.
+    received: Mutex<Vec<Received>>,
+    /// While true, `LOOKUP`s wait unanswered.
+    hold_lookups: Mutex<bool>,
+    released: Condvar,
+    /// Requests (by number) answered with a failure, whatever they ask.
+    refused: Mutex<HashSet<u32>>,
+    /// UUIDs whose `LOOKUP` succeeds without an fd.
+    without_fd: Mutex<HashSet<Uuid>>,
 }
 
 /// The connection, for `GET_SHARED_OBJECT` on a lookup.
@@ -137,9 +158,50 @@ impl FrontendState {
         lock(&self.log).clone()
     }
 
+    /// Every back-end request as it arrived, before it was handled (a
+    /// held `LOOKUP` is here, not yet in the log).
+    pub fn received(&self) -> Vec<Received> {
+        lock(&self.received).clone()
+    }
+
+    /// While `hold` is true, `LOOKUP`s wait unanswered: the back-end's
+    /// worker stays blocked on the front-end.
+    pub fn hold_lookups(&self, hold: bool) {
+        *lock(&self.hold_lookups) = hold;
+        self.released.notify_all();
+    }
+
+    /// Answers every back-end request numbered `request` with a failure
+    /// from now on (nothing is published, mapped or looked up).
+    pub fn refuse(&self, request: u32) {
+        lock(&self.refused).insert(request);
+    }
+
+    /// Answers `LOOKUP` of `uuid` with success and no fd, as a front-end
+    /// that does not follow the specification does.
+    pub fn answer_lookup_without_fd(&self, uuid: Uuid) {
+        lock(&self.without_fd).insert(uuid);
+    }
+
+    fn wait_while_held(&self) {
+        let mut held = lock(&self.hold_lookups);
+        while *held {
+            held = self
+                .released
+                .wait(held)
+                .unwrap_or_else(PoisonError::into_inner);
+        }
+    }
+
     /// Handles one request; returns the reply value and an fd to send.
     fn handle(&self, request: u32, body: &[u8], fds: &[OwnedFd]) -> (u64, Option<OwnedFd>) {
         let errno = |e: i32| (-i64::from(e)) as u64;
+        if lock(&self.refused).contains(&request) {
+            if request == backend_req::SHARED_OBJECT_LOOKUP {
+                self.wait_while_held();
+            }
+            return (errno(libc::EPERM), None);
+        }
         match request {
             backend_req::SHARED_OBJECT_ADD => match parse_uuid(body) {
                 Some(u) => {
@@ -161,10 +223,17 @@ impl FrontendState {
                 None => (errno(libc::EINVAL), None),
             },
             backend_req::SHARED_OBJECT_LOOKUP => match parse_uuid(body) {
-                Some(u) => match self.lookup(&u) {
-                    Ok(fd) => (0, Some(fd)),
-                    Err(e) => (errno(e), None),
-                },
+                Some(u) if lock(&self.without_fd).contains(&u) => {
+                    self.wait_while_held();
+                    (0, None)
+                }
+                Some(u) => {
+                    self.wait_while_held();
+                    match self.lookup(&u) {
+                        Ok(fd) => (0, Some(fd)),
+                        Err(e) => (errno(e), None),
+                    }
+                }
                 None => (errno(libc::EINVAL), None),
             },
             backend_req::SHMEM_MAP => {
@@ -212,6 +281,16 @@ impl FrontendState {
 fn parse_uuid(body: &[u8]) -> Option<Uuid> {
     let bytes: [u8; 16] = body.get(..16)?.try_into().ok()?;
     Some(Uuid::from_bytes(bytes))
+}
+
+/// The UUID a shared-object request names.
+fn shared_object_uuid(request: u32, body: &[u8]) -> Option<Uuid> {
+    match request {
+        backend_req::SHARED_OBJECT_ADD
+        | backend_req::SHARED_OBJECT_REMOVE
+        | backend_req::SHARED_OBJECT_LOOKUP => parse_uuid(body),
+        _ => None,
+    }
 }
 
 struct MmapMsg {
@@ -331,6 +410,17 @@ fn serve(sock: UnixStream, state: &FrontendState) {
         if (&sock).read_exact(&mut body).is_err() {
             return;
         }
+        lock(&state.received).push(Received {
+            request,
+            flags,
+            uuid: shared_object_uuid(request, &body),
+            shm_range: match request {
+                backend_req::SHMEM_MAP | backend_req::SHMEM_UNMAP => {
+                    parse_mmap(&body).map(|m| (m.shm_offset, m.len))
+                }
+                _ => None,
+            },
+        });
         let (value, fd) = state.handle(request, &body, &fds);
         // LOOKUP has a reply payload of its own and is always answered;
         // the others are acked only when asked to (REPLY_ACK).
@@ -339,12 +429,7 @@ fn serve(sock: UnixStream, state: &FrontendState) {
         lock(&state.log).push(BackendMessage {
             request,
             flags,
-            uuid: match request {
-                backend_req::SHARED_OBJECT_ADD
-                | backend_req::SHARED_OBJECT_REMOVE
-                | backend_req::SHARED_OBJECT_LOOKUP => parse_uuid(&body),
-                _ => None,
-            },
+            uuid: shared_object_uuid(request, &body),
             reply: reply.then_some(value),
             fd_sent: reply && fd_sent,
             fds_received: fds.len(),

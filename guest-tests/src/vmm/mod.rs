@@ -13,6 +13,7 @@
 //! ([`shm`]), the shared-object table.
 
 pub mod channel;
+pub mod crate_channel;
 pub mod shm;
 
 use std::fs::File;
@@ -37,10 +38,25 @@ use virtio_dmabuf_protocol::{Config, CONFIG_SIZE};
 use vm_memory::{FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
 use crate::driver::{
-    BufferPool, ChainLayout, Driver, DriverConfig, DriverError, EventFdNotifier, VmGuestMemory,
+    BufferPool, ChainLayout, Driver, DriverConfig, DriverError, EventFdNotifier, RingLayout,
+    VmGuestMemory,
 };
 use channel::{BackendMessage, ChannelServer, FrontendState, SharedObjectSource};
+use crate_channel::CrateChannel;
 use shm::{ShmError, ShmWindow};
+
+/// Who serves the back-end request channel (`BACKEND_REQ` acked).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ChannelKind {
+    /// No `SET_BACKEND_REQ_FD`: the daemon has no channel to the VMM.
+    None,
+    /// The VMM's own [`ChannelServer`].
+    #[default]
+    Server,
+    /// The `vhost` crate's `FrontendReqHandler` ([`CrateChannel`]),
+    /// recording what it is asked.
+    Crate,
+}
 
 /// How the loopback VMM presents itself.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -63,6 +79,10 @@ pub struct VmmOptions {
     pub timeout: Duration,
     /// How the driver cuts typed requests into descriptors.
     pub chain_layout: ChainLayout,
+    /// Who serves the back-end request channel.
+    pub channel: ChannelKind,
+    /// Protocol features never acked, whatever the flags above say.
+    pub without_protocol: VhostUserProtocolFeatures,
 }
 
 impl Default for VmmOptions {
@@ -78,6 +98,8 @@ impl Default for VmmOptions {
             reply_ack: true,
             timeout: Duration::from_secs(5),
             chain_layout: ChainLayout::default(),
+            channel: ChannelKind::default(),
+            without_protocol: VhostUserProtocolFeatures::empty(),
         }
     }
 }
@@ -92,6 +114,18 @@ impl VmmOptions {
     /// The same VMM without the shared-object table.
     pub fn without_shared_object(mut self) -> Self {
         self.shared_object = false;
+        self
+    }
+
+    /// The same VMM never acking the protocol features `features`.
+    pub fn without_protocol(mut self, features: VhostUserProtocolFeatures) -> Self {
+        self.without_protocol |= features;
+        self
+    }
+
+    /// The same VMM with the back-end channel served by `channel`.
+    pub fn with_channel(mut self, channel: ChannelKind) -> Self {
+        self.channel = channel;
         self
     }
 }
@@ -207,6 +241,7 @@ pub struct LoopbackVmm {
     notifier: Arc<EventFdNotifier>,
     state: Arc<FrontendState>,
     channel: Option<ChannelServer>,
+    crate_channel: Option<CrateChannel>,
     driver: Driver,
 }
 
@@ -252,7 +287,7 @@ impl LoopbackVmm {
         if options.shared_object {
             wanted |= VhostUserProtocolFeatures::SHARED_OBJECT;
         }
-        let protocol = offered_protocol & wanted;
+        let protocol = offered_protocol & wanted & !options.without_protocol;
         fe.set_protocol_features(protocol)
             .map_err(vhost("SET_PROTOCOL_FEATURES"))?;
         if protocol.contains(VhostUserProtocolFeatures::REPLY_ACK) {
@@ -278,7 +313,20 @@ impl LoopbackVmm {
         }
         let state = Arc::new(FrontendState::new(window));
         let mut channel = None;
-        if protocol.contains(VhostUserProtocolFeatures::BACKEND_REQ) {
+        let mut crate_channel = None;
+        if protocol.contains(VhostUserProtocolFeatures::BACKEND_REQ)
+            && options.channel == ChannelKind::Crate
+        {
+            let (server, theirs) =
+                CrateChannel::start(protocol.contains(VhostUserProtocolFeatures::REPLY_ACK))
+                    .map_err(io_err("backend channel"))?;
+            fe.set_backend_request_fd(&theirs)
+                .map_err(vhost("SET_BACKEND_REQ_FD"))?;
+            crate_channel = Some(server);
+        }
+        if protocol.contains(VhostUserProtocolFeatures::BACKEND_REQ)
+            && options.channel == ChannelKind::Server
+        {
             let (server, theirs) =
                 ChannelServer::start(state.clone()).map_err(io_err("backend channel"))?;
             fe.set_backend_request_fd(&theirs)
@@ -378,6 +426,7 @@ impl LoopbackVmm {
             notifier,
             state,
             channel,
+            crate_channel,
             driver,
         })
     }
@@ -417,6 +466,12 @@ impl LoopbackVmm {
     /// The guest's memory as vm-memory sees it.
     pub fn guest_memory(&self) -> &Arc<GuestMemoryMmap<()>> {
         &self.ram.mem
+    }
+
+    /// The guest RAM regions as `SET_MEM_TABLE` describes them, in
+    /// [`VmmOptions::ram`] order (send a subset to take RAM away).
+    pub fn memory_regions(&self) -> Result<Vec<VhostUserMemoryRegionInfo>, VmmError> {
+        self.ram.region_infos()
     }
 
     /// `GET_CONFIG` of `size` bytes at `offset`.
@@ -481,6 +536,18 @@ impl LoopbackVmm {
         self.state.log()
     }
 
+    /// The `vhost` crate's handler, when it serves the back-end channel
+    /// ([`ChannelKind::Crate`]).
+    pub fn crate_channel(&self) -> Option<&CrateChannel> {
+        self.crate_channel.as_ref()
+    }
+
+    /// What the back-end channel shares with the VMM (the shared-object
+    /// table, the request log, holding `LOOKUP`s).
+    pub fn frontend_state(&self) -> &Arc<FrontendState> {
+        &self.state
+    }
+
     // ---- lifecycle ----
 
     /// `GET_VRING_BASE` on every queue, as a VMM does on pause: the daemon
@@ -505,6 +572,21 @@ impl LoopbackVmm {
             &self.notifier,
             &self.driver,
             Some(bases),
+        )
+    }
+
+    /// Starts vring `queue` afresh after a stop (or a `RESET_DEVICE`):
+    /// empty rings in new guest memory, base 0, the same eventfds. What
+    /// the old rings had in flight is dropped.
+    pub fn restart_ring(&mut self, queue: u16) -> Result<(), VmmError> {
+        let layout = self.driver.restart_queue(queue)?;
+        program_vring(
+            &mut self.frontend,
+            &self.ram,
+            &self.notifier,
+            queue,
+            layout,
+            0,
         )
     }
 
@@ -549,6 +631,8 @@ impl LoopbackVmm {
         // The channel thread holds a clone of the connection for LOOKUP;
         // let go of it first so dropping ours closes the socket.
         self.state.set_frontend(None);
+        // A held LOOKUP must be answered for the channel thread to end.
+        self.state.hold_lookups(false);
         if let Some(shm) = self.shm() {
             shm.clear();
         }
@@ -575,6 +659,7 @@ impl Drop for LoopbackVmm {
         // `frontend` (the socket) and `channel` (shut down and joined) drop
         // after this, in field order.
         let _ = self.channel.take();
+        let _ = self.crate_channel.take();
     }
 }
 
@@ -589,33 +674,49 @@ fn program_vrings(
     driver: &Driver,
     bases: Option<&[u32]>,
 ) -> Result<(), VmmError> {
-    for (q, layout) in driver.ring_layouts().iter().enumerate() {
+    for (q, layout) in driver.ring_layouts().into_iter().enumerate() {
         let base = bases.and_then(|b| b.get(q)).copied().unwrap_or(0);
-        fe.set_vring_num(q, layout.size)
-            .map_err(vhost("SET_VRING_NUM"))?;
-        fe.set_vring_base(q, base as u16)
-            .map_err(vhost("SET_VRING_BASE"))?;
-        let addr = VringConfigData {
-            queue_max_size: layout.size,
-            queue_size: layout.size,
-            flags: 0,
-            desc_table_addr: ram.hva(layout.desc)?,
-            used_ring_addr: ram.hva(layout.used)?,
-            avail_ring_addr: ram.hva(layout.avail)?,
-            log_addr: None,
-        };
-        fe.set_vring_addr(q, &addr)
-            .map_err(vhost("SET_VRING_ADDR"))?;
-        let qi = q as u16;
-        let missing = || VmmError::Unsupported(format!("no eventfd for queue {qi}"));
-        let call = notifier.call_fd(qi).ok_or_else(missing)?;
-        let kick = notifier.kick_fd(qi).ok_or_else(missing)?;
-        fe.set_vring_call(q, call)
-            .map_err(vhost("SET_VRING_CALL"))?;
-        fe.set_vring_kick(q, kick)
-            .map_err(vhost("SET_VRING_KICK"))?;
-        fe.set_vring_enable(q, true)
-            .map_err(vhost("SET_VRING_ENABLE"))?;
+        let qi = u16::try_from(q)
+            .map_err(|_| VmmError::Unsupported(format!("queue {q} out of range")))?;
+        program_vring(fe, ram, notifier, qi, layout, base as u16)?;
     }
+    Ok(())
+}
+
+/// Tells the back-end where one ring is and starts it (see
+/// [`program_vrings`]).
+fn program_vring(
+    fe: &mut Frontend,
+    ram: &GuestRam,
+    notifier: &EventFdNotifier,
+    qi: u16,
+    layout: RingLayout,
+    base: u16,
+) -> Result<(), VmmError> {
+    let q = usize::from(qi);
+    fe.set_vring_num(q, layout.size)
+        .map_err(vhost("SET_VRING_NUM"))?;
+    fe.set_vring_base(q, base)
+        .map_err(vhost("SET_VRING_BASE"))?;
+    let addr = VringConfigData {
+        queue_max_size: layout.size,
+        queue_size: layout.size,
+        flags: 0,
+        desc_table_addr: ram.hva(layout.desc)?,
+        used_ring_addr: ram.hva(layout.used)?,
+        avail_ring_addr: ram.hva(layout.avail)?,
+        log_addr: None,
+    };
+    fe.set_vring_addr(q, &addr)
+        .map_err(vhost("SET_VRING_ADDR"))?;
+    let missing = || VmmError::Unsupported(format!("no eventfd for queue {qi}"));
+    let call = notifier.call_fd(qi).ok_or_else(missing)?;
+    let kick = notifier.kick_fd(qi).ok_or_else(missing)?;
+    fe.set_vring_call(q, call)
+        .map_err(vhost("SET_VRING_CALL"))?;
+    fe.set_vring_kick(q, kick)
+        .map_err(vhost("SET_VRING_KICK"))?;
+    fe.set_vring_enable(q, true)
+        .map_err(vhost("SET_VRING_ENABLE"))?;
     Ok(())
 }

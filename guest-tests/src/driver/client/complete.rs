@@ -119,6 +119,53 @@ impl Driver {
         Ok(q.done.contains_key(&ticket.seq))
     }
 
+    /// Takes the ticket's raw completion if its chain has come back,
+    /// without waiting: `None` means it is still with the device.
+    pub fn try_complete_raw(&self, ticket: &Ticket) -> Result<Option<RawCompletion>, DriverError> {
+        let qm = self.queue(ticket.queue)?;
+        let mut q = lock(qm);
+        self.drain(&mut q, ticket.queue)?;
+        Ok(q.done.remove(&ticket.seq))
+    }
+
+    /// The used ring's index of `queue` as the device last wrote it.
+    pub fn device_used_idx(&self, queue: u16) -> Result<u16, DriverError> {
+        let q = lock(self.queue(queue)?);
+        q.ring
+            .device_used_idx(&*self.mem)
+            .map_err(DriverError::queue(queue))
+    }
+
+    /// Asks for an interrupt at `queue`'s next used entry, as a driver
+    /// does before it sleeps: `true` when used entries are already there
+    /// (look again instead of sleeping).
+    pub fn arm_interrupts(&self, queue: u16) -> Result<bool, DriverError> {
+        let mut q = lock(self.queue(queue)?);
+        q.ring
+            .enable_interrupts(&*self.mem)
+            .map_err(DriverError::queue(queue))
+    }
+
+    /// Stores `idx` in `queue`'s `used_event` (EVENT_IDX): the device
+    /// interrupts once its used index passes it. The driver's own waits on
+    /// `queue` store their own value again.
+    pub fn set_used_event(&self, queue: u16, idx: u16) -> Result<(), DriverError> {
+        let q = lock(self.queue(queue)?);
+        q.ring
+            .set_used_event(&*self.mem, idx)
+            .map_err(DriverError::queue(queue))
+    }
+
+    /// Takes the ticket's typed response if its chain has come back,
+    /// without waiting: `None` means it is still with the device. Once it
+    /// answered `Some`, the completion is gone (the ticket is spent).
+    pub fn try_complete(&self, ticket: &Ticket) -> Result<Option<Response>, DriverError> {
+        let opcode = ticket.opcode.ok_or(DriverError::NotTyped(ticket.seq))?;
+        self.try_complete_raw(ticket)?
+            .map(|c| check_response(opcode, ticket.tag, &c))
+            .transpose()
+    }
+
     /// Waits up to `within` for the ticket's chain to come back, without
     /// taking the completion: `false` means it is still with the device
     /// (a parked request, say).
@@ -129,6 +176,37 @@ impl Driver {
                 q.done.contains_key(&seq).then_some(())
             })?
             .is_some())
+    }
+
+    /// Whether the device has taken every chain made available on
+    /// `queue`: its `avail_event` (EVENT_IDX) caught up with the avail
+    /// index. Always `false` without EVENT_IDX (the device says nothing).
+    pub fn device_took_all(&self, queue: u16) -> Result<bool, DriverError> {
+        let q = lock(self.queue(queue)?);
+        if !q.ring.event_idx() {
+            return Ok(false);
+        }
+        let seen = q
+            .ring
+            .device_avail_event(&*self.mem)
+            .map_err(DriverError::queue(queue))?;
+        Ok(seen == q.ring.avail_idx())
+    }
+
+    /// Waits up to `within` until the device has taken every chain made
+    /// available on `queue` ([`device_took_all`](Self::device_took_all)):
+    /// a parked request is then with the device, not still in the ring.
+    pub fn wait_taken(&self, queue: u16, within: Duration) -> Result<bool, DriverError> {
+        let deadline = Instant::now() + within;
+        loop {
+            if self.device_took_all(queue)? {
+                return Ok(true);
+            }
+            if Instant::now() >= deadline {
+                return Ok(false);
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
     }
 
     /// Waits for a typed ticket and decodes its response (default timeout).

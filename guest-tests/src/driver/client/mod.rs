@@ -405,6 +405,32 @@ impl Driver {
         self.queues.iter().map(|q| lock(q).ring.layout()).collect()
     }
 
+    /// Gives `queue` fresh, empty rings (after the transport stopped it):
+    /// the chains it had in flight are dropped with their buffers, and
+    /// their tickets never complete. Returns where the new rings are, for
+    /// the transport to tell the device.
+    pub fn restart_queue(&self, queue: u16) -> Result<RingLayout, DriverError> {
+        let qm = self.queue(queue)?;
+        let (layout, ring_buffers) = RingLayout::allocate(&self.pool, self.config.queue_size)?;
+        let ring = SplitQueue::new(&*self.mem, layout, self.config.event_idx)
+            .map_err(DriverError::queue(queue))?;
+        let mut q = lock(qm);
+        let old_rings = std::mem::replace(&mut q.ring_buffers, ring_buffers);
+        q.ring = ring;
+        let inflight: Vec<Inflight> = q.inflight.drain().map(|(_, i)| i).collect();
+        q.done.clear();
+        q.abandoned.clear();
+        q.events.clear();
+        drop(q);
+        for i in inflight {
+            self.free_buffers(i.buffers);
+        }
+        for b in old_rings {
+            self.pool.free(b);
+        }
+        Ok(layout)
+    }
+
     /// The request queues: controlq (0), then 2.. (section 2).
     pub fn request_queues(&self) -> Vec<u16> {
         (0..self.config.num_queues)
