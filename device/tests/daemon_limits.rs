@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
 //! The open-file limit holds every guest at its object quota: a guest
 //! that creates objects up to its quota gets `ENOSPC` (section 6) while
 //! another guest's `CREATE` still succeeds, and a quota the limit cannot

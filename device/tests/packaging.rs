@@ -164,3 +164,30 @@ fn every_packaged_source_file_exists() {
         assert!(text.starts_with("#!/bin/sh\n"), "{script}");
     }
 }
+
+/// Every Rust and shell source of the workspace names its licence with
+/// the SPDX identifier of the workspace's `license` field.
+#[test]
+fn every_source_file_carries_the_spdx_licence_line() {
+    fn walk(dir: &std::path::Path, missing: &mut Vec<String>) {
+        for entry in std::fs::read_dir(dir).expect("read_dir").flatten() {
+            let path = entry.path();
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if path.is_dir() {
+                if name != "target" && !name.starts_with('.') {
+                    walk(&path, missing);
+                }
+            } else if name.ends_with(".rs") || name.ends_with(".sh") {
+                let text = std::fs::read_to_string(&path).unwrap_or_default();
+                let head: String = text.lines().take(3).collect::<Vec<_>>().join("\n");
+                if !head.contains("SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause") {
+                    missing.push(path.display().to_string());
+                }
+            }
+        }
+    }
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let mut missing = Vec::new();
+    walk(&root, &mut missing);
+    assert!(missing.is_empty(), "no SPDX line: {missing:?}");
+}

@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
 //! The driver against virtio-queue's device-side `Queue` over the same
 //! vm-memory guest memory: proves the ring layout, EVENT_IDX handling,
 //! indirect tables and descriptor splitting with an independent

@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
 //! A small harness over the exporter core: real memfd provider, a recording
 //! front-end, a hand-driven clock.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]

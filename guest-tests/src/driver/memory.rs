@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
 //! Guest memory as the driver sees it: guest-physical addresses it can read
 //! and write, and a pool it carves its rings and request buffers from.
 //!

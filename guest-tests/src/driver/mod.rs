@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
 //! The guest driver: split virtqueues over guest memory and a typed client
 //! of the device contract, independent of how the memory and the
 //! notifications are provided (loopback VMM here, a real guest later).

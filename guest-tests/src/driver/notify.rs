@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
 //! Notifications in both directions: the driver kicks a queue, the device
 //! interrupts it. A real guest does an MMIO/PIO write and takes an MSI-X
 //! vector; the loopback VMM uses the vhost-user kick and call eventfds.

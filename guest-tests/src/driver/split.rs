@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
 //! The driver's half of a split virtqueue (virtio 1.2, section 2.7): the
 //! descriptor table, the available ring it writes and the used ring it
 //! reads, with `VIRTIO_RING_F_EVENT_IDX` and indirect descriptors.

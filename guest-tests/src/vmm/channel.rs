@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
 //! The front-end's end of the vhost-user back-end request channel
 //! (`SET_BACKEND_REQ_FD`): `SHMEM_MAP`/`SHMEM_UNMAP` into the
 //! [`ShmWindow`], and `SHARED_OBJECT_ADD`/`REMOVE`/`LOOKUP` against the

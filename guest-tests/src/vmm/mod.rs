@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
 //! A loopback VMM: the front-end half of vhost-user, played against the
 //! daemon's socket the way Cloud Hypervisor does it (the `vhost` crate's
 //! `Frontend`), with the guest's RAM in memfds shared with the daemon and

@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
 //! Shared memory region 0 as the front-end holds it: a window reserved in
 //! the VMM's address space, into which `VHOST_USER_BACKEND_SHMEM_MAP` maps
 //! the back-end's fds (section 7.5, `MAP_SHM`).

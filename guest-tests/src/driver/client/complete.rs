@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
 //! Completion: draining the used rings, waiting for tickets, and the eventq.
 
 use super::*;

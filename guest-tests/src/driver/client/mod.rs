@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
 //! The typed client of the device contract on top of the split rings.
 //!
 //! Every request is one descriptor chain: a device-readable part (request

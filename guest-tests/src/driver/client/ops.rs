@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
 //! The blocking typed operations of section 7, on the controlq.
 
 use super::*;

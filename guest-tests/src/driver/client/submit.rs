@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
 //! Submission: typed, sized, raw and batched chains made available on a queue.
 
 use super::*;
