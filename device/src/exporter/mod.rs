@@ -3,7 +3,7 @@
 //! The dma-buf model: objects, attachments, the reservation lock, fences,
 //! cached mappings and the direction-to-sync rules (contract sections 6 to 9).
 //!
-//! There are no vhost types here. The daemon feeds typed requests from many
+//! No transport types here. The daemon feeds typed requests from many
 //! queues and guests into one [`Exporter`]; each request either completes at
 //! once or is *parked* (waiting for a lock, a fence or a timer) and completes
 //! later, when what it waits for changes, through [`Exporter::take_completions`].
@@ -55,7 +55,7 @@ pub use session::GuestCaps;
 
 pub(crate) use pending::{Owner, Pending, Work};
 
-/// A guest: the index of its vhost-user socket.
+/// A guest: the index of its front-end socket.
 pub type GuestId = usize;
 
 /// Where a request came from, so its completion can go back there: the
@@ -147,7 +147,7 @@ pub fn page_size() -> u64 {
 }
 
 /// What the VMM front-end of one guest can do for the device. The daemon
-/// implements it over the vhost-user back-end channel and guest memory; the
+/// implements it over the back-end channel and guest memory; the
 /// defaults say the capability is not there.
 pub trait Frontend: Send + std::fmt::Debug {
     /// Maps `len` bytes of `fd` at `shm_offset` of shared memory region 0.
