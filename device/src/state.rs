@@ -174,14 +174,15 @@ impl DeviceState {
 
     fn timer_loop(&self) {
         loop {
+            // Empty the wake-up before looking at the stop flag and the
+            // model: a change made after this (a stop, a new deadline, a
+            // new watch) ends the poll below at once, however the threads
+            // interleave. Emptying it after either would lose a wake-up
+            // that landed in between (a stop then waited out IDLE_WAIT).
+            let _ = self.timer_wake.read();
             if self.timer_stop.load(Ordering::SeqCst) {
                 return;
             }
-            // Empty the wake-up before looking at the model: a change made
-            // after this (a new deadline, a new watch) ends the poll below
-            // at once, however the threads interleave. Emptying it after
-            // the model would lose a wake-up that landed in between.
-            let _ = self.timer_wake.read();
             let (deadline, watches) = {
                 let mut ex = self.lock();
                 let now = Instant::now();
