@@ -9,7 +9,8 @@
 //! request, a host command, a timer) may complete that guest's parked
 //! requests or queue its events, so after every change the changer calls
 //! [`DeviceState::changed`], which writes the eventfds of the guests that
-//! have something to deliver and nudges the timer thread.
+//! have something to deliver and nudges the timer thread when it must
+//! look again (an earlier deadline, a new host fence watch).
 //!
 //! The timer thread is the daemon's one place that waits for time and for
 //! the host kernel: it polls its wake-up eventfd and the host fence
@@ -74,7 +75,7 @@
 //! one of the same or a later rank.
 
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -94,9 +95,16 @@ pub struct DeviceState {
     /// Readable when host operations completed (the control plane polls it).
     control_wake: EventFd,
     /// The timer thread polls this (and the host fence watches) until the
-    /// next deadline: written on every change.
+    /// next deadline: written when a change moved the deadline earlier or
+    /// added a watch (see [`DeviceState::changed`]).
     timer_wake: EventFd,
     timer_stop: AtomicBool,
+    /// What the timer thread last saw, stored with the model held: the
+    /// deadline it sleeps until, in nanoseconds since `origin` (`u64::MAX`:
+    /// none), and the model's watch epoch.
+    timer_deadline: AtomicU64,
+    timer_epoch: AtomicU64,
+    origin: Instant,
 }
 
 /// The longest the timer thread sleeps with nothing due.
@@ -114,6 +122,9 @@ impl DeviceState {
             control_wake: EventFd::new(EFD_NONBLOCK)?,
             timer_wake: EventFd::new(EFD_NONBLOCK)?,
             timer_stop: AtomicBool::new(false),
+            timer_deadline: AtomicU64::new(u64::MAX),
+            timer_epoch: AtomicU64::new(0),
+            origin: Instant::now(),
         }))
     }
 
@@ -137,23 +148,45 @@ impl DeviceState {
         &self.control_wake
     }
 
-    /// Call after any change to the model (with the lock released or held):
-    /// wakes each guest that has something to deliver, the control plane,
-    /// and the timer thread (the next deadline may have moved).
+    /// Call after any change to the model, with the model held: wakes each
+    /// guest that has something to deliver, the control plane when a host
+    /// operation finished, and the timer thread when it must look again
+    /// (a deadline earlier than the one it sleeps until, or a new host fence
+    /// watch). Most requests change none of these and write no eventfd.
     pub fn changed(&self, exporter: &Exporter) {
         self.notify(exporter);
-        // A full counter still wakes the reader; nothing is lost.
-        let _ = self.timer_wake.write(1);
+        if self.timer_must_look(exporter) {
+            // A full counter still wakes the reader; nothing is lost.
+            let _ = self.timer_wake.write(1);
+        }
     }
 
-    /// Wakes the guests with something to deliver and the control plane.
+    /// Wakes the guests with something to deliver and, when a host
+    /// operation finished, the control plane.
     fn notify(&self, exporter: &Exporter) {
         for (guest, fd) in self.guest_wake.iter().enumerate() {
             if exporter.has_completions(guest) || exporter.has_events(guest) {
                 let _ = fd.write(1);
             }
         }
-        let _ = self.control_wake.write(1);
+        if exporter.has_host_completions() {
+            let _ = self.control_wake.write(1);
+        }
+    }
+
+    /// True when the model wants the timer thread earlier than it sleeps,
+    /// or has a watch it did not see. Both sides run with the model held,
+    /// so what the timer thread stored is what it waits for.
+    fn timer_must_look(&self, exporter: &Exporter) -> bool {
+        exporter.watch_epoch() != self.timer_epoch.load(Ordering::Relaxed)
+            || exporter
+                .next_deadline()
+                .is_some_and(|d| self.since_origin(d) < self.timer_deadline.load(Ordering::Relaxed))
+    }
+
+    /// `at` in nanoseconds since the state was made (0 before it).
+    fn since_origin(&self, at: Instant) -> u64 {
+        u64::try_from(at.saturating_duration_since(self.origin).as_nanos()).unwrap_or(u64::MAX - 1)
     }
 
     /// Starts the thread that fires the model's timers (fence timeouts,
@@ -190,7 +223,11 @@ impl DeviceState {
                     ex.tick(now);
                     self.notify(&ex);
                 }
-                (ex.next_deadline(), ex.host_watches())
+                let deadline = ex.next_deadline();
+                let until = deadline.map_or(u64::MAX, |d| self.since_origin(d));
+                self.timer_deadline.store(until, Ordering::Relaxed);
+                self.timer_epoch.store(ex.watch_epoch(), Ordering::Relaxed);
+                (deadline, ex.host_watches())
             };
             let wait = deadline.map_or(IDLE_WAIT, |d| {
                 d.saturating_duration_since(Instant::now()).min(IDLE_WAIT)

@@ -461,7 +461,11 @@ impl VhostUserBackend for DmabufBackend {
                 let _ = wake.read();
             }
         } else if event < queues && event != usize::from(virtio_dmabuf_protocol::EVENTQ) {
+            // Whatever these requests completed or raised for this guest
+            // wrote its wake-up eventfd (`DeviceState::changed`), which
+            // brings this worker back for it: nothing more to look at.
             self.serve_queue(device_event, vrings);
+            return Ok(());
         }
         self.deliver_completions();
         self.deliver_events(vrings);

@@ -408,6 +408,18 @@ impl Exporter {
         self.completions.iter().any(|c| c.guest == guest)
     }
 
+    /// True when host operations (evict) completed and were not taken yet.
+    pub fn has_host_completions(&self) -> bool {
+        !self.host_completions.is_empty()
+    }
+
+    /// Grows each time a host fence watch is added: the timer thread polls
+    /// the watches it saw, so a new one must wake it. (A watch that ends or
+    /// fires needs no wake-up: the timer thread drops it on its next turn.)
+    pub fn watch_epoch(&self) -> u64 {
+        self.next_watch
+    }
+
     /// Host operations (evict) that completed since the last call.
     pub fn take_host_completions(&mut self) -> Vec<(HostOpId, Result<(), HostError>)> {
         std::mem::take(&mut self.host_completions)

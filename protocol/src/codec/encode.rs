@@ -212,15 +212,23 @@ fn segment_bytes(segment: &Segment) -> [u8; SEGMENT_SIZE] {
 /// with only `nr_entries` set. `Err(Status::Ok)` is a caller bug and is
 /// written as given (a bare OK header).
 pub fn encode_response(tag: u64, response: &Response) -> Vec<u8> {
+    let mut out = Vec::with_capacity(RESP_HDR_SIZE + MAP_REPLY_FIXED_SIZE);
+    encode_response_into(tag, response, &mut out);
+    out
+}
+
+/// [`encode_response`] into `out` (emptied first), so a caller can reuse
+/// one buffer for every response.
+pub fn encode_response_into(tag: u64, response: &Response, out: &mut Vec<u8>) {
     let header = RawRespHdr {
         status: response_status(response) as u32,
         reserved: 0,
         tag,
     };
-    let mut out = Vec::with_capacity(RESP_HDR_SIZE + MAP_REPLY_FIXED_SIZE);
+    out.clear();
     out.extend_from_slice(&header.to_le_bytes());
     let Ok(reply) = response else {
-        return out;
+        return;
     };
     match reply {
         Reply::Empty => {}
@@ -274,5 +282,4 @@ pub fn encode_response(tag: u64, response: &Response) -> Vec<u8> {
         }
         Reply::Data(data) => out.extend_from_slice(data),
     }
-    out
 }

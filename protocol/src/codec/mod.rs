@@ -15,7 +15,7 @@ mod encode;
 mod structs;
 
 pub use decode::{decode_response, parse_request};
-pub use encode::{encode_request, encode_response};
+pub use encode::{encode_request, encode_response, encode_response_into};
 
 /// Largest `offset + len` that [`Config::read`] serves.
 ///

@@ -31,20 +31,21 @@
 //! The table comes first in the daemon's lock order (`state.rs`,
 //! `# Locking`).
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::io::Read;
+use std::cell::RefCell;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, PoisonError};
 use std::time::Instant;
 
 use vhost_user_backend::{VringRwLock, VringT};
 use virtio_dmabuf_protocol::{
-    encode_response, parse_request, response_status, Opcode, Reply, Request, RequestHeader,
-    Response, Status, REQ_HDR_SIZE, RESP_HDR_SIZE, SEGMENT_SIZE,
+    encode_response, encode_response_into, parse_request, response_status, Opcode, Reply, Request,
+    RequestHeader, Response, Status, REQ_HDR_SIZE, RESP_HDR_SIZE, SEGMENT_SIZE,
 };
 use virtio_queue::{DescriptorChain, QueueOwnedT, QueueT};
-use vm_memory::{Bytes, GuestAddress, GuestAddressSpace};
+use vm_memory::GuestAddressSpace;
 
+use self::chain::{chain_ends, header_tag, write_response, Segments};
 use super::channel::{ChannelError, MessageKind};
 use super::{locked, DmabufBackend, TRANSFER_MAX};
 use crate::backend::guest_memory::GuestRam;
@@ -68,8 +69,8 @@ enum Stage {
 struct InFlight {
     queue: u16,
     head: u16,
-    /// The writable descriptors (guest address, length), in order.
-    writable: Vec<(GuestAddress, u32)>,
+    /// The writable descriptors, in order.
+    writable: Segments,
     /// The request's tag, once its header was read.
     tag: u64,
     stage: Stage,
@@ -79,12 +80,12 @@ struct InFlight {
 /// on the used ring, by token (the token is the request's [`Origin`]).
 #[derive(Debug, Default)]
 pub(crate) struct Chains {
-    entries: HashMap<u64, InFlight>,
+    entries: BTreeMap<u64, InFlight>,
     next_token: u64,
 }
 
 impl Chains {
-    fn insert(&mut self, queue: u16, head: u16, writable: Vec<(GuestAddress, u32)>) -> u64 {
+    fn insert(&mut self, queue: u16, head: u16, writable: Segments) -> u64 {
         self.next_token += 1;
         let token = self.next_token;
         self.entries.insert(
@@ -179,9 +180,64 @@ fn quota_refusal(
     ))
 }
 
+thread_local! {
+    /// A worker's buffers for the readable bytes of the request it serves
+    /// and for an encoded response: reused, so that serving a request
+    /// allocates neither.
+    static REQUEST_BYTES: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+    static RESPONSE_BYTES: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+}
+
+/// What a worker's buffer keeps after a request (a `TRANSFER` may need
+/// far more once).
+const KEPT_CAPACITY: usize = 64 << 10;
+
+/// Runs `f` on the encoding of `response` in the worker's buffer.
+fn with_encoded<T>(tag: u64, response: &Response, f: impl FnOnce(&[u8]) -> T) -> T {
+    RESPONSE_BYTES.with_borrow_mut(|bytes| {
+        encode_response_into(tag, response, bytes);
+        let result = f(bytes);
+        if bytes.capacity() > KEPT_CAPACITY {
+            *bytes = Vec::new();
+        }
+        result
+    })
+}
+
+/// The ring a worker serves, with the guest memory it loaded for it.
+struct Ring<'a> {
+    queue: u16,
+    vring: &'a VringRwLock,
+    mem: &'a GuestRam,
+    guest: GuestId,
+}
+
+impl Ring<'_> {
+    /// Writes `bytes` to a chain just removed from the table and puts it on
+    /// the used ring. Called with the table locked.
+    fn put(&self, chain: &InFlight, bytes: &[u8]) -> bool {
+        debug_assert_eq!(chain.queue, self.queue);
+        let len = write_response(self.mem, chain.writable.as_slice(), bytes);
+        Ring::add_used(self.vring, self.guest, chain, len)
+    }
+
+    fn add_used(vring: &VringRwLock, guest: GuestId, chain: &InFlight, len: u32) -> bool {
+        match vring.add_used(chain.head, len) {
+            Ok(()) => true,
+            Err(e) => {
+                let (queue, head) = (chain.queue, chain.head);
+                log::warn!("guest {guest}: queue {queue}: add_used({head}): {e}");
+                false
+            }
+        }
+    }
+}
+
 /// What the worker got from a ring.
 enum Take<M: std::ops::Deref<Target = GuestRam>> {
-    Chain(u64, DescriptorChain<M>),
+    /// A chain entered in the table as this token, with the room its
+    /// writable part gives a response.
+    Chain(u64, DescriptorChain<M>, usize),
     /// A chain whose links do not end (a loop, or a `next` off the table):
     /// entered in the table with no writable part, so it comes back with
     /// `used.len` 0.
@@ -232,65 +288,6 @@ fn check_limits(request: &Request) -> Result<(), Status> {
     }
 }
 
-/// Whether the chain's links end: its last descriptor has no NEXT. The
-/// iterator stops early on a loop (after as many descriptors as the table
-/// holds, so one was visited twice), a `next` off the table or an
-/// unreadable descriptor, each time at a descriptor that still says NEXT.
-fn chain_ends<M>(chain: &DescriptorChain<M>) -> bool
-where
-    M: std::ops::Deref<Target = GuestRam> + Clone,
-{
-    chain.clone().last().is_some_and(|d| !d.has_next())
-}
-
-/// The tag of a request whose readable part is not all in guest memory:
-/// read from the first readable descriptors when the header is there.
-fn header_tag<M>(chain: &DescriptorChain<M>, mem: &GuestRam) -> Option<u64>
-where
-    M: std::ops::Deref<Target = GuestRam> + Clone,
-{
-    let mut header = [0u8; REQ_HDR_SIZE];
-    let mut got = 0;
-    for d in chain.clone().readable() {
-        let n = (d.len() as usize).min(REQ_HDR_SIZE - got);
-        mem.read_slice(&mut header[got..got + n], d.addr()).ok()?;
-        got += n;
-        if got == REQ_HDR_SIZE {
-            return RequestHeader::from_bytes(&header).map(|h| h.tag);
-        }
-    }
-    None
-}
-
-/// Writes `bytes` over the writable descriptors; returns how many went in.
-fn write_segments(mem: &GuestRam, segments: &[(GuestAddress, u32)], bytes: &[u8]) -> u32 {
-    let mut done = 0usize;
-    for &(addr, len) in segments {
-        if done == bytes.len() {
-            break;
-        }
-        let n = (len as usize).min(bytes.len() - done);
-        if mem.write_slice(&bytes[done..done + n], addr).is_err() {
-            break;
-        }
-        done += n;
-    }
-    u32::try_from(done).unwrap_or(u32::MAX)
-}
-
-/// The `used.len` of a chain answered with `bytes`: what was written, and
-/// nothing at all when the writable part cannot hold a response header
-/// (section 4).
-fn write_response(mem: &GuestRam, segments: &[(GuestAddress, u32)], bytes: &[u8]) -> u32 {
-    let room = segments
-        .iter()
-        .fold(0usize, |sum, &(_, len)| sum.saturating_add(len as usize));
-    if room < RESP_HDR_SIZE || bytes.is_empty() {
-        return 0;
-    }
-    write_segments(mem, segments, bytes)
-}
-
 impl DmabufBackend {
     /// The connection's chains in flight (see the module comment for what
     /// holding this lock guarantees).
@@ -319,9 +316,15 @@ impl DmabufBackend {
             }
             loop {
                 let mem = memory.memory();
+                let ring = Ring {
+                    queue,
+                    vring,
+                    mem: &mem,
+                    guest: self.guest,
+                };
                 match self.take_chain(queue, vring, &mem) {
-                    Take::Chain(token, chain) => {
-                        returned |= self.serve_chain(queue, token, chain, &mem);
+                    Take::Chain(token, chain, room) => {
+                        returned |= self.serve_chain(&ring, token, &chain, room);
                     }
                     Take::Cut(token) => {
                         log::debug!(
@@ -329,7 +332,7 @@ impl DmabufBackend {
                              (a loop or a next index off its table): used.len 0",
                             self.guest
                         );
-                        returned |= self.finish(token, &[]);
+                        returned |= self.finish(&ring, token, &[]);
                     }
                     Take::Empty => break,
                     // Re-enabling notifications would only spin on a ring
@@ -377,78 +380,51 @@ impl DmabufBackend {
             return Take::Empty;
         };
         if !chain_ends(&chain) {
-            return Take::Cut(chains.insert(queue, chain.head_index(), Vec::new()));
+            return Take::Cut(chains.insert(queue, chain.head_index(), Segments::default()));
         }
-        let writable = chain
-            .clone()
-            .writable()
-            .map(|d| (d.addr(), d.len()))
-            .collect();
+        let (writable, room) = chain::writable(&chain, mem);
         let token = chains.insert(queue, chain.head_index(), writable);
-        Take::Chain(token, chain)
+        Take::Chain(token, chain, room)
     }
 
     /// One chain; true when this call put it on the used ring.
     fn serve_chain<M>(
         &self,
-        queue: u16,
+        ring: &Ring<'_>,
         token: u64,
-        chain: DescriptorChain<M>,
-        mem: &GuestRam,
+        chain: &DescriptorChain<M>,
+        room: usize,
     ) -> bool
     where
         M: std::ops::Deref<Target = GuestRam> + Clone,
     {
-        let room = match chain.clone().writer(mem) {
-            Ok(w) => w.available_bytes(),
-            Err(e) => {
-                log::debug!("guest {}: queue {queue}: writable part: {e}", self.guest);
-                0
-            }
-        };
+        let mem = ring.mem;
         let outcome = if room < RESP_HDR_SIZE {
             // No place for a response: used.len = 0 (section 4).
             Outcome::Respond(Vec::new())
         } else {
-            match self.read_request(&chain, mem) {
-                Ok(bytes) => self.run_request(queue, token, &bytes, room),
-                // A readable part outside guest memory (section 4), with
-                // the tag echoed when the header itself could be read.
-                Err(status) => respond(header_tag(&chain, mem).unwrap_or(0), &Err(status)),
-            }
+            REQUEST_BYTES.with_borrow_mut(|bytes| {
+                let max_segments = self.settings.max_segments;
+                let outcome = match chain::read_request(chain, mem, max_segments, bytes) {
+                    Ok(()) => self.run_request(ring, token, bytes, room),
+                    // A readable part outside guest memory (section 4), with
+                    // the tag echoed when the header itself could be read.
+                    Err(status) => respond(header_tag(chain, mem).unwrap_or(0), &Err(status)),
+                };
+                if bytes.capacity() > KEPT_CAPACITY {
+                    *bytes = Vec::new();
+                }
+                outcome
+            })
         };
         match outcome {
-            Outcome::Respond(bytes) => self.finish(token, &bytes),
+            Outcome::Respond(bytes) => self.finish(ring, token, &bytes),
             Outcome::Settled { returned } => returned,
         }
     }
 
-    /// The readable bytes the request can use (bounded by its opcode).
-    fn read_request<M>(&self, chain: &DescriptorChain<M>, mem: &GuestRam) -> Result<Vec<u8>, Status>
-    where
-        M: std::ops::Deref<Target = GuestRam> + Clone,
-    {
-        let mut reader = chain.clone().reader(mem).map_err(|_| Status::Fault)?;
-        let available = reader.available_bytes();
-        let mut bytes = vec![0u8; available.min(REQ_HDR_SIZE)];
-        reader.read_exact(&mut bytes).map_err(|_| Status::Fault)?;
-        let bound = readable_bound(
-            RequestHeader::from_bytes(&bytes).as_ref(),
-            self.settings.max_segments,
-        );
-        let more = available.min(bound).saturating_sub(bytes.len());
-        if more > 0 {
-            let start = bytes.len();
-            bytes.try_reserve_exact(more).map_err(|_| Status::NoMem)?;
-            bytes.resize(start + more, 0);
-            reader
-                .read_exact(&mut bytes[start..])
-                .map_err(|_| Status::Fault)?;
-        }
-        Ok(bytes)
-    }
-
-    fn run_request(&self, queue: u16, token: u64, readable: &[u8], room: usize) -> Outcome {
+    fn run_request(&self, ring: &Ring<'_>, token: u64, readable: &[u8], room: usize) -> Outcome {
+        let queue = ring.queue;
         let (header, request) = match parse_request(readable, room) {
             Ok(parsed) => parsed,
             Err(e) => {
@@ -457,9 +433,6 @@ impl DmabufBackend {
             }
         };
         let tag = header.tag;
-        if let Some(chain) = self.chains().entries.get_mut(&token) {
-            chain.tag = tag;
-        }
         let opcode = request.opcode();
         if let Err(status) = check_limits(&request) {
             self.answered(queue, tag, opcode, &Err(status), "");
@@ -473,11 +446,17 @@ impl DmabufBackend {
             Request::MapShm { object, .. } => Some(*object),
             _ => None,
         };
+        if matches!(request, Request::Open { uuid: Some(_), .. }) {
+            // A vring stop while the LOOKUP runs answers with the tag.
+            if let Some(chain) = self.chains().entries.get_mut(&token) {
+                chain.tag = tag;
+            }
+        }
         let looked_up = self.look_up_for_open(&request);
 
         let channel = self.link.channel();
         let mut chains = self.chains();
-        if !chains.entries.contains_key(&token) {
+        let Some(entry) = chains.entries.get_mut(&token) else {
             // A vring stop or a device reset took the chain (while the
             // LOOKUP ran): its request never reaches the model.
             drop(chains);
@@ -485,7 +464,8 @@ impl DmabufBackend {
                 self.link.clear_lookup(&uuid);
             }
             return Outcome::Settled { returned: false };
-        }
+        };
+        entry.tag = tag;
         let (response, posted) = {
             let mut ex = self.state.lock();
             let now = Instant::now();
@@ -515,7 +495,7 @@ impl DmabufBackend {
         let Some(channel) = channel.filter(|_| posted.1 > posted.0) else {
             self.answered(queue, tag, opcode, &response, "");
             let returned = match chains.entries.remove(&token) {
-                Some(chain) => self.return_chain(&chain, &encode_response(tag, &response)),
+                Some(chain) => with_encoded(tag, &response, |bytes| ring.put(&chain, bytes)),
                 None => false,
             };
             return Outcome::Settled { returned };
@@ -642,10 +622,10 @@ impl DmabufBackend {
     /// Returns chain `token` with `bytes` as its response (none: `used.len`
     /// 0), unless a vring stop or a reset took it already. True when this
     /// call returned it.
-    fn finish(&self, token: u64, bytes: &[u8]) -> bool {
+    fn finish(&self, ring: &Ring<'_>, token: u64, bytes: &[u8]) -> bool {
         let mut chains = self.chains();
         match chains.entries.remove(&token) {
-            Some(chain) => self.return_chain(&chain, bytes),
+            Some(chain) => ring.put(&chain, bytes),
             None => false,
         }
     }
@@ -663,21 +643,15 @@ impl DmabufBackend {
             );
             return false;
         };
-        let len = match self.memory() {
-            Some(memory) => write_response(&memory.memory(), &chain.writable, bytes),
-            None => 0,
-        };
-        match vring.add_used(chain.head, len) {
-            Ok(()) => true,
-            Err(e) => {
-                log::warn!(
-                    "guest {}: queue {}: add_used({}): {e}",
-                    self.guest,
-                    chain.queue,
-                    chain.head
-                );
-                false
+        match self.memory() {
+            Some(memory) => Ring {
+                queue: chain.queue,
+                vring: &vring,
+                mem: &memory.memory(),
+                guest: self.guest,
             }
+            .put(chain, bytes),
+            None => Ring::add_used(&vring, self.guest, chain, 0),
         }
     }
 
@@ -788,5 +762,6 @@ impl DmabufBackend {
     }
 }
 
+mod chain;
 #[cfg(test)]
 mod tests;

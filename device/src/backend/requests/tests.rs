@@ -2,7 +2,9 @@
 
 //! Tests of the request queues and the chains in flight.
 
+use super::chain::write_segments;
 use super::*;
+use vm_memory::{Bytes, GuestAddress};
 
 #[test]
 fn readable_bound_follows_the_opcode() {
@@ -166,5 +168,85 @@ mod chains {
         // A header that is itself outside RAM has no tag to echo.
         let chain = chain_of(&mem, &[(1 << 40, 16, NEXT, 1), (0x3000, 64, WRITE, 0)]);
         assert_eq!(header_tag(&chain, &mem), None);
+    }
+    #[test]
+    fn a_request_split_over_many_descriptors_reads_whole_and_bounded() {
+        let mem = ram();
+        let header = RequestHeader {
+            opcode: Opcode::Release as u32,
+            flags: 0,
+            tag: 7,
+        };
+        let mut request = header.to_bytes().to_vec();
+        request.extend_from_slice(&42u64.to_le_bytes());
+        // Past what RELEASE reads: never read.
+        request.extend_from_slice(&[0xee; 8]);
+        mem.write_slice(&request, GuestAddress(0x2000))
+            .expect("request");
+        // Five readable descriptors (more than kept inline), three
+        // writable ones.
+        let chain = chain_of(
+            &mem,
+            &[
+                (0x2000, 3, NEXT, 1),
+                (0x2003, 5, NEXT, 2),
+                (0x2008, 8, NEXT, 3),
+                (0x2010, 1, NEXT, 4),
+                (0x2011, 15, NEXT, 5),
+                (0x3000, 8, WRITE | NEXT, 6),
+                (0x3100, 8, WRITE | NEXT, 7),
+                (0x3200, 48, WRITE, 0),
+            ],
+        );
+        let mut bytes = vec![0xaa; 3];
+        chain::read_request(&chain, &mem, 16, &mut bytes).expect("in RAM");
+        assert_eq!(
+            bytes,
+            request[..REQ_HDR_SIZE + 8],
+            "header and payload only"
+        );
+        let (segments, room) = chain::writable(&chain, &mem);
+        assert_eq!(room, 64);
+        assert_eq!(
+            segments.as_slice(),
+            &[
+                (GuestAddress(0x3000), 8),
+                (GuestAddress(0x3100), 8),
+                (GuestAddress(0x3200), 48)
+            ]
+        );
+    }
+
+    #[test]
+    fn a_part_outside_ram_is_a_fault_or_no_room() {
+        let mem = ram();
+        let chain = chain_of(
+            &mem,
+            &[
+                (0x2000, 16, NEXT, 1),
+                (1 << 40, 8, NEXT, 2),
+                (0x3000, 64, WRITE, 0),
+            ],
+        );
+        let mut bytes = Vec::new();
+        assert_eq!(
+            chain::read_request(&chain, &mem, 16, &mut bytes),
+            Err(Status::Fault)
+        );
+        let chain = chain_of(
+            &mem,
+            &[
+                (0x2000, 16, NEXT, 1),
+                (0x3000, 64, WRITE | NEXT, 2),
+                (1 << 40, 8, WRITE, 0),
+            ],
+        );
+        assert_eq!(chain::writable(&chain, &mem).1, 0, "used.len 0");
+        chain::read_request(&chain, &mem, 16, &mut bytes).expect("readable part in RAM");
+        assert_eq!(
+            bytes.len(),
+            REQ_HDR_SIZE,
+            "an unknown opcode reads its header"
+        );
     }
 }

@@ -1,0 +1,215 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
+//! The descriptors of one chain in guest memory: its links, its readable
+//! part read into the worker's buffer, its writable part written with the
+//! response (section 4). Nothing here allocates for a chain of up to
+//! [`INLINE`] descriptors on each side, which is every request of the
+//! guest driver's.
+
+use virtio_dmabuf_protocol::{RequestHeader, Status, REQ_HDR_SIZE, RESP_HDR_SIZE};
+use virtio_queue::DescriptorChain;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
+
+use super::readable_bound;
+use crate::backend::guest_memory::GuestRam;
+
+/// Descriptors kept without a heap allocation, per side of a chain.
+pub(super) const INLINE: usize = 2;
+
+/// Descriptors of one side of a chain, `(guest address, length)` in order.
+#[derive(Debug, Clone)]
+pub(super) struct Segments {
+    inline: [(GuestAddress, u32); INLINE],
+    len: usize,
+    /// Every segment, once there are more than [`INLINE`].
+    spilled: Vec<(GuestAddress, u32)>,
+}
+
+impl Default for Segments {
+    fn default() -> Self {
+        Segments {
+            inline: [(GuestAddress(0), 0); INLINE],
+            len: 0,
+            spilled: Vec::new(),
+        }
+    }
+}
+
+impl Segments {
+    fn push(&mut self, segment: (GuestAddress, u32)) {
+        if self.spilled.is_empty() && self.len < INLINE {
+            self.inline[self.len] = segment;
+        } else {
+            if self.spilled.is_empty() {
+                self.spilled.extend_from_slice(&self.inline);
+            }
+            self.spilled.push(segment);
+        }
+        self.len += 1;
+    }
+
+    pub(super) fn as_slice(&self) -> &[(GuestAddress, u32)] {
+        if self.spilled.is_empty() {
+            &self.inline[..self.len]
+        } else {
+            &self.spilled
+        }
+    }
+
+    /// The bytes the segments hold together.
+    fn total(&self) -> usize {
+        self.as_slice()
+            .iter()
+            .fold(0usize, |sum, &(_, len)| sum.saturating_add(len as usize))
+    }
+}
+
+/// Whether the chain's links end: its last descriptor has no NEXT. The
+/// iterator stops early on a loop (after as many descriptors as the table
+/// holds, so one was visited twice), a `next` off the table or an
+/// unreadable descriptor, each time at a descriptor that still says NEXT.
+pub(super) fn chain_ends<M>(chain: &DescriptorChain<M>) -> bool
+where
+    M: std::ops::Deref<Target = GuestRam> + Clone,
+{
+    chain.clone().last().is_some_and(|d| !d.has_next())
+}
+
+/// The chain's writable descriptors, and the room they give a response:
+/// 0 when one of them is not in guest memory (section 4: such a chain
+/// comes back with `used.len` 0).
+pub(super) fn writable<M>(chain: &DescriptorChain<M>, mem: &GuestRam) -> (Segments, usize)
+where
+    M: std::ops::Deref<Target = GuestRam> + Clone,
+{
+    let mut segments = Segments::default();
+    let mut in_memory = true;
+    for d in chain.clone().writable() {
+        in_memory &= GuestMemoryBackend::check_range(mem, d.addr(), d.len() as usize);
+        segments.push((d.addr(), d.len()));
+    }
+    let room = if in_memory { segments.total() } else { 0 };
+    (segments, room)
+}
+
+/// Reads the readable bytes the request can use into `out` (emptied
+/// first): its header, then as much more as its opcode reads
+/// ([`readable_bound`]). `EFAULT` when any readable descriptor is not in
+/// guest memory, even past what is read.
+pub(super) fn read_request<M>(
+    chain: &DescriptorChain<M>,
+    mem: &GuestRam,
+    max_segments: u32,
+    out: &mut Vec<u8>,
+) -> Result<(), Status>
+where
+    M: std::ops::Deref<Target = GuestRam> + Clone,
+{
+    let mut parts = Segments::default();
+    let mut available = 0usize;
+    for d in chain.clone().readable() {
+        if !GuestMemoryBackend::check_range(mem, d.addr(), d.len() as usize) {
+            return Err(Status::Fault);
+        }
+        parts.push((d.addr(), d.len()));
+        available = available.saturating_add(d.len() as usize);
+    }
+    out.clear();
+    let head = available.min(REQ_HDR_SIZE);
+    read_into(mem, parts.as_slice(), 0, head, out)?;
+    let bound = readable_bound(RequestHeader::from_bytes(out).as_ref(), max_segments);
+    let total = available.min(bound);
+    if total > head {
+        out.try_reserve_exact(total - head)
+            .map_err(|_| Status::NoMem)?;
+        read_into(mem, parts.as_slice(), head, total - head, out)?;
+    }
+    Ok(())
+}
+
+/// Appends `len` bytes of the segments' contents, from offset `skip`.
+fn read_into(
+    mem: &GuestRam,
+    parts: &[(GuestAddress, u32)],
+    skip: usize,
+    len: usize,
+    out: &mut Vec<u8>,
+) -> Result<(), Status> {
+    let start = out.len();
+    out.resize(start + len, 0);
+    let mut offset = 0usize;
+    let mut filled = 0usize;
+    for &(addr, part_len) in parts {
+        let part_len = part_len as usize;
+        let end = offset + part_len;
+        if end > skip && filled < len {
+            let from = skip.saturating_sub(offset);
+            let n = (part_len - from).min(len - filled);
+            let at = addr.0.checked_add(from as u64).ok_or(Status::Fault)?;
+            mem.read_slice(
+                &mut out[start + filled..start + filled + n],
+                GuestAddress(at),
+            )
+            .map_err(|_| Status::Fault)?;
+            filled += n;
+        }
+        offset = end;
+    }
+    Ok(())
+}
+
+/// The tag of a request whose readable part is not all in guest memory:
+/// read from the first readable descriptors when the header is there.
+pub(super) fn header_tag<M>(chain: &DescriptorChain<M>, mem: &GuestRam) -> Option<u64>
+where
+    M: std::ops::Deref<Target = GuestRam> + Clone,
+{
+    let mut header = [0u8; REQ_HDR_SIZE];
+    let mut got = 0;
+    for d in chain.clone().readable() {
+        let n = (d.len() as usize).min(REQ_HDR_SIZE - got);
+        mem.read_slice(&mut header[got..got + n], d.addr()).ok()?;
+        got += n;
+        if got == REQ_HDR_SIZE {
+            return RequestHeader::from_bytes(&header).map(|h| h.tag);
+        }
+    }
+    None
+}
+
+/// Writes `bytes` over the writable descriptors; returns how many went in.
+pub(super) fn write_segments(
+    mem: &GuestRam,
+    segments: &[(GuestAddress, u32)],
+    bytes: &[u8],
+) -> u32 {
+    let mut done = 0usize;
+    for &(addr, len) in segments {
+        if done == bytes.len() {
+            break;
+        }
+        let n = (len as usize).min(bytes.len() - done);
+        if mem.write_slice(&bytes[done..done + n], addr).is_err() {
+            break;
+        }
+        done += n;
+    }
+    u32::try_from(done).unwrap_or(u32::MAX)
+}
+
+/// The `used.len` of a chain answered with `bytes`: what was written, and
+/// nothing at all when the writable part cannot hold a response header
+/// (section 4).
+pub(super) fn write_response(
+    mem: &GuestRam,
+    segments: &[(GuestAddress, u32)],
+    bytes: &[u8],
+) -> u32 {
+    let room = segments
+        .iter()
+        .fold(0usize, |sum, &(_, len)| sum.saturating_add(len as usize));
+    if room < RESP_HDR_SIZE || bytes.is_empty() {
+        return 0;
+    }
+    write_segments(mem, segments, bytes)
+}
