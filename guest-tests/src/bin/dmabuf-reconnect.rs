@@ -34,7 +34,10 @@ fn run() -> Result<u32, String> {
         sockets: daemon.sockets.clone(),
     });
     let fds_idle = daemon.fd_count()?;
-    println!("daemon pid {}, fds before any guest {fds_idle}", daemon.pid());
+    println!(
+        "daemon pid {}, fds before any guest {fds_idle}",
+        daemon.pid()
+    );
     println!("{:>6} {:>5} {:>9}", "iter", "fds", "rss_kib");
     let started = Instant::now();
     let mut failures = 0u32;
@@ -58,7 +61,10 @@ fn run() -> Result<u32, String> {
                 println!("FAIL iteration {i}: ctl list shows {left} objects after the disconnect");
                 failures += 1;
             }
-            let fds = daemon.settle_fds(if i == 1 { fds_idle } else { first_fds }, Duration::from_secs(2))?;
+            let fds = daemon.settle_fds(
+                if i == 1 { fds_idle } else { first_fds },
+                Duration::from_secs(2),
+            )?;
             let rss = daemon.rss_kib()?;
             if i == 1 {
                 first_fds = fds;
@@ -79,7 +85,9 @@ fn run() -> Result<u32, String> {
         "fds first {first_fds} last {last_fds} max {max_fds}; rss_kib after-warm-up {warm_rss} last {last_rss} max {max_rss}; {count} reconnects in {secs:.1} s"
     );
     if last_fds > first_fds {
-        println!("FAIL: fd count after the last disconnect {last_fds} > after the first {first_fds}");
+        println!(
+            "FAIL: fd count after the last disconnect {last_fds} > after the first {first_fds}"
+        );
         failures += 1;
     }
     if max_rss > warm_rss + slack {
