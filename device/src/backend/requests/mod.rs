@@ -4,8 +4,8 @@
 //! typed requests to the model, responses out (sections 2 and 4).
 //!
 //! Each chain is decoded once ([`parse_request`]) from the bytes of its
-//! readable part, read with a [`Reader`](virtio_queue::Reader) so a header
-//! may span descriptors.
+//! readable part, read into the worker's buffer across as many descriptors
+//! as the driver split it into (`chain.rs`).
 //!
 //! Every chain taken from the avail ring goes back to the used ring exactly
 //! once (section 4). A chain is entered in the connection's [`Chains`]
