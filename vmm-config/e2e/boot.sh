@@ -10,6 +10,12 @@
 #     --mem SIZE           guest RAM, a shared memfd (default 512M)
 #     --smp N              vCPUs (default 1)
 #     --timeout SECS       kill QEMU after SECS (default 300)
+#     --up-timeout SECS    the guest's /init must say "e2e-init: up" within
+#                          SECS of QEMU's start, or QEMU is stopped (default
+#                          0: no such check)
+#     --retries N          boot again, up to N times, when /init never came
+#                          up (default 0); only for guests with no host-side
+#                          peer on --ctl-socket that a retry would lose
 #     --log FILE           console log (default $E2E_DIR/logs/boot-<time>.log)
 #     --ctl-socket PATH    guest /dev/ttyS1 as a unix socket QEMU listens on
 #     --append ARGS        extra kernel parameters
@@ -19,6 +25,7 @@ set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 
 qemu=${E2E_QEMU:-10} initrd= mem=512M smp=1 timeout=300 log= ctl= append= cmd=
+up_timeout=0 retries=0
 while [ $# -gt 0 ]; do
     case $1 in
         --qemu) qemu=$2; shift 2 ;;
@@ -26,6 +33,8 @@ while [ $# -gt 0 ]; do
         --mem) mem=$2; shift 2 ;;
         --smp) smp=$2; shift 2 ;;
         --timeout) timeout=$2; shift 2 ;;
+        --up-timeout) up_timeout=$2; shift 2 ;;
+        --retries) retries=$2; shift 2 ;;
         --log) log=$2; shift 2 ;;
         --ctl-socket) ctl=$2; shift 2 ;;
         --append) append=$2; shift 2 ;;
@@ -56,12 +65,49 @@ args=(-accel tcg -machine q35,memory-backend=mem -cpu max -smp "$smp" -m "$mem"
       -nographic -nodefaults -no-reboot -serial mon:stdio "${ttys1[@]}"
       -kernel "$kernel" -initrd "$initrd" -append "$cmdline" "$@")
 log "$(basename "$qemu") ${args[*]}"
-start=$SECONDS
-set +e
-timeout -k 5 "$timeout" "$qemu" "${args[@]}" < /dev/null 2>&1 | tee "$log"
-qrc=${PIPESTATUS[0]}
-set -e
-log "QEMU exited with $qrc after $((SECONDS - start)) s; log $log"
+
+# One boot: QEMU's console goes to $log and, as it comes, to stdout. Sets
+# qrc to QEMU's status and stalled=1 when /init did not come up in time.
+boot_once() {
+    local qpid tpid
+    stalled=0
+    : > "$log"
+    timeout -k 5 "$timeout" "$qemu" "${args[@]}" < /dev/null > "$log" 2>&1 &
+    qpid=$!
+    tail -n +1 -f --pid="$qpid" "$log" &
+    tpid=$!
+    start=$SECONDS
+    if [ "$up_timeout" -gt 0 ]; then
+        while kill -0 "$qpid" 2>/dev/null && ! grep -aq 'e2e-init: up' "$log"; do
+            if [ $((SECONDS - start)) -ge "$up_timeout" ]; then
+                stalled=1
+                log "error: the guest's /init did not come up within $up_timeout s; stopping QEMU"
+                log "console so far ($(wc -c < "$log") bytes): $(tr -d '\r' < "$log" | tail -c 600)"
+                kill "$qpid" 2>/dev/null || true
+                break
+            fi
+            sleep 1
+        done
+    fi
+    set +e
+    wait "$qpid"
+    qrc=$?
+    wait "$tpid" 2>/dev/null
+    set -e
+    log "QEMU exited with $qrc after $((SECONDS - start)) s; log $log"
+}
+
+attempt=0
+while :; do
+    boot_once
+    [ "$stalled" = 1 ] || break
+    if [ "$attempt" -ge "$retries" ]; then
+        log "error: no boot reached /init ($((attempt + 1)) tried)"; exit 124
+    fi
+    attempt=$((attempt + 1))
+    cp "$log" "$log.stalled-$attempt"
+    log "boot again ($attempt of $retries retries); the stalled console is in $log.stalled-$attempt"
+done
 
 if [ "$qrc" -eq 124 ]; then
     log "error: timeout after $timeout s"; exit 124

@@ -14,6 +14,7 @@
 #   3. nothing: status 127.
 # It then prints "E2E-EXIT <status>" on the console and powers off.
 # Other kernel parameters: e2e.hugepages=N (default 64 2-MiB pages).
+# Its first console line is "e2e-init: up" (boot.sh --up-timeout waits for it).
 # The second serial port /dev/ttyS1 is left untouched for the caller.
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
@@ -53,6 +54,7 @@ cat > "$root/init" <<'INIT'
 export PATH=/bin HOME=/tmp
 mount -t devtmpfs dev /dev
 exec </dev/console >/dev/console 2>&1
+echo "e2e-init: up"
 mount -t proc proc /proc
 mount -t sysfs sys /sys
 mount -t tmpfs tmp /tmp

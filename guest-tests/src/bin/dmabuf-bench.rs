@@ -1,0 +1,666 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
+//! `dmabuf-bench`: the daemon's cost per request, each figure beside its
+//! floor measured in the same run.
+//!
+//! The real daemon binary runs as its own process (next to this program,
+//! or `$DMABUF_DAEMON`), and so does the floor, a null back-end on the same
+//! vhost-user crates that answers every chain with an OK header
+//! (`bench/null.rs`; this program started again with `--null-backend`).
+//! Both get `--queues 2` and are driven the same way over their sockets by
+//! the loopback VMM: requests written into guest RAM once, sent again with
+//! a new tag, the driver sleeping on the call eventfd. Rounds alternate
+//! daemon, null, daemon, null, so what the machine does meanwhile hits
+//! both alike. Nothing here asserts on time; `docs/benchmarks.md` says
+//! what each line measures.
+//!
+//! ```text
+//! dmabuf-bench [--quick] [--json FILE] [--rounds N]
+//! ```
+
+#[path = "../bench/mod.rs"]
+mod bench;
+#[path = "../soak/mod.rs"]
+mod soak;
+
+use std::collections::BTreeMap;
+use std::hint::black_box;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitCode, Stdio};
+use std::time::{Duration, Instant};
+
+use bench::{allowed_cpus, batch, percentile, set_affinity, Op, Patch, Prepared};
+use dmabuf_guest_tests::vmm::{LoopbackVmm, VmmOptions};
+use soak::{flag, Daemon};
+use virtio_dmabuf_protocol::{
+    create_flags, Direction, ObjectReply, Reply, Request, MAP_REPLY_FIXED_SIZE, RESP_HDR_SIZE,
+    SEGMENT_SIZE,
+};
+
+/// Reply room of every prepared request but `TRANSFER_FROM_HOST`.
+const ROOM: u32 = (RESP_HDR_SIZE + MAP_REPLY_FIXED_SIZE + 16 * SEGMENT_SIZE) as u32;
+/// Requests in flight in the throughput lines.
+const IN_FLIGHT: usize = 64;
+const KIB: usize = 1 << 10;
+const MIB: usize = 1 << 20;
+/// `TRANSFER` sizes measured against `memcpy`.
+const TRANSFER_SIZES: [usize; 3] = [64 * KIB, MIB, 8 * MIB];
+const REQUEST_QUEUES: u32 = 2;
+
+/// How much to measure.
+#[derive(Debug, Clone, Copy)]
+struct Plan {
+    /// Measured rounds per back-end (after one warm-up round each).
+    rounds: usize,
+    /// Round trips timed per round.
+    trips: usize,
+    /// Batches per throughput round.
+    batches: usize,
+    /// Copies per bandwidth round.
+    copies: usize,
+}
+
+/// Every figure of the run, by its JSON key.
+#[derive(Debug, Default)]
+struct Figures(BTreeMap<String, f64>);
+
+impl Figures {
+    fn set(&mut self, key: impl Into<String>, value: f64) {
+        self.0.insert(key.into(), value);
+    }
+
+    fn json(&self) -> String {
+        let map: serde_json::Map<String, serde_json::Value> = self
+            .0
+            .iter()
+            .map(|(k, v)| (k.clone(), serde_json::json!(v)))
+            .collect();
+        serde_json::to_string_pretty(&serde_json::Value::Object(map)).unwrap_or_default()
+    }
+}
+
+/// The null back-end, killed when dropped.
+struct NullProcess {
+    child: Child,
+    socket: PathBuf,
+}
+
+impl NullProcess {
+    fn start(dir: &Path) -> Result<NullProcess, String> {
+        let socket = dir.join("null.sock");
+        let _ = std::fs::remove_file(&socket);
+        let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+        let child = Command::new(exe)
+            .arg("--null-backend")
+            .arg(&socket)
+            .arg("--queues")
+            .arg(REQUEST_QUEUES.to_string())
+            .stdin(Stdio::null())
+            .spawn()
+            .map_err(|e| format!("null back-end: {e}"))?;
+        let mut null = NullProcess { child, socket };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !null.socket.exists() {
+            if let Ok(Some(st)) = null.child.try_wait() {
+                return Err(format!("the null back-end exited at start: {st}"));
+            }
+            if Instant::now() > deadline {
+                return Err("the null back-end's socket did not appear in 20 s".into());
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Ok(null)
+    }
+}
+
+impl Drop for NullProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn vmm_options() -> VmmOptions {
+    VmmOptions {
+        ram: vec![(0, 256 << 20)],
+        queue_size: 1024,
+        timeout: bench::TIMEOUT,
+        ..VmmOptions::default()
+    }
+}
+
+/// One back-end under test: its VMM and its prepared operations.
+struct Side {
+    name: &'static str,
+    vm: LoopbackVmm,
+    queues: Vec<u16>,
+    /// Round-trip lines, in print order.
+    ops: Vec<Op>,
+    /// `IN_FLIGHT` `GET_INFO`s per request queue.
+    batches: Vec<Vec<Prepared>>,
+    /// `TRANSFER_TO_HOST` and `TRANSFER_FROM_HOST` of each size.
+    transfers: Vec<(usize, Op, Op)>,
+}
+
+/// Handles the prepared requests name: real ones on the daemon, made by
+/// typed calls; any number on the null back-end, which reads none.
+#[derive(Debug, Clone, Copy, Default)]
+struct Handles {
+    object: u64,
+    attachment: u64,
+    cached_attachment: u64,
+    cached_1g_attachment: u64,
+    ctx: u64,
+    transfer_objects: [u64; 3],
+}
+
+impl Handles {
+    fn make(vm: &LoopbackVmm) -> Result<Handles, String> {
+        let d = vm.driver();
+        let create = |size: u64, flags: u32| -> Result<u64, String> {
+            match d.create(size, flags) {
+                Ok(Ok(o)) => Ok(o.object),
+                other => Err(format!("CREATE {size}: {other:?}")),
+            }
+        };
+        let attach = |object: u64| -> Result<u64, String> {
+            match d.attach(object, 0) {
+                Ok(Ok(a)) => Ok(a),
+                other => Err(format!("ATTACH: {other:?}")),
+            }
+        };
+        let object = create(4096, 0)?;
+        let cached = create(4096, create_flags::CACHE_MAPPING)?;
+        let cached_1g = create(1 << 30, create_flags::CACHE_MAPPING)?;
+        let ctx = match d.acquire_init() {
+            Ok(Ok((ctx, _))) => ctx,
+            other => return Err(format!("ACQUIRE_INIT: {other:?}")),
+        };
+        let mut transfer_objects = [0; 3];
+        for (o, size) in transfer_objects.iter_mut().zip(TRANSFER_SIZES) {
+            *o = create(size as u64, 0)?;
+        }
+        Ok(Handles {
+            object,
+            attachment: attach(object)?,
+            cached_attachment: attach(cached)?,
+            cached_1g_attachment: attach(cached_1g)?,
+            ctx,
+            transfer_objects,
+        })
+    }
+}
+
+impl Side {
+    fn new(name: &'static str, vm: LoopbackVmm, h: Handles) -> Side {
+        let queues = vm.driver().request_queues();
+        let p = |r: &Request| Prepared::new(&vm, r, ROOM);
+        let release = Patch::new(
+            0,
+            |v| {
+                Reply::Object(ObjectReply {
+                    object: v,
+                    uuid: [0; 16],
+                    size: 0,
+                    obj_flags: 0,
+                })
+            },
+            |v| Request::Release { object: v },
+        );
+        let detach = Patch::new(0, Reply::Attachment, |v| Request::Detach { attachment: v });
+        let unmap = Patch::new(
+            0,
+            |v| {
+                Reply::Map(virtio_dmabuf_protocol::MapReply {
+                    mapping: v,
+                    generation: 0,
+                    map_flags: 0,
+                    space: virtio_dmabuf_protocol::AddressSpace::Object,
+                    entries: Vec::new(),
+                })
+            },
+            |v| Request::Unmap { mapping: v, ctx: 0 },
+        );
+        let map_unmap = |name, attachment| Op {
+            name,
+            steps: vec![
+                p(&Request::Map {
+                    attachment,
+                    dir: Direction::Bidirectional,
+                    max_entries: 16,
+                    ctx: 0,
+                }),
+                p(&Request::Unmap { mapping: 0, ctx: 0 }).patched(unmap),
+            ],
+        };
+        let dir = Direction::Bidirectional;
+        let ops = vec![
+            Op {
+                name: "get_info",
+                steps: vec![p(&Request::GetInfo)],
+            },
+            Op {
+                name: "create_release",
+                steps: vec![
+                    p(&Request::Create {
+                        size: 4096,
+                        dynamic: false,
+                        cache_mapping: false,
+                        guest_pages: None,
+                    }),
+                    p(&Request::Release { object: 0 }).patched(release),
+                ],
+            },
+            Op {
+                name: "attach_detach",
+                steps: vec![
+                    p(&Request::Attach {
+                        object: h.object,
+                        dynamic_importer: false,
+                        peer2peer: false,
+                    }),
+                    p(&Request::Detach { attachment: 0 }).patched(detach),
+                ],
+            },
+            map_unmap("map_unmap_cached", h.cached_attachment),
+            map_unmap("map_unmap_uncached", h.attachment),
+            map_unmap("map_unmap_cached_1g", h.cached_1g_attachment),
+            Op {
+                name: "lock_unlock",
+                steps: vec![
+                    p(&Request::Lock {
+                        ctx: h.ctx,
+                        object: h.object,
+                        try_lock: false,
+                        slow: false,
+                    }),
+                    p(&Request::Unlock {
+                        ctx: h.ctx,
+                        object: h.object,
+                    }),
+                ],
+            },
+            Op {
+                name: "begin_end_cpu_access",
+                steps: vec![
+                    p(&Request::BeginCpuAccess {
+                        object: h.object,
+                        dir,
+                    }),
+                    p(&Request::EndCpuAccess {
+                        object: h.object,
+                        dir,
+                    }),
+                ],
+            },
+        ];
+        let batches = queues
+            .iter()
+            .map(|_| (0..IN_FLIGHT).map(|_| p(&Request::GetInfo)).collect())
+            .collect();
+        let transfers = TRANSFER_SIZES
+            .iter()
+            .zip(h.transfer_objects)
+            .map(|(&size, object)| {
+                let to = Op {
+                    name: "transfer_to_host",
+                    steps: vec![p(&Request::TransferToHost {
+                        object,
+                        offset: 0,
+                        data: vec![0x5a; size],
+                    })],
+                };
+                let from = Op {
+                    name: "transfer_from_host",
+                    steps: vec![Prepared::new(
+                        &vm,
+                        &Request::TransferFromHost {
+                            object,
+                            offset: 0,
+                            len: size as u64,
+                        },
+                        (RESP_HDR_SIZE + size) as u32,
+                    )],
+                };
+                (size, to, from)
+            })
+            .collect();
+        Side {
+            name,
+            vm,
+            queues,
+            ops,
+            batches,
+            transfers,
+        }
+    }
+
+    /// Every operation once, each answer checked.
+    fn check(&self) -> Result<(), String> {
+        for op in &self.ops {
+            op.run(&self.vm, self.queues[0])
+                .map_err(|e| format!("{}: {e}", self.name))?;
+        }
+        for (_, to, from) in &self.transfers {
+            to.run(&self.vm, self.queues[0])?;
+            from.run(&self.vm, self.queues[0])?;
+        }
+        for (q, b) in self.queues.iter().zip(&self.batches) {
+            batch(&self.vm, *q, b)?;
+        }
+        Ok(())
+    }
+
+    /// `n` round trips of `op`, each timed, in nanoseconds.
+    fn trips(&self, op: &Op, n: usize, out: &mut Vec<f64>) -> Result<(), String> {
+        for _ in 0..n {
+            let t = Instant::now();
+            op.run(&self.vm, self.queues[0])?;
+            out.push(t.elapsed().as_nanos() as f64);
+        }
+        Ok(())
+    }
+
+    /// Requests per second with `IN_FLIGHT` in flight on each of the first
+    /// `queues` request queues (one driver thread per queue).
+    fn throughput(&self, queues: usize, batches: usize) -> Result<f64, String> {
+        let t = Instant::now();
+        std::thread::scope(|s| {
+            let workers: Vec<_> = self
+                .queues
+                .iter()
+                .zip(&self.batches)
+                .take(queues)
+                .map(|(&q, b)| {
+                    s.spawn(move || -> Result<(), String> {
+                        for _ in 0..batches {
+                            batch(&self.vm, q, b)?;
+                        }
+                        Ok(())
+                    })
+                })
+                .collect();
+            workers.into_iter().try_for_each(|w| {
+                w.join()
+                    .map_err(|_| "a driver thread panicked".to_string())?
+            })
+        })?;
+        Ok((queues * batches * IN_FLIGHT) as f64 / t.elapsed().as_secs_f64())
+    }
+
+    /// Seconds per run of `op`, the mean over `n`.
+    fn seconds_per(&self, op: &Op, n: usize) -> Result<f64, String> {
+        let t = Instant::now();
+        for _ in 0..n {
+            op.run(&self.vm, self.queues[0])?;
+        }
+        Ok(t.elapsed().as_secs_f64() / n as f64)
+    }
+}
+
+/// Seconds per `memcpy` of `size` bytes between two buffers faulted in,
+/// the mean over `n`.
+fn memcpy_seconds(size: usize, n: usize) -> f64 {
+    let src = vec![0x5au8; size];
+    let mut dst = vec![0u8; size];
+    dst.copy_from_slice(&src);
+    let t = Instant::now();
+    for _ in 0..n {
+        dst.copy_from_slice(black_box(&src));
+        black_box(&mut dst);
+    }
+    t.elapsed().as_secs_f64() / n as f64
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+}
+
+fn us(ns: f64) -> String {
+    format!("{:.1} µs", ns / 1000.0)
+}
+
+/// Round-trip lines: p50 and p99 of each side, daemon over null at p50.
+fn round_trips(
+    daemon: &Side,
+    null: &Side,
+    plan: Plan,
+    mode: &str,
+    figures: &mut Figures,
+) -> Result<(), String> {
+    for (i, op) in daemon.ops.iter().enumerate() {
+        let (mut d, mut n) = (Vec::new(), Vec::new());
+        // Warm-up, thrown away.
+        daemon.trips(op, plan.trips / 10 + 1, &mut Vec::new())?;
+        null.trips(&null.ops[i], plan.trips / 10 + 1, &mut Vec::new())?;
+        for _ in 0..plan.rounds {
+            daemon.trips(op, plan.trips, &mut d)?;
+            null.trips(&null.ops[i], plan.trips, &mut n)?;
+        }
+        d.sort_by(f64::total_cmp);
+        n.sort_by(f64::total_cmp);
+        let (d50, d99) = (percentile(&d, 50.0), percentile(&d, 99.0));
+        let (n50, n99) = (percentile(&n, 50.0), percentile(&n, 99.0));
+        let ratio = d50 / n50;
+        println!(
+            "rtt {mode} {}: p50 {} p99 {} (null: p50 {} p99 {}; ratio {ratio:.2})",
+            op.name,
+            us(d50),
+            us(d99),
+            us(n50),
+            us(n99)
+        );
+        let key = format!("rtt.{}{}", op.name, suffix(mode));
+        figures.set(format!("{key}.p50_ns"), d50);
+        figures.set(format!("{key}.p99_ns"), d99);
+        figures.set(format!("{key}.null_p50_ns"), n50);
+        figures.set(format!("{key}.null_p99_ns"), n99);
+        figures.set(format!("{key}.ratio_vs_null"), ratio);
+    }
+    let cached = |side: &str| {
+        figures
+            .0
+            .get(&format!("rtt.{side}{}.p50_ns", suffix(mode)))
+            .copied()
+    };
+    if let (Some(g), Some(k)) = (cached("map_unmap_cached_1g"), cached("map_unmap_cached")) {
+        println!("cached MAP+UNMAP {mode}: 1 GiB over 4 KiB {:.2}", g / k);
+        figures.set(format!("cached_map.ratio_1g_vs_4k{}", suffix(mode)), g / k);
+    }
+    Ok(())
+}
+
+/// The JSON key suffix of a mode: none for the unpinned figures users see.
+fn suffix(mode: &str) -> String {
+    if mode == "unpinned" {
+        String::new()
+    } else {
+        format!(".{mode}")
+    }
+}
+
+fn throughput(
+    daemon: &Side,
+    null: &Side,
+    plan: Plan,
+    mode: &str,
+    figures: &mut Figures,
+) -> Result<(), String> {
+    let mut per_queues = Vec::new();
+    for queues in [1, 2] {
+        daemon.throughput(queues, plan.batches / 10 + 1)?;
+        null.throughput(queues, plan.batches / 10 + 1)?;
+        let (mut d, mut n) = (Vec::new(), Vec::new());
+        for _ in 0..plan.rounds {
+            d.push(daemon.throughput(queues, plan.batches)?);
+            n.push(null.throughput(queues, plan.batches)?);
+        }
+        let (d, n) = (median(d), median(n));
+        println!(
+            "tput {mode} get_info, {IN_FLIGHT} in flight on {queues} queue(s): {d:.0} requests/s (null: {n:.0}; ratio {:.2})",
+            d / n
+        );
+        let key = format!("tput.get_info.q{queues}{}", suffix(mode));
+        figures.set(format!("{key}.ops_per_s"), d);
+        figures.set(format!("{key}.null_ops_per_s"), n);
+        figures.set(format!("{key}.ratio_vs_null"), d / n);
+        per_queues.push((d, n));
+    }
+    let (one, two) = (per_queues[0], per_queues[1]);
+    println!(
+        "tput {mode}: two queues over one {:.2} (null: {:.2})",
+        two.0 / one.0,
+        two.1 / one.1
+    );
+    figures.set(
+        format!("tput.two_queues_over_one{}", suffix(mode)),
+        two.0 / one.0,
+    );
+    figures.set(
+        format!("tput.null_two_queues_over_one{}", suffix(mode)),
+        two.1 / one.1,
+    );
+    Ok(())
+}
+
+fn bandwidth(daemon: &Side, plan: Plan, figures: &mut Figures) -> Result<(), String> {
+    for (size, to, from) in &daemon.transfers {
+        let n = (plan.copies * MIB / size).clamp(4, 2000);
+        let (mut t, mut f, mut m) = (Vec::new(), Vec::new(), Vec::new());
+        daemon.seconds_per(to, 2)?;
+        daemon.seconds_per(from, 2)?;
+        for _ in 0..plan.rounds {
+            t.push(daemon.seconds_per(to, n)?);
+            f.push(daemon.seconds_per(from, n)?);
+            m.push(memcpy_seconds(*size, n));
+        }
+        let (t, f, m) = (median(t), median(f), median(m));
+        let mibs = |s: f64| *size as f64 / s / MIB as f64;
+        let label = if *size >= MIB {
+            format!("{}m", size / MIB)
+        } else {
+            format!("{}k", size / KIB)
+        };
+        println!(
+            "bw transfer {label}: to host {:.0} MiB/s, from host {:.0} MiB/s (memcpy {:.0} MiB/s; ratios {:.2}, {:.2})",
+            mibs(t),
+            mibs(f),
+            mibs(m),
+            m / t,
+            m / f
+        );
+        figures.set(format!("bw.transfer.to_host.{label}.mib_per_s"), mibs(t));
+        figures.set(format!("bw.transfer.from_host.{label}.mib_per_s"), mibs(f));
+        figures.set(format!("bw.memcpy.{label}.mib_per_s"), mibs(m));
+        figures.set(
+            format!("bw.transfer.to_host.{label}.ratio_vs_memcpy"),
+            m / t,
+        );
+        figures.set(
+            format!("bw.transfer.from_host.{label}.ratio_vs_memcpy"),
+            m / f,
+        );
+    }
+    let worst = figures
+        .0
+        .iter()
+        .filter(|(k, _)| k.starts_with("bw.transfer.") && k.ends_with(".ratio_vs_memcpy"))
+        .map(|(_, v)| *v)
+        .fold(f64::INFINITY, f64::min);
+    figures.set("bw.transfer.ratio_vs_memcpy", worst);
+    Ok(())
+}
+
+/// Pins every thread of this program, the daemon and the null back-end to
+/// one CPU (`Some`), or lets them run anywhere again (`None`).
+fn pin_all(cpu: Option<usize>, pids: &[u32]) -> Result<(), String> {
+    let cpus = cpu.map_or_else(allowed_cpus, |c| vec![c]);
+    for &pid in pids {
+        set_affinity(pid, &cpus)?;
+    }
+    Ok(())
+}
+
+fn run(args: &[String]) -> Result<(), String> {
+    let quick = args.iter().any(|a| a == "--quick");
+    let json: Option<PathBuf> = flag(args, "--json", String::new())?
+        .parse::<PathBuf>()
+        .ok()
+        .filter(|p| !p.as_os_str().is_empty());
+    let plan = if quick {
+        Plan {
+            rounds: flag(args, "--rounds", 2)?,
+            trips: 30,
+            batches: 20,
+            copies: 16,
+        }
+    } else {
+        Plan {
+            rounds: flag(args, "--rounds", 6)?,
+            trips: 400,
+            batches: 300,
+            copies: 256,
+        }
+    };
+    let daemon = Daemon::start(1, &["--queues", &REQUEST_QUEUES.to_string()])?;
+    let null = NullProcess::start(&daemon.dir)?;
+    let daemon_vm =
+        LoopbackVmm::connect(&daemon.sockets[0], vmm_options()).map_err(|e| e.to_string())?;
+    let null_vm = LoopbackVmm::connect(&null.socket, vmm_options()).map_err(|e| e.to_string())?;
+    let handles = Handles::make(&daemon_vm)?;
+    let d = Side::new("daemon", daemon_vm, handles);
+    let n = Side::new("null", null_vm, Handles::default());
+    d.check()?;
+    n.check()?;
+    let cpus = allowed_cpus();
+    println!(
+        "dmabuf-bench: daemon pid {} and null back-end pid {}, {} request queues, {} CPUs, {} rounds{}",
+        daemon.pid(),
+        null.child.id(),
+        d.queues.len(),
+        cpus.len(),
+        plan.rounds,
+        if quick { " (--quick: figures mean little)" } else { "" }
+    );
+    let mut figures = Figures::default();
+    let pids = [0, daemon.pid(), null.child.id()];
+    for mode in ["unpinned", "pinned"] {
+        pin_all((mode == "pinned").then_some(cpus[0]), &pids)?;
+        round_trips(&d, &n, plan, mode, &mut figures)?;
+        throughput(&d, &n, plan, mode, &mut figures)?;
+    }
+    pin_all(None, &pids)?;
+    bandwidth(&d, plan, &mut figures)?;
+    if let Some(path) = json {
+        std::fs::write(&path, figures.json() + "\n")
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+        println!("figures written to {}", path.display());
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if let Some(i) = args.iter().position(|a| a == "--null-backend") {
+        let Some(socket) = args.get(i + 1) else {
+            eprintln!("--null-backend needs a socket path");
+            return ExitCode::FAILURE;
+        };
+        let queues = flag(&args, "--queues", REQUEST_QUEUES).unwrap_or(REQUEST_QUEUES);
+        return match bench::null::serve(Path::new(socket), queues, None) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("dmabuf-bench: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
+    match run(&args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("dmabuf-bench: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
