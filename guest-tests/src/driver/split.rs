@@ -218,12 +218,14 @@ impl SplitQueue {
     /// sees it at the next [`publish`](Self::publish). With `indirect`, the
     /// descriptors go into that table (at least `16 * descs.len()` bytes,
     /// 16-byte aligned) and the ring holds one `VRING_DESC_F_INDIRECT`
-    /// descriptor. Returns the head index.
+    /// descriptor. With `looped`, the last descriptor says NEXT and links
+    /// back to the first (a chain that never ends). Returns the head index.
     pub fn add(
         &mut self,
         mem: &dyn GuestMemory,
         descs: &[Desc],
         indirect: Option<u64>,
+        looped: bool,
     ) -> Result<u16, QueueError> {
         if descs.is_empty() {
             return Err(QueueError::EmptyChain);
@@ -249,9 +251,13 @@ impl SplitQueue {
         match indirect {
             Some(table) => {
                 for (i, d) in descs.iter().enumerate() {
-                    let last = i + 1 == descs.len();
+                    let last = i + 1 == descs.len() && !looped;
                     let flags = if last { 0 } else { VRING_DESC_F_NEXT };
-                    let next = if last { 0 } else { (i + 1) as u16 };
+                    let next = if last {
+                        0
+                    } else {
+                        ((i + 1) % descs.len()) as u16
+                    };
                     Self::write_desc(mem, table + DESC_SIZE * i as u64, d, flags, next)?;
                 }
                 let table_desc = Desc {
@@ -264,7 +270,10 @@ impl SplitQueue {
             }
             None => {
                 for (i, (d, &index)) in descs.iter().zip(&indices).enumerate() {
-                    let next = indices.get(i + 1).copied();
+                    let next = indices
+                        .get(i + 1)
+                        .or(if looped { indices.first() } else { None })
+                        .copied();
                     let flags = if next.is_some() { VRING_DESC_F_NEXT } else { 0 };
                     let at = self.layout.desc + DESC_SIZE * u64::from(index);
                     Self::write_desc(mem, at, d, flags, next.unwrap_or(0))?;

@@ -247,7 +247,7 @@ impl Driver {
         let mut q = lock(qm);
         for _ in 0..count {
             let p = self.prepare(&RawChain::new().writable(len))?;
-            let head = match q.ring.add(&*self.mem, &p.descs, None) {
+            let head = match q.ring.add(&*self.mem, &p.descs, None, false) {
                 Ok(head) => head,
                 Err(e) => {
                     self.free_buffers(p.buffers);

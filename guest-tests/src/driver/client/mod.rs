@@ -192,6 +192,9 @@ pub enum RawDesc {
 pub struct RawChain {
     pub descs: Vec<RawDesc>,
     pub indirect: bool,
+    /// The last descriptor says NEXT and links back to the first: a chain
+    /// that never ends (a broken or hostile driver).
+    pub looped: bool,
 }
 
 impl RawChain {
@@ -216,6 +219,12 @@ impl RawChain {
 
     pub fn indirect(mut self, on: bool) -> Self {
         self.indirect = on;
+        self
+    }
+
+    /// Makes the last descriptor link back to the first.
+    pub fn looped(mut self) -> Self {
+        self.looped = true;
         self
     }
 
@@ -540,6 +549,7 @@ struct Prepared {
     buffers: Vec<Buffer>,
     writable: Vec<(u64, u32)>,
     table: Option<Buffer>,
+    looped: bool,
 }
 
 impl Prepared {

@@ -99,7 +99,8 @@ impl Driver {
         let mut prepared = prepared.into_iter();
         for item in items {
             let Some(p) = prepared.next() else { break };
-            let head = match q.ring.add(&*self.mem, &p.descs, p.table.map(|t| t.gpa)) {
+            let table = p.table.map(|t| t.gpa);
+            let head = match q.ring.add(&*self.mem, &p.descs, table, p.looped) {
                 Ok(head) => head,
                 Err(e) => {
                     self.free_buffers(p.buffers);
@@ -151,7 +152,10 @@ impl Driver {
 
     /// Allocates and fills the buffers of a chain.
     pub(super) fn prepare(&self, chain: &RawChain) -> Result<Prepared, DriverError> {
-        let mut p = Prepared::default();
+        let mut p = Prepared {
+            looped: chain.looped,
+            ..Prepared::default()
+        };
         let result = (|| {
             for d in &chain.descs {
                 match d {

@@ -326,6 +326,34 @@ pub(super) fn framing_readable_part_outside_ram_after_the_header_is_efault_with_
     Ok(())
 }
 
+/// A chain whose last descriptor links back to its first never ends: it
+/// comes back unread with `used.len` 0, whether its links are in the ring
+/// or in an indirect table, and the device keeps serving (section 4).
+pub(super) fn framing_chain_that_loops_comes_back_with_used_len_0(t: &Target) -> Check {
+    let vmm = t.connect()?;
+    let d = vmm.driver();
+    let mut kinds = vec![false];
+    if d.config().indirect {
+        kinds.push(true);
+    }
+    for indirect in kinds {
+        let chain = RawChain::new()
+            .readable(encode_request(0x100b, &Request::GetInfo))
+            .writable(96)
+            .writable(96)
+            .indirect(indirect)
+            .looped();
+        let c = d.complete_raw(d.submit_raw(CONTROLQ, chain)?)?;
+        ensure_eq!(c.used_len, 0, "indirect {indirect}");
+        ensure!(
+            c.written.iter().all(|&b| b == 0),
+            "indirect {indirect}: nothing may be written into a chain that never ends"
+        );
+    }
+    info(d)?;
+    Ok(())
+}
+
 pub(super) fn requests_survive_any_descriptor_layout(t: &Target) -> Check {
     let vmm = t.connect()?;
     let d = vmm.driver();

@@ -189,6 +189,7 @@ pub fn all() -> Vec<Scenario> {
         framing::framing_flags_reserved_and_enums_are_einval,
         framing::framing_address_outside_guest_memory,
         framing::framing_readable_part_outside_ram_after_the_header_is_efault_with_its_tag,
+        framing::framing_chain_that_loops_comes_back_with_used_len_0,
         framing::requests_survive_any_descriptor_layout,
         objects::object_lifecycle_create_attach_map_unmap_detach_release,
         objects::release_and_detach_are_ebusy_while_in_use,
