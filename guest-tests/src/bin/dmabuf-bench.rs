@@ -572,6 +572,61 @@ fn bandwidth(daemon: &Side, plan: Plan, figures: &mut Figures) -> Result<(), Str
     Ok(())
 }
 
+/// The open-file hard limit of this process (the daemon inherits it).
+fn nofile_hard() -> u64 {
+    let mut r = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: `getrlimit` writes the limit into `r`, which outlives the call.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) } != 0 {
+        return 1024;
+    }
+    r.rlim_max
+}
+
+/// Live objects: `count` 4 KiB objects made `IN_FLIGHT` at a time, the
+/// daemon's resident set before and after, and the rate. The objects stay
+/// for the rest of the run (the disconnect releases them).
+fn scale(daemon: &Side, pid: u32, count: usize, figures: &mut Figures) -> Result<(), String> {
+    let queue = daemon.queues[0];
+    let creates: Vec<Prepared> = (0..IN_FLIGHT)
+        .map(|_| {
+            Prepared::new(
+                &daemon.vm,
+                &Request::Create {
+                    size: 4096,
+                    dynamic: false,
+                    cache_mapping: false,
+                    guest_pages: None,
+                },
+                ROOM,
+            )
+        })
+        .collect();
+    let rss = || soak::rss_of(pid);
+    let before = rss()?;
+    let t = Instant::now();
+    let mut made = 0;
+    while made < count {
+        let n = (count - made).min(IN_FLIGHT);
+        batch(&daemon.vm, queue, &creates[..n])?;
+        made += n;
+    }
+    let seconds = t.elapsed().as_secs_f64();
+    let after = rss()?;
+    let per_object = (after.saturating_sub(before) * 1024) as f64 / count as f64;
+    println!(
+        "scale: {count} live objects of 4 KiB: {per_object:.0} bytes of daemon RSS each, {:.0} CREATEs/s ({} open files allowed)",
+        count as f64 / seconds,
+        nofile_hard()
+    );
+    figures.set("scale.objects", count as f64);
+    figures.set("scale.bytes_per_object", per_object);
+    figures.set("scale.create_per_s", count as f64 / seconds);
+    Ok(())
+}
+
 /// Pins every thread of this program, the daemon and the null back-end to
 /// one CPU (`Some`), or lets them run anywhere again (`None`).
 fn pin_all(cpu: Option<usize>, pids: &[u32]) -> Result<(), String> {
@@ -603,7 +658,21 @@ fn run(args: &[String]) -> Result<(), String> {
             copies: 256,
         }
     };
-    let daemon = Daemon::start(1, &["--queues", &REQUEST_QUEUES.to_string()])?;
+    // As many objects as fit in the open-file limit, with room for the
+    // daemon's own (each host-placed object holds a memfd).
+    let objects = if quick { 2000 } else { 100_000 }
+        .min(usize::try_from(nofile_hard().saturating_sub(2048)).unwrap_or(usize::MAX))
+        .max(IN_FLIGHT);
+    let max_objects = (objects + 64).to_string();
+    let daemon = Daemon::start(
+        1,
+        &[
+            "--queues",
+            &REQUEST_QUEUES.to_string(),
+            "--max-objects",
+            &max_objects,
+        ],
+    )?;
     let null = NullProcess::start(&daemon.dir)?;
     let daemon_vm =
         LoopbackVmm::connect(&daemon.sockets[0], vmm_options()).map_err(|e| e.to_string())?;
@@ -611,6 +680,10 @@ fn run(args: &[String]) -> Result<(), String> {
     let handles = Handles::make(&daemon_vm)?;
     let d = Side::new("daemon", daemon_vm, handles);
     let n = Side::new("null", null_vm, Handles::default());
+    // First, on a fresh heap: what the objects cost is not hidden in
+    // memory the allocator kept from large requests.
+    let mut figures = Figures::default();
+    scale(&d, daemon.pid(), objects, &mut figures)?;
     d.check()?;
     n.check()?;
     let cpus = allowed_cpus();
@@ -623,7 +696,6 @@ fn run(args: &[String]) -> Result<(), String> {
         plan.rounds,
         if quick { " (--quick: figures mean little)" } else { "" }
     );
-    let mut figures = Figures::default();
     let pids = [0, daemon.pid(), null.child.id()];
     for mode in ["unpinned", "pinned"] {
         pin_all((mode == "pinned").then_some(cpus[0]), &pids)?;

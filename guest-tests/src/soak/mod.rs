@@ -121,12 +121,7 @@ impl Daemon {
 
     /// The daemon's VmRSS in KiB.
     pub fn rss_kib(&self) -> Result<u64, String> {
-        let s = std::fs::read_to_string(format!("/proc/{}/status", self.pid()))
-            .map_err(|e| e.to_string())?;
-        s.lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-            .ok_or_else(|| "no VmRSS".to_string())
+        rss_of(self.pid())
     }
 
     /// One control request; the response's payload (`ok` must be true).
@@ -195,6 +190,15 @@ impl Drop for Daemon {
         let _ = self.child.wait();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
+}
+
+/// The VmRSS of process `pid` in KiB.
+pub fn rss_of(pid: u32) -> Result<u64, String> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).map_err(|e| e.to_string())?;
+    s.lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .ok_or_else(|| "no VmRSS".to_string())
 }
 
 /// `{"cmd": cmd}` on the control socket at `path`.
