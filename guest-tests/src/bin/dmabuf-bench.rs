@@ -15,7 +15,7 @@
 //! what each line measures.
 //!
 //! ```text
-//! dmabuf-bench [--quick] [--json FILE] [--rounds N]
+//! dmabuf-bench [--quick] [--json FILE] [--rounds N] [--objects N]
 //! ```
 
 #[path = "../bench/mod.rs"]
@@ -627,12 +627,21 @@ fn scale(daemon: &Side, pid: u32, count: usize, figures: &mut Figures) -> Result
     Ok(())
 }
 
-/// Pins every thread of this program, the daemon and the null back-end to
-/// one CPU (`Some`), or lets them run anywhere again (`None`).
-fn pin_all(cpu: Option<usize>, pids: &[u32]) -> Result<(), String> {
-    let cpus = cpu.map_or_else(allowed_cpus, |c| vec![c]);
-    for &pid in pids {
-        set_affinity(pid, &cpus)?;
+/// Where the threads of this program (the driver) and of the two
+/// back-ends run in each mode: `unpinned` anywhere, as users run them (the
+/// scheduler decides, and on a VM a wake-up across CPUs costs tens of
+/// microseconds, so this mode is bimodal); `pinned` all on one CPU (the
+/// floor, no cross-CPU wake-up); `cross` the driver on one CPU and the
+/// back-ends on another (every wake-up crosses).
+fn place(mode: &str, cpus: &[usize], driver: u32, backends: &[u32]) -> Result<(), String> {
+    let (d, b) = match (mode, cpus) {
+        ("pinned", [first, ..]) => (vec![*first], vec![*first]),
+        ("cross", [first, second, ..]) => (vec![*first], vec![*second]),
+        _ => (cpus.to_vec(), cpus.to_vec()),
+    };
+    set_affinity(driver, &d)?;
+    for &pid in backends {
+        set_affinity(pid, &b)?;
     }
     Ok(())
 }
@@ -658,10 +667,11 @@ fn run(args: &[String]) -> Result<(), String> {
             copies: 256,
         }
     };
-    // As many objects as fit in the open-file limit, with room for the
-    // daemon's own (each host-placed object holds a memfd).
-    let objects = if quick { 2000 } else { 100_000 }
-        .min(usize::try_from(nofile_hard().saturating_sub(2048)).unwrap_or(usize::MAX))
+    // As many objects as the open-file limit lets the daemon accept: it
+    // counts two open files per object (its memfd, and a dma-buf or an fd
+    // in flight to the front-end) plus a reserve of its own.
+    let objects = flag(args, "--objects", if quick { 2000 } else { 100_000 })?
+        .min(usize::try_from(nofile_hard().saturating_sub(2048) / 2).unwrap_or(usize::MAX))
         .max(IN_FLIGHT);
     let max_objects = (objects + 64).to_string();
     let daemon = Daemon::start(
@@ -696,13 +706,18 @@ fn run(args: &[String]) -> Result<(), String> {
         plan.rounds,
         if quick { " (--quick: figures mean little)" } else { "" }
     );
-    let pids = [0, daemon.pid(), null.child.id()];
-    for mode in ["unpinned", "pinned"] {
-        pin_all((mode == "pinned").then_some(cpus[0]), &pids)?;
+    let backends = [daemon.pid(), null.child.id()];
+    let modes: &[&str] = if cpus.len() > 1 {
+        &["unpinned", "pinned", "cross"]
+    } else {
+        &["unpinned", "pinned"]
+    };
+    for &mode in modes {
+        place(mode, &cpus, 0, &backends)?;
         round_trips(&d, &n, plan, mode, &mut figures)?;
         throughput(&d, &n, plan, mode, &mut figures)?;
     }
-    pin_all(None, &pids)?;
+    place("unpinned", &cpus, 0, &backends)?;
     bandwidth(&d, plan, &mut figures)?;
     if let Some(path) = json {
         std::fs::write(&path, figures.json() + "\n")
