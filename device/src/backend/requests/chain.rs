@@ -64,38 +64,77 @@ impl Segments {
     }
 }
 
-/// Whether the chain's links end: its last descriptor has no NEXT. The
-/// iterator stops early on a loop (after as many descriptors as the table
-/// holds, so one was visited twice), a `next` off the table or an
-/// unreadable descriptor, each time at a descriptor that still says NEXT.
-pub(super) fn chain_ends<M>(chain: &DescriptorChain<M>) -> bool
+/// One pass over a chain's descriptors: whether its links end, and its
+/// readable and writable parts with whether each lies in guest memory.
+#[derive(Debug, Default)]
+pub(super) struct Walk {
+    /// The last descriptor has no NEXT. The iterator stops early on a loop
+    /// (after as many descriptors as the table holds, so one was visited
+    /// twice), a `next` off the table or an unreadable descriptor, each
+    /// time at a descriptor that still says NEXT.
+    pub(super) ends: bool,
+    pub(super) readable: Segments,
+    readable_in_memory: bool,
+    /// The writable part, and the room it gives a response: 0 when one of
+    /// its descriptors is not in guest memory (section 4: such a chain
+    /// comes back with `used.len` 0).
+    pub(super) writable: Segments,
+    pub(super) room: usize,
+}
+
+/// Walks `chain` once (see [`Walk`]).
+pub(super) fn walk<M>(chain: &DescriptorChain<M>, mem: &GuestRam) -> Walk
 where
     M: std::ops::Deref<Target = GuestRam> + Clone,
 {
-    chain.clone().last().is_some_and(|d| !d.has_next())
+    let mut w = Walk {
+        readable_in_memory: true,
+        ..Walk::default()
+    };
+    let mut writable_in_memory = true;
+    let mut last_has_next = true;
+    for d in chain.clone() {
+        let in_memory = GuestMemoryBackend::check_range(mem, d.addr(), d.len() as usize);
+        if d.is_write_only() {
+            writable_in_memory &= in_memory;
+            w.writable.push((d.addr(), d.len()));
+        } else {
+            w.readable_in_memory &= in_memory;
+            w.readable.push((d.addr(), d.len()));
+        }
+        last_has_next = d.has_next();
+    }
+    w.ends = !last_has_next;
+    w.room = if writable_in_memory {
+        w.writable.total()
+    } else {
+        0
+    };
+    w
 }
 
-/// The chain's writable descriptors, and the room they give a response:
-/// 0 when one of them is not in guest memory (section 4: such a chain
-/// comes back with `used.len` 0).
+/// Whether the chain's links end (see [`Walk::ends`]).
+#[cfg(test)]
+pub(super) fn chain_ends<M>(chain: &DescriptorChain<M>, mem: &GuestRam) -> bool
+where
+    M: std::ops::Deref<Target = GuestRam> + Clone,
+{
+    walk(chain, mem).ends
+}
+
+/// The chain's writable descriptors, and the room they give a response
+/// (see [`Walk::room`]).
+#[cfg(test)]
 pub(super) fn writable<M>(chain: &DescriptorChain<M>, mem: &GuestRam) -> (Segments, usize)
 where
     M: std::ops::Deref<Target = GuestRam> + Clone,
 {
-    let mut segments = Segments::default();
-    let mut in_memory = true;
-    for d in chain.clone().writable() {
-        in_memory &= GuestMemoryBackend::check_range(mem, d.addr(), d.len() as usize);
-        segments.push((d.addr(), d.len()));
-    }
-    let room = if in_memory { segments.total() } else { 0 };
-    (segments, room)
+    let w = walk(chain, mem);
+    (w.writable, w.room)
 }
 
-/// Reads the readable bytes the request can use into `out` (emptied
-/// first): its header, then as much more as its opcode reads
-/// ([`readable_bound`]). `EFAULT` when any readable descriptor is not in
-/// guest memory, even past what is read.
+/// [`read_walked`] of `chain`.
+#[cfg(test)]
 pub(super) fn read_request<M>(
     chain: &DescriptorChain<M>,
     mem: &GuestRam,
@@ -105,24 +144,33 @@ pub(super) fn read_request<M>(
 where
     M: std::ops::Deref<Target = GuestRam> + Clone,
 {
-    let mut parts = Segments::default();
-    let mut available = 0usize;
-    for d in chain.clone().readable() {
-        if !GuestMemoryBackend::check_range(mem, d.addr(), d.len() as usize) {
-            return Err(Status::Fault);
-        }
-        parts.push((d.addr(), d.len()));
-        available = available.saturating_add(d.len() as usize);
+    read_walked(&walk(chain, mem), mem, max_segments, out)
+}
+
+/// Reads the readable bytes the request can use into `out` (emptied
+/// first): its header, then as much more as its opcode reads
+/// ([`readable_bound`]). `EFAULT` when any readable descriptor is not in
+/// guest memory, even past what is read.
+pub(super) fn read_walked(
+    walked: &Walk,
+    mem: &GuestRam,
+    max_segments: u32,
+    out: &mut Vec<u8>,
+) -> Result<(), Status> {
+    if !walked.readable_in_memory {
+        return Err(Status::Fault);
     }
+    let parts = walked.readable.as_slice();
+    let available = walked.readable.total();
     out.clear();
     let head = available.min(REQ_HDR_SIZE);
-    read_into(mem, parts.as_slice(), 0, head, out)?;
+    read_into(mem, parts, 0, head, out)?;
     let bound = readable_bound(RequestHeader::from_bytes(out).as_ref(), max_segments);
     let total = available.min(bound);
     if total > head {
         out.try_reserve_exact(total - head)
             .map_err(|_| Status::NoMem)?;
-        read_into(mem, parts.as_slice(), head, total - head, out)?;
+        read_into(mem, parts, head, total - head, out)?;
     }
     Ok(())
 }

@@ -45,7 +45,7 @@ use virtio_dmabuf_protocol::{
 use virtio_queue::{DescriptorChain, QueueOwnedT, QueueT};
 use vm_memory::GuestAddressSpace;
 
-use self::chain::{chain_ends, header_tag, write_response, Segments};
+use self::chain::{header_tag, write_response, Segments, Walk};
 use super::channel::{ChannelError, MessageKind};
 use super::{locked, DmabufBackend, TRANSFER_MAX};
 use crate::backend::guest_memory::GuestRam;
@@ -235,9 +235,9 @@ impl Ring<'_> {
 
 /// What the worker got from a ring.
 enum Take<M: std::ops::Deref<Target = GuestRam>> {
-    /// A chain entered in the table as this token, with the room its
-    /// writable part gives a response.
-    Chain(u64, DescriptorChain<M>, usize),
+    /// A chain entered in the table as this token, with what one walk
+    /// over it found (its writable part moved into the table).
+    Chain(u64, DescriptorChain<M>, Walk),
     /// A chain whose links do not end (a loop, or a `next` off the table):
     /// entered in the table with no writable part, so it comes back with
     /// `used.len` 0.
@@ -323,8 +323,8 @@ impl DmabufBackend {
                     guest: self.guest,
                 };
                 match self.take_chain(queue, vring, &mem) {
-                    Take::Chain(token, chain, room) => {
-                        returned |= self.serve_chain(&ring, token, &chain, room);
+                    Take::Chain(token, chain, walked) => {
+                        returned |= self.serve_chain(&ring, token, &chain, &walked);
                     }
                     Take::Cut(token) => {
                         log::debug!(
@@ -379,12 +379,13 @@ impl DmabufBackend {
         let Some(chain) = chain else {
             return Take::Empty;
         };
-        if !chain_ends(&chain) {
+        let mut walked = chain::walk(&chain, mem);
+        if !walked.ends {
             return Take::Cut(chains.insert(queue, chain.head_index(), Segments::default()));
         }
-        let (writable, room) = chain::writable(&chain, mem);
+        let writable = std::mem::take(&mut walked.writable);
         let token = chains.insert(queue, chain.head_index(), writable);
-        Take::Chain(token, chain, room)
+        Take::Chain(token, chain, walked)
     }
 
     /// One chain; true when this call put it on the used ring.
@@ -393,19 +394,20 @@ impl DmabufBackend {
         ring: &Ring<'_>,
         token: u64,
         chain: &DescriptorChain<M>,
-        room: usize,
+        walked: &Walk,
     ) -> bool
     where
         M: std::ops::Deref<Target = GuestRam> + Clone,
     {
         let mem = ring.mem;
+        let room = walked.room;
         let outcome = if room < RESP_HDR_SIZE {
             // No place for a response: used.len = 0 (section 4).
             Outcome::Respond(Vec::new())
         } else {
             REQUEST_BYTES.with_borrow_mut(|bytes| {
                 let max_segments = self.settings.max_segments;
-                let outcome = match chain::read_request(chain, mem, max_segments, bytes) {
+                let outcome = match chain::read_walked(walked, mem, max_segments, bytes) {
                     Ok(()) => self.run_request(ring, token, bytes, room),
                     // A readable part outside guest memory (section 4), with
                     // the tag echoed when the header itself could be read.
