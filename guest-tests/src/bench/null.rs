@@ -141,17 +141,20 @@ impl VhostUserBackend for NullBackend {
         (0..self.queues()).map(|q| 1u64 << q).collect()
     }
 
+    /// With one queue per worker thread, vhost-user-backend gives each
+    /// thread only its own vring and numbers events within the thread:
+    /// the queue is the thread, and its vring the first of `vrings`.
     fn handle_event(
         &self,
         device_event: u16,
         _evset: EventSet,
         vrings: &[VringRwLock],
-        _thread_id: usize,
+        thread_id: usize,
     ) -> std::io::Result<()> {
-        if device_event == EVENTQ {
+        if thread_id == usize::from(EVENTQ) || device_event != 0 {
             return Ok(());
         }
-        let Some(vring) = vrings.get(usize::from(device_event)) else {
+        let Some(vring) = vrings.first() else {
             return Ok(());
         };
         let Some(mem) = self
