@@ -429,8 +429,15 @@ mod tests {
     /// interleave: many short WAITs each time out promptly.
     #[test]
     fn timer_thread_never_misses_a_new_deadline() {
+        // The fence the WAITs wait for must outlive the loop however slow
+        // the machine (an emulated guest took 11 s for it): only the WAITs'
+        // own timeouts may end them.
+        let config = ExporterConfig {
+            fence_timeout: Duration::from_secs(3600),
+            ..ExporterConfig::default()
+        };
         let mut ex = Exporter::new(
-            ExporterConfig::default(),
+            config,
             Box::new(MemfdProvider::new(1 << 20)),
             1,
         );
