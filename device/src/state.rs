@@ -436,11 +436,7 @@ mod tests {
             fence_timeout: Duration::from_secs(3600),
             ..ExporterConfig::default()
         };
-        let mut ex = Exporter::new(
-            config,
-            Box::new(MemfdProvider::new(1 << 20)),
-            1,
-        );
+        let mut ex = Exporter::new(config, Box::new(MemfdProvider::new(1 << 20)), 1);
         ex.connect(0, GuestCaps::default(), Box::new(NoFrontend));
         let state = DeviceState::new(ex).expect("state");
         let timer = state.spawn_timer().expect("timer");
