@@ -263,7 +263,7 @@ fn carry(from: &UnixStream, to: &UnixStream, info: Option<&ConnectionInfo>, name
     let _ = to.shutdown(Shutdown::Both);
 }
 
-fn carry_messages(
+pub(crate) fn carry_messages(
     from: &UnixStream,
     to: &UnixStream,
     info: Option<&ConnectionInfo>,
