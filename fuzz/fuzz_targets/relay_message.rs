@@ -9,7 +9,9 @@
 //! - exactly the whole messages before the first bad one are forwarded,
 //!   unchanged, with the fds that came with them;
 //! - the loop ends cleanly only at a message boundary, with `InvalidData`
-//!   at an oversized header, and with an error at a cut-off message;
+//!   at an oversized header or a message with more fds than vhost-user
+//!   allows (`MAX_ATTACHED_FD_ENTRIES`), and with an error at a cut-off
+//!   message;
 //! - the acked protocol features and the kept back-end channel socket are
 //!   those of the last `SET_PROTOCOL_FEATURES` (8-byte body; `RESET_OWNER`
 //!   clears them) and `SET_BACKEND_REQ_FD` (exactly one fd);
@@ -69,6 +71,10 @@ fn model(stream: &[u8], fds_at: &[(usize, usize)]) -> Expect {
             .filter(|(at, _)| (pos..end).contains(at))
             .map(|(_, n)| n)
             .sum();
+        if fds > MAX_ATTACHED_FD_ENTRIES {
+            e.end = Some(ErrorKind::InvalidData);
+            return e;
+        }
         let request = word(stream, pos);
         let body = &stream[pos + HEADER_SIZE..end];
         e.messages += 1;
@@ -80,10 +86,6 @@ fn model(stream: &[u8], fds_at: &[(usize, usize)]) -> Expect {
             e.features = 0;
         } else if request == SET_BACKEND_REQ_FD {
             e.channel = fds == 1;
-        }
-        if fds > MAX_ATTACHED_FD_ENTRIES {
-            e.end = Some(ErrorKind::Other);
-            return e;
         }
         e.forwarded = end;
         e.forwarded_fds += fds;
@@ -115,7 +117,9 @@ fuzz_target!(|data: &[u8]| {
     match (&seen.result, want.end) {
         (Ok(()), None) => {}
         (Err(e), Some(kind)) if e.kind() == kind => {}
-        (got, want) => panic!("the relay ended with {got:?}, expected {want:?}"),
+        (got, end) => {
+            panic!("the relay ended with {got:?}, expected {end:?}: saw {seen:?}, model {want:?}")
+        }
     }
     assert_eq!(seen.forwarded, stream[..want.forwarded], "forwarded bytes");
     assert_eq!(seen.forwarded_fds, want.forwarded_fds, "forwarded fds");
