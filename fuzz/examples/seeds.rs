@@ -44,50 +44,52 @@ fn lock(ctx: u64, object: u64) -> Request {
     }
 }
 
-/// CREATE (1), ATTACH (2), MAP (3), UNMAP, DETACH, RELEASE: handles come
-/// from one counter, so these numbers are what the model hands out.
+/// CREATE (object 1, handle 2), ATTACH (3), MAP (4), UNMAP, DETACH,
+/// RELEASE: objects and handles come from one counter, so these numbers
+/// are what the model hands out.
 fn object_life() -> Vec<Request> {
     vec![
         create(1),
         Request::Attach {
-            object: 1,
+            object: 2,
             dynamic_importer: false,
             peer2peer: false,
         },
         Request::Map {
-            attachment: 2,
+            attachment: 3,
             dir: Direction::Bidirectional,
             max_entries: 4,
             ctx: 0,
         },
-        Request::Unmap { mapping: 3, ctx: 0 },
-        Request::Detach { attachment: 2 },
-        Request::Release { object: 1 },
+        Request::Unmap { mapping: 4, ctx: 0 },
+        Request::Detach { attachment: 3 },
+        Request::Release { object: 2 },
     ]
 }
 
-/// CREATE (1), two contexts (2, 3): 2 locks, attaches a write fence (4),
-/// 3 waits for the lock, a WAIT parks on the fence, then the fence signals.
+/// CREATE (handle 2), two contexts (3, 4): 3 locks, attaches a write fence
+/// (5), 4 waits for the lock, a WAIT parks on the fence, then the fence
+/// signals and 3 unlocks.
 fn lock_and_fence() -> Vec<Request> {
     vec![
         create(2),
         Request::AcquireInit,
         Request::AcquireInit,
-        lock(2, 1),
+        lock(3, 2),
         Request::FenceAttach {
-            ctx: 2,
-            object: 1,
+            ctx: 3,
+            object: 2,
             usage: FenceUsage::Write,
             host: false,
         },
-        lock(3, 1),
+        lock(4, 2),
         Request::Wait {
-            object: 1,
+            object: 2,
             usage: FenceUsage::Read,
             timeout_ns: 1_000_000,
         },
-        Request::FenceSignal { fence: 4, error: 0 },
-        Request::Unlock { ctx: 2, object: 1 },
+        Request::FenceSignal { fence: 5, error: 0 },
+        Request::Unlock { ctx: 3, object: 2 },
     ]
 }
 
@@ -95,29 +97,29 @@ fn copies() -> Vec<Request> {
     vec![
         create(1),
         Request::TransferToHost {
-            object: 1,
+            object: 2,
             offset: 16,
             data: b"fuzzing seed".to_vec(),
         },
         Request::TransferFromHost {
-            object: 1,
+            object: 2,
             offset: 0,
             len: 32,
         },
         Request::BeginCpuAccess {
-            object: 1,
+            object: 2,
             dir: Direction::FromDevice,
         },
         Request::EndCpuAccess {
-            object: 1,
+            object: 2,
             dir: Direction::FromDevice,
         },
         Request::MapShm {
-            object: 1,
+            object: 2,
             writable: true,
         },
-        Request::UnmapShm { object: 1 },
-        Request::ExportUuid { object: 1 },
+        Request::UnmapShm { object: 2 },
+        Request::ExportUuid { object: 2 },
     ]
 }
 
@@ -325,7 +327,7 @@ fn exporter_ops() {
                 guest_pages: None,
             },
         ),
-        submit(0, 2, Request::ExportUuid { object: 1 }),
+        submit(0, 2, Request::ExportUuid { object: 2 }),
         submit(
             1,
             3,
@@ -338,7 +340,7 @@ fn exporter_ops() {
             1,
             4,
             Request::Attach {
-                object: 2,
+                object: 3,
                 dynamic_importer: true,
                 peer2peer: false,
             },
@@ -372,7 +374,7 @@ fn exporter_ops() {
             0,
             2,
             Request::Attach {
-                object: 1,
+                object: 2,
                 dynamic_importer: true,
                 peer2peer: false,
             },
@@ -381,7 +383,7 @@ fn exporter_ops() {
             0,
             3,
             Request::Map {
-                attachment: 2,
+                attachment: 3,
                 dir: Direction::ToDevice,
                 max_entries: 2,
                 ctx: 0,
