@@ -18,6 +18,10 @@
 //! - [`activation`]: sockets handed over (`--socket-fd`, systemd socket
 //!   activation) and readiness (`sd_notify`).
 //! - [`manual`]: the man pages and shell completions, from [`args`].
+//!
+//! With the cargo feature `fuzzing` (never in a release build), a hidden
+//! `fuzzing` module gives the fuzz targets of `fuzz/` their hooks into
+//! these paths (`docs/fuzzing.md`).
 
 pub mod activation;
 pub mod args;
@@ -25,6 +29,9 @@ pub mod backend;
 pub mod control;
 pub mod daemon;
 pub mod exporter;
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod manual;
 pub mod provider;
 pub mod state;

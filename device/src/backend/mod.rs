@@ -283,6 +283,12 @@ impl DmabufBackend {
     fn memory(&self) -> Option<GuestRamHandle> {
         self.link.memory()
     }
+
+    /// Chains taken from the request queues and not yet returned.
+    #[cfg(feature = "fuzzing")]
+    pub(crate) fn in_flight(&self) -> usize {
+        self.chains().len()
+    }
 }
 
 impl VhostUserBackend for DmabufBackend {

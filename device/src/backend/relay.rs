@@ -263,7 +263,7 @@ fn carry(from: &UnixStream, to: &UnixStream, info: Option<&ConnectionInfo>, name
     let _ = to.shutdown(Shutdown::Both);
 }
 
-fn carry_messages(
+pub(crate) fn carry_messages(
     from: &UnixStream,
     to: &UnixStream,
     info: Option<&ConnectionInfo>,
@@ -290,6 +290,20 @@ fn carry_messages(
         let mut body = vec![0u8; size];
         if size > 0 && !receive_exact(from, &mut body, &mut fds)? {
             return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        // vhost-user allows this many per message, and the receiving end
+        // has room for no more. A front-end can still spread more over
+        // several writes of one message: such a message is refused whole
+        // (the space `send_message` gives them may hold a few more).
+        if fds.len() > MAX_ATTACHED_FD_ENTRIES {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!(
+                    "message {} with {} fds, more than {MAX_ATTACHED_FD_ENTRIES}",
+                    word(0),
+                    fds.len()
+                ),
+            ));
         }
         if let Some(info) = info {
             info.observe(word(0), &body, &fds);
@@ -468,6 +482,45 @@ mod tests {
         back_peer.read_to_end(&mut rest).expect("EOF");
         assert!(rest.is_empty(), "nothing forwarded");
         relay.stop();
+    }
+
+    /// A message may carry at most `MAX_ATTACHED_FD_ENTRIES` fds; more,
+    /// sent over several writes of one message, end the relay with nothing
+    /// of that message forwarded (found by the `relay_message` fuzz target:
+    /// 34 fds still fitted the send buffer and went through).
+    #[test]
+    fn messages_with_more_fds_than_vhost_user_allows_end_the_relay() {
+        let (front_peer, front) = UnixStream::pair().expect("pair");
+        let (back, back_peer) = UnixStream::pair().expect("pair");
+        let fds = |n: usize| -> Vec<OwnedFd> {
+            (0..n)
+                .map(|_| {
+                    rustix::event::eventfd(0, rustix::event::EventfdFlags::CLOEXEC)
+                        .expect("eventfd")
+                })
+                .collect()
+        };
+        // A whole message with 32 fds, then one whose 33 come in two writes.
+        let m = message(5, &[0; 8]);
+        send_message(&front_peer, &m[..HEADER_SIZE], &m[HEADER_SIZE..], &fds(32)).expect("send");
+        send_message(&front_peer, &m[..4], &[], &fds(20)).expect("send");
+        send_message(&front_peer, &m[4..HEADER_SIZE], &m[HEADER_SIZE..], &fds(13)).expect("send");
+        front_peer.shutdown(Shutdown::Write).expect("shutdown");
+        let info = ConnectionInfo::default();
+        let result = carry_messages(&front, &back, Some(&info), "test-relay");
+        assert_eq!(
+            result.map_err(|e| e.kind()),
+            Err(std::io::ErrorKind::InvalidData)
+        );
+        assert_eq!(info.messages(), 1, "the second message is not one");
+        back.shutdown(Shutdown::Write).expect("shutdown");
+        let mut header = [0u8; HEADER_SIZE];
+        let mut body = [0u8; 8];
+        let mut got = Vec::new();
+        assert!(receive_exact(&back_peer, &mut header, &mut got).expect("header"));
+        assert!(receive_exact(&back_peer, &mut body, &mut got).expect("body"));
+        assert_eq!(got.len(), 32, "the first message went with its fds");
+        assert!(!receive_exact(&back_peer, &mut header, &mut got).expect("end"));
     }
 
     /// Another process (a forked child, as any local program could) that

@@ -21,5 +21,7 @@ mod table;
 mod wire;
 
 pub use client::{call, execute, request, run_ctl, CtlArgs, CtlCommand, CtlError};
+#[cfg(feature = "fuzzing")]
+pub use server::fuzzing::{fuzz_session, Ending};
 pub use server::{spawn_control_plane, ControlHandle};
 pub use wire::{Request, DEFAULT_EVICT_TIMEOUT_MS, MAX_CLIENTS, MAX_LINE};

@@ -37,6 +37,8 @@ use serde_json::Value;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 mod commands;
+#[cfg(feature = "fuzzing")]
+pub(crate) mod fuzzing;
 
 use super::wire::{self, MAX_CLIENTS, MAX_LINE};
 use crate::exporter::{HostError, HostOpId};
