@@ -316,6 +316,45 @@ proptest! {
         prop_assert_eq!(decode_response(opcode, &bytes), Ok((tag, response)));
     }
 
+    /// The head-only parse of a `TRANSFER_TO_HOST` answers as the whole
+    /// parse does, for any flags, payload, data length and reply room,
+    /// whether the caller hands it just the head or more.
+    #[test]
+    fn transfer_head_parse_agrees_with_the_whole_parse(
+        flags in prop_oneof![Just(0u32), any::<u32>()],
+        tag in any::<u64>(),
+        object in any::<u64>(),
+        offset in any::<u64>(),
+        len in prop_oneof![0u64..80, any::<u64>()],
+        data in vec(any::<u8>(), 0..64),
+        keep in prop_oneof![Just(usize::MAX), 0usize..120],
+        extra in 0usize..8,
+        writable_len in writable_len(),
+    ) {
+        let mut bytes = RequestHeader { opcode: Opcode::TransferToHost as u32, flags, tag }
+            .to_bytes()
+            .to_vec();
+        bytes.extend_from_slice(&object.to_le_bytes());
+        bytes.extend_from_slice(&offset.to_le_bytes());
+        bytes.extend_from_slice(&len.to_le_bytes());
+        bytes.extend_from_slice(&data);
+        bytes.truncate(keep);
+        let whole = parse_request(&bytes, writable_len);
+        let fixed = REQ_HDR_SIZE + Opcode::TransferToHost.payload_size();
+        let shown = bytes.len().min(fixed + extra);
+        let available = bytes.len().saturating_sub(fixed);
+        let head = parse_transfer_to_host(&bytes[..shown], available, writable_len);
+        match (whole, head) {
+            (Ok((h1, Request::TransferToHost { object, offset, data })), Ok((h2, t))) => {
+                prop_assert_eq!(h1, h2);
+                prop_assert_eq!((object, offset, data.len() as u64), (t.object, t.offset, t.len));
+                prop_assert_eq!(&data[..], &bytes[fixed..fixed + data.len()]);
+            }
+            (Err(e1), Err(e2)) => prop_assert_eq!(e1, e2),
+            (w, h) => prop_assert!(false, "whole {:?} but head {:?}", w, h),
+        }
+    }
+
     #[test]
     fn arbitrary_bytes_never_panic_parse(bytes in vec(any::<u8>(), 0..256), writable_len in writable_len()) {
         let result = parse_request(&bytes, writable_len);

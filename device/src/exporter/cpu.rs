@@ -3,7 +3,10 @@
 //! CPU access, the shared-memory window and the copy path (contract
 //! section 7.5).
 
-use virtio_dmabuf_protocol::{AddressSpace, Direction, FenceUsage, Reply, Status};
+use virtio_dmabuf_protocol::{
+    AddressSpace, Direction, FenceUsage, Opcode, Reply, Response, Status,
+};
+use vm_memory::VolatileSlice;
 
 use super::session::ShmPlacement;
 use super::status::{provider_status, ProviderCall};
@@ -172,26 +175,19 @@ impl Exporter {
         offset: u64,
         data: &[u8],
     ) -> Attempt {
-        let object = self.object_of(guest, handle)?;
-        self.transfer_range(object, offset, data.len() as u64)?;
-        if self.objects.get(&object).is_some_and(|o| o.read_only) {
-            return Err(Status::Perm);
-        }
         let dir = Direction::ToDevice;
+        let object = self.transfer_target(guest, handle, offset, data.len() as u64, dir)?;
         if let Some(step) = self.cpu_fences(object, dir)? {
             return park_on(step);
         }
-        self.host_sync(object, sync::for_cpu(dir))?;
-        let copied = self.with_backing(object, |b| {
+        self.transfer_copy(object, dir, |b| {
             let mut at = offset;
             for chunk in data.chunks(COPY_CHUNK) {
                 b.write_at(at, chunk)?;
                 at += chunk.len() as u64;
             }
             Ok(())
-        });
-        self.host_sync(object, sync::for_device(dir))?;
-        copied?;
+        })?;
         done(Ok(Reply::Empty))
     }
 
@@ -204,16 +200,14 @@ impl Exporter {
         offset: u64,
         len: u64,
     ) -> Attempt {
-        let object = self.object_of(guest, handle)?;
-        self.transfer_range(object, offset, len)?;
         let dir = Direction::FromDevice;
+        let object = self.transfer_target(guest, handle, offset, len, dir)?;
         if let Some(step) = self.cpu_fences(object, dir)? {
             return park_on(step);
         }
         let len = usize::try_from(len).map_err(|_| Status::Inval)?;
-        self.host_sync(object, sync::for_cpu(dir))?;
         let mut data = Vec::new();
-        let copied = self.with_backing(object, |b| {
+        self.transfer_copy(object, dir, |b| {
             data.try_reserve_exact(len).map_err(|_| Status::NoMem)?;
             data.resize(len, 0);
             let mut at = offset;
@@ -222,10 +216,108 @@ impl Exporter {
                 at += chunk.len() as u64;
             }
             Ok(())
-        });
-        self.host_sync(object, sync::for_device(dir))?;
-        copied?;
+        })?;
         done(Ok(Reply::Data(data)))
+    }
+
+    /// A `TRANSFER` whose data is copied once, between the object and the
+    /// guest memory the chain names (`slices`, in order: the data after
+    /// the request's payload, or the room after the response header),
+    /// when it can run now. `None` when it must wait for fences: the
+    /// caller then submits the request with its data copied
+    /// ([`Exporter::submit`]), which parks it as any other. The answer is
+    /// that of `TRANSFER_TO_HOST` / `TRANSFER_FROM_HOST`, and counts the
+    /// same; on success the data is in place (`Reply::Empty` both ways).
+    pub fn transfer_in_place(
+        &mut self,
+        guest: GuestId,
+        t: InPlace,
+        slices: &[VolatileSlice<'_>],
+    ) -> Option<Response> {
+        let (opcode, dir) = match t.to_host {
+            true => (Opcode::TransferToHost, Direction::ToDevice),
+            false => (Opcode::TransferFromHost, Direction::FromDevice),
+        };
+        let response = match self.transfer_in_place_inner(guest, t, dir, slices) {
+            Ok(Some(())) => Ok(Reply::Empty),
+            Ok(None) => return None,
+            Err(status) => Err(status),
+        };
+        self.stats.count(opcode, &response);
+        Some(response)
+    }
+
+    fn transfer_in_place_inner(
+        &mut self,
+        guest: GuestId,
+        t: InPlace,
+        dir: Direction,
+        slices: &[VolatileSlice<'_>],
+    ) -> Result<Option<()>, Status> {
+        if guest >= self.guests.len() {
+            return Err(Status::Inval);
+        }
+        let total = slices.iter().map(|s| s.len() as u64).sum::<u64>();
+        if total != t.len {
+            return Err(Status::Inval);
+        }
+        let object = self.transfer_target(guest, t.object, t.offset, t.len, dir)?;
+        // What `cpu_fences` would park on, without the watch it registers:
+        // the submit that follows sets that up.
+        let usage = FenceUsage::for_cpu_access(dir);
+        if !self.fences_clear(object, usage) || self.host_busy(object, usage)? {
+            return Ok(None);
+        }
+        self.transfer_copy(object, dir, |b| {
+            let mut at = t.offset;
+            for slice in slices {
+                let mut done = 0;
+                while done < slice.len() {
+                    let n = (slice.len() - done).min(COPY_CHUNK);
+                    let piece = slice.subslice(done, n).map_err(|_| Status::Fault)?;
+                    match t.to_host {
+                        true => b.write_from(at, &piece)?,
+                        false => b.read_into(at, &piece)?,
+                    }
+                    done += n;
+                    at += n as u64;
+                }
+            }
+            Ok(())
+        })?;
+        Ok(Some(()))
+    }
+
+    /// The object of a `TRANSFER` and the checks before its fence wait:
+    /// the range, and write permission for a copy into it.
+    fn transfer_target(
+        &self,
+        guest: GuestId,
+        handle: u64,
+        offset: u64,
+        len: u64,
+        dir: Direction,
+    ) -> Result<ObjId, Status> {
+        let object = self.object_of(guest, handle)?;
+        self.transfer_range(object, offset, len)?;
+        if dir == Direction::ToDevice && self.objects.get(&object).is_some_and(|o| o.read_only) {
+            return Err(Status::Perm);
+        }
+        Ok(object)
+    }
+
+    /// The copy of a `TRANSFER`, bracketed by the host syncs a CPU access
+    /// in `dir` makes; the END sync runs even when the copy failed.
+    fn transfer_copy(
+        &mut self,
+        object: ObjId,
+        dir: Direction,
+        copy: impl FnOnce(&dyn crate::provider::Backing) -> Result<(), CopyError>,
+    ) -> Result<(), Status> {
+        self.host_sync(object, sync::for_cpu(dir))?;
+        let copied = self.with_backing(object, copy);
+        self.host_sync(object, sync::for_device(dir))?;
+        copied
     }
 
     fn with_backing(
@@ -247,6 +339,16 @@ impl Exporter {
             ),
         })
     }
+}
+
+/// A `TRANSFER` served in place ([`Exporter::transfer_in_place`]).
+#[derive(Debug, Clone, Copy)]
+pub struct InPlace {
+    /// `TRANSFER_TO_HOST`; else `TRANSFER_FROM_HOST`.
+    pub to_host: bool,
+    pub object: u64,
+    pub offset: u64,
+    pub len: u64,
 }
 
 /// A failure of the copy path: the guest's status, or the host's error.

@@ -47,6 +47,7 @@ use virtio_dmabuf_protocol::{FenceUsage, Opcode, Request, Response, Segment, Sta
 
 use crate::provider::{Backing, FenceSource, Provider};
 
+pub use cpu::InPlace;
 pub use host::{
     AttachmentInfo, ExportSpec, HostError, HostOpId, LockHolderInfo, ObjectInfo, StatsSnapshot,
 };

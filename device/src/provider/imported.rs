@@ -7,8 +7,9 @@ use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::OnceLock;
 
 use rustix::fs::{fcntl_getfl, seek, OFlags, SeekFrom};
+use vm_memory::VolatileSlice;
 
-use super::memfd::{pread_exact, pwrite_all};
+use super::memfd::{pread_exact, pread_into, pwrite_all, pwrite_from};
 use super::mmap::Mapping;
 use super::sync::{dma_buf_sync, emulated_sync, SyncRecord};
 use super::{check_alloc_size, check_range, page_size, Backing, ProviderError};
@@ -133,6 +134,32 @@ impl Backing for KernelDmabuf {
             return pwrite_all(self.fd.as_fd(), offset, data);
         }
         self.mapping()?.write(offset, data)
+    }
+
+    fn write_from(&self, offset: u64, src: &VolatileSlice<'_>) -> Result<(), ProviderError> {
+        check_range(offset, src.len(), self.size)?;
+        if src.is_empty() {
+            return Ok(());
+        }
+        if self.emulation.is_some() {
+            let mode = fcntl_getfl(&self.fd).map_err(|e| ProviderError::host("F_GETFL", e))?;
+            if mode & OFlags::RWMODE == OFlags::RDONLY {
+                return Err(read_only_write());
+            }
+            return pwrite_from(self.fd.as_fd(), offset, src);
+        }
+        self.mapping()?.write_from(offset, src)
+    }
+
+    fn read_into(&self, offset: u64, dst: &VolatileSlice<'_>) -> Result<(), ProviderError> {
+        check_range(offset, dst.len(), self.size)?;
+        if dst.is_empty() {
+            return Ok(());
+        }
+        if self.emulation.is_some() {
+            return pread_into(self.fd.as_fd(), offset, dst);
+        }
+        self.mapping()?.read_into(offset, dst)
     }
 }
 

@@ -3,11 +3,12 @@
 //! The memfd provider (the default; any Linux): sealed memfds, syncs emulated
 //! and recorded (section 9).
 
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 
 use rustix::fs::{fcntl_add_seals, fstat, ftruncate, memfd_create, MemfdFlags, SealFlags};
 use rustix::io::{pread, pwrite, Errno};
 use virtio_dmabuf_protocol::ProviderKind;
+use vm_memory::VolatileSlice;
 
 use super::sync::{emulated_sync, SyncRecord};
 use super::{check_alloc_size, check_range, Backing, Provider, ProviderError};
@@ -140,6 +141,108 @@ impl Backing for MemfdBacking {
         check_range(offset, data.len(), self.size)?;
         pwrite_all(self.fd.as_fd(), offset, data)
     }
+
+    fn write_from(&self, offset: u64, src: &VolatileSlice<'_>) -> Result<(), ProviderError> {
+        check_range(offset, src.len(), self.size)?;
+        pwrite_from(self.fd.as_fd(), offset, src)
+    }
+
+    fn read_into(&self, offset: u64, dst: &VolatileSlice<'_>) -> Result<(), ProviderError> {
+        check_range(offset, dst.len(), self.size)?;
+        pread_into(self.fd.as_fd(), offset, dst)
+    }
+}
+
+/// Which way [`copy_raw`] moves bytes.
+#[derive(Clone, Copy)]
+enum Way {
+    /// `pread`: from the file into memory.
+    Read,
+    /// `pwrite`: from memory into the file.
+    Write,
+}
+
+/// [`pwrite_all`] straight from guest memory: the kernel copies once, and
+/// the memory is never seen as a Rust reference (the guest may write it
+/// meanwhile; what lands is then whatever the guest had there).
+pub(crate) fn pwrite_from(
+    fd: BorrowedFd<'_>,
+    offset: u64,
+    src: &VolatileSlice<'_>,
+) -> Result<(), ProviderError> {
+    let guard = src.ptr_guard();
+    copy_raw(
+        fd,
+        offset,
+        guard.as_ptr().cast_mut(),
+        guard.len(),
+        Way::Write,
+    )
+}
+
+/// [`pread_exact`] straight into guest memory (see [`pwrite_from`]).
+pub(crate) fn pread_into(
+    fd: BorrowedFd<'_>,
+    offset: u64,
+    dst: &VolatileSlice<'_>,
+) -> Result<(), ProviderError> {
+    let guard = dst.ptr_guard_mut();
+    copy_raw(fd, offset, guard.as_ptr(), guard.len(), Way::Read)
+}
+
+/// `pread` or `pwrite` of `len` bytes at `ptr` until all are moved; a file
+/// that ends early (shrunk by its owner) is an error, never a fault.
+fn copy_raw(
+    fd: BorrowedFd<'_>,
+    offset: u64,
+    ptr: *mut u8,
+    len: usize,
+    way: Way,
+) -> Result<(), ProviderError> {
+    let op = match way {
+        Way::Read => "pread",
+        Way::Write => "pwrite",
+    };
+    let mut done = 0usize;
+    while done < len {
+        let at = offset
+            .checked_add(done as u64)
+            .and_then(|at| libc::off_t::try_from(at).ok())
+            .ok_or(ProviderError::Host {
+                op,
+                source: std::io::ErrorKind::InvalidInput.into(),
+            })?;
+        // SAFETY: `ptr..ptr + len` is memory the caller's slice guard keeps
+        // mapped for this call, writable for `Way::Read`; the kernel checks
+        // the range itself (EFAULT) and no Rust reference to it exists.
+        let n = unsafe {
+            let at_ptr = ptr.add(done).cast::<libc::c_void>();
+            match way {
+                Way::Read => libc::pread(fd.as_raw_fd(), at_ptr, len - done, at),
+                Way::Write => libc::pwrite(fd.as_raw_fd(), at_ptr, len - done, at),
+            }
+        };
+        match n {
+            0 => {
+                let kind = match way {
+                    Way::Read => std::io::ErrorKind::UnexpectedEof,
+                    Way::Write => std::io::ErrorKind::WriteZero,
+                };
+                return Err(ProviderError::Host {
+                    op,
+                    source: kind.into(),
+                });
+            }
+            n if n > 0 => done += n.unsigned_abs(),
+            _ => {
+                let e = std::io::Error::last_os_error();
+                if e.kind() != std::io::ErrorKind::Interrupted {
+                    return Err(ProviderError::Host { op, source: e });
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Fills `buf` from `fd` at `offset` with `pread`; a file that ends early

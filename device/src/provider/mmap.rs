@@ -8,6 +8,7 @@ use std::os::fd::BorrowedFd;
 use std::ptr::NonNull;
 
 use rustix::mm::{mmap, munmap, MapFlags, ProtFlags};
+use vm_memory::VolatileSlice;
 
 use super::{check_range, ProviderError};
 
@@ -98,6 +99,39 @@ impl Mapping {
         unsafe {
             std::ptr::copy_nonoverlapping(data.as_ptr(), self.ptr.as_ptr().add(start), data.len())
         };
+        Ok(())
+    }
+
+    /// Copies `dst.len()` bytes from `offset` into guest memory.
+    pub(crate) fn read_into(
+        &self,
+        offset: u64,
+        dst: &VolatileSlice<'_>,
+    ) -> Result<(), ProviderError> {
+        let start = self.start(offset, dst.len())?;
+        let guard = dst.ptr_guard_mut();
+        // SAFETY: `start..start + len` lies within the live mapping (checked
+        // by `start`); the guard keeps `len` bytes of guest memory mapped
+        // and writable. The two may be the same pages (a udmabuf made of
+        // guest RAM), so the copy allows overlap.
+        unsafe { std::ptr::copy(self.ptr.as_ptr().add(start), guard.as_ptr(), guard.len()) };
+        Ok(())
+    }
+
+    /// Copies `src.len()` bytes of guest memory to `offset`.
+    pub(crate) fn write_from(
+        &self,
+        offset: u64,
+        src: &VolatileSlice<'_>,
+    ) -> Result<(), ProviderError> {
+        if !self.writable {
+            return Err(super::imported::read_only_write());
+        }
+        let start = self.start(offset, src.len())?;
+        let guard = src.ptr_guard();
+        // SAFETY: as in `read_into`, the other way round; this mapping is
+        // writable.
+        unsafe { std::ptr::copy(guard.as_ptr(), self.ptr.as_ptr().add(start), guard.len()) };
         Ok(())
     }
 

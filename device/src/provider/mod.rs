@@ -18,6 +18,7 @@ use std::os::fd::{BorrowedFd, OwnedFd};
 use std::str::FromStr;
 
 use virtio_dmabuf_protocol::ProviderKind;
+use vm_memory::VolatileSlice;
 
 mod dma_heap;
 mod fence_source;
@@ -110,6 +111,23 @@ pub trait Backing: Debug + Send {
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), ProviderError>;
     /// Copies bytes into the buffer.
     fn write_at(&self, offset: u64, data: &[u8]) -> Result<(), ProviderError>;
+    /// Copies guest memory into the buffer: the data of a `TRANSFER_TO_HOST`
+    /// taken from where the chain holds it. This default goes through a
+    /// bounce buffer; a buffer the kernel can copy into directly does that.
+    fn write_from(&self, offset: u64, src: &VolatileSlice<'_>) -> Result<(), ProviderError> {
+        let mut bounce = vec![0u8; src.len()];
+        src.copy_to(&mut bounce[..]);
+        self.write_at(offset, &bounce)
+    }
+    /// Copies bytes out of the buffer into guest memory: the data of a
+    /// `TRANSFER_FROM_HOST` put where the chain wants it. The default goes
+    /// through a bounce buffer, as [`Backing::write_from`]'s does.
+    fn read_into(&self, offset: u64, dst: &VolatileSlice<'_>) -> Result<(), ProviderError> {
+        let mut bounce = vec![0u8; dst.len()];
+        self.read_at(offset, &mut bounce)?;
+        dst.copy_from(&bounce[..]);
+        Ok(())
+    }
 }
 
 /// A source of new zero-filled buffers.

@@ -98,6 +98,55 @@ pub fn parse_request(
         })
 }
 
+/// The fixed part of a `TRANSFER_TO_HOST` whose data is left where the
+/// chain holds it (see [`parse_transfer_to_host`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TransferHead {
+    pub object: u64,
+    pub offset: u64,
+    /// The data is the first `len` bytes after the fixed payload.
+    pub len: u64,
+}
+
+/// [`parse_request`] of a `TRANSFER_TO_HOST` without reading its data:
+/// `readable` starts with the header and the fixed payload (bytes past
+/// them are ignored), and `data_available` readable bytes follow the
+/// payload in the chain. The same checks run in the same order with the
+/// same answers, so a device can copy the data once, from where it is.
+/// A header of any other opcode is `EINVAL` (with its tag).
+pub fn parse_transfer_to_host(
+    readable: &[u8],
+    data_available: usize,
+    writable_len: usize,
+) -> Result<(RequestHeader, TransferHead), ParseError> {
+    let header = RequestHeader::from_bytes(readable).ok_or(ParseError {
+        status: Status::Inval,
+        tag: None,
+        opcode: None,
+    })?;
+    let opcode = Opcode::TransferToHost;
+    let failed = |status| ParseError {
+        status,
+        tag: Some(header.tag),
+        opcode: Opcode::from_u32(header.opcode),
+    };
+    if header.opcode != opcode as u32 {
+        return Err(failed(Status::Inval));
+    }
+    let body = readable.get(REQ_HDR_SIZE..).unwrap_or_default();
+    let payload = body
+        .get(..opcode.payload_size())
+        .ok_or(failed(Status::Inval))?;
+    check_body(opcode, header.flags, payload, data_available, writable_len).map_err(failed)?;
+    let p = payload_as(RawTransferPayload::from_le_bytes, payload).map_err(failed)?;
+    let head = TransferHead {
+        object: p.object,
+        offset: p.offset,
+        len: p.len,
+    };
+    Ok((header, head))
+}
+
 /// The checks and decoding after the header, in section 4's order.
 fn parse_body(
     opcode: Opcode,
@@ -105,16 +154,31 @@ fn parse_body(
     body: &[u8],
     writable_len: usize,
 ) -> Result<Request, Status> {
-    // Lengths.
     let payload = body.get(..opcode.payload_size()).ok_or(Status::Inval)?;
     let tail = body.get(opcode.payload_size()..).unwrap_or_default();
+    let reply_room = check_body(opcode, flags, payload, tail.len(), writable_len)?;
+    // Combinations and enum values.
+    decode_payload(opcode, flags, payload, tail, reply_room)
+}
+
+/// The checks after the header but for combinations and enum values, in
+/// section 4's order, given the fixed payload and how many readable bytes
+/// follow it; returns the room for the reply after its header.
+fn check_body(
+    opcode: Opcode,
+    flags: u32,
+    payload: &[u8],
+    tail_len: usize,
+    writable_len: usize,
+) -> Result<usize, Status> {
+    // Lengths.
     let reply_room = writable_len
         .checked_sub(RESP_HDR_SIZE)
         .ok_or(Status::Inval)?;
     if reply_room < opcode.fixed_reply_size() {
         return Err(Status::Inval);
     }
-    check_variable_lengths(opcode, flags, payload, tail, reply_room)?;
+    check_variable_lengths(opcode, flags, payload, tail_len, reply_room)?;
 
     // Reserved fields (section 4: must be zero).
     if let Some(reserved) = reserved_field(opcode, payload)? {
@@ -127,9 +191,7 @@ fn parse_body(
     if flags & !opcode.valid_flags() != 0 {
         return Err(Status::Inval);
     }
-
-    // Combinations and enum values.
-    decode_payload(opcode, flags, payload, tail, reply_room)
+    Ok(reply_room)
 }
 
 /// The lengths that depend on payload fields: `CREATE` entries, the
@@ -138,7 +200,7 @@ fn check_variable_lengths(
     opcode: Opcode,
     flags: u32,
     payload: &[u8],
-    tail: &[u8],
+    tail_len: usize,
     reply_room: usize,
 ) -> Result<(), Status> {
     match opcode {
@@ -148,13 +210,13 @@ fn check_variable_lengths(
                 .ok()
                 .and_then(|n| n.checked_mul(RawSegment::SIZE))
                 .ok_or(Status::Inval)?;
-            if tail.len() < needed {
+            if tail_len < needed {
                 return Err(Status::Inval);
             }
         }
         Opcode::TransferToHost => {
             let fixed = RawTransferPayload::from_le_bytes(payload).ok_or(Status::Inval)?;
-            if !fits(fixed.len, tail.len()) {
+            if !fits(fixed.len, tail_len) {
                 return Err(Status::Inval);
             }
         }

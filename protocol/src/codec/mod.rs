@@ -14,7 +14,7 @@ mod decode;
 mod encode;
 mod structs;
 
-pub use decode::{decode_response, parse_request};
+pub use decode::{decode_response, parse_request, parse_transfer_to_host, TransferHead};
 pub use encode::{encode_request, encode_response, encode_response_into};
 
 /// Largest `offset + len` that [`Config::read`] serves.

@@ -8,7 +8,7 @@
 
 use virtio_dmabuf_protocol::{RequestHeader, Status, REQ_HDR_SIZE, RESP_HDR_SIZE};
 use virtio_queue::DescriptorChain;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, VolatileSlice};
 
 use super::readable_bound;
 use crate::backend::guest_memory::GuestRam;
@@ -171,6 +171,62 @@ pub(super) fn read_walked(
         out.try_reserve_exact(total - head)
             .map_err(|_| Status::NoMem)?;
         read_into(mem, parts, head, total - head, out)?;
+    }
+    Ok(())
+}
+
+impl Walk {
+    /// The bytes the readable part holds.
+    pub(super) fn readable_len(&self) -> usize {
+        self.readable.total()
+    }
+}
+
+/// Appends `len` bytes of the readable part, from offset `skip`, to `out`
+/// (a `TRANSFER_TO_HOST` whose data must be kept while it waits).
+pub(super) fn read_range(
+    walked: &Walk,
+    mem: &GuestRam,
+    skip: usize,
+    len: usize,
+    out: &mut Vec<u8>,
+) -> Result<(), Status> {
+    if !walked.readable_in_memory || skip.saturating_add(len) > walked.readable.total() {
+        return Err(Status::Fault);
+    }
+    out.try_reserve_exact(len).map_err(|_| Status::NoMem)?;
+    read_into(mem, walked.readable.as_slice(), skip, len, out)
+}
+
+/// The guest memory of `len` bytes of `parts` from offset `skip`, as host
+/// slices in order (a descriptor over two memory regions gives two), for
+/// a copy straight between guest memory and an object. `EFAULT` when a
+/// byte of it is not in guest memory.
+pub(super) fn slices<'m>(
+    mem: &'m GuestRam,
+    parts: &[(GuestAddress, u32)],
+    skip: usize,
+    len: usize,
+    out: &mut Vec<VolatileSlice<'m>>,
+) -> Result<(), Status> {
+    let mut offset = 0usize;
+    let mut left = len;
+    for &(addr, part_len) in parts {
+        let part_len = part_len as usize;
+        let end = offset + part_len;
+        if end > skip && left > 0 {
+            let from = skip.saturating_sub(offset);
+            let n = (part_len - from).min(left);
+            let at = addr.0.checked_add(from as u64).ok_or(Status::Fault)?;
+            for slice in GuestMemoryBackend::get_slices(mem, GuestAddress(at), n) {
+                out.push(slice.map_err(|_| Status::Fault)?);
+            }
+            left -= n;
+        }
+        offset = end;
+    }
+    if left > 0 {
+        return Err(Status::Fault);
     }
     Ok(())
 }

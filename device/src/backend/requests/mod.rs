@@ -5,7 +5,10 @@
 //!
 //! Each chain is decoded once ([`parse_request`]) from the bytes of its
 //! readable part, read into the worker's buffer across as many descriptors
-//! as the driver split it into (`chain.rs`).
+//! as the driver split it into (`chain.rs`). The data of a `TRANSFER` is
+//! not: it is copied once, between the object and the chain's descriptors
+//! ([`DmabufBackend::transfer_in_place`]), unless the transfer must wait
+//! for fences, when its data is copied out of the chain first.
 //!
 //! Every chain taken from the avail ring goes back to the used ring exactly
 //! once (section 4). A chain is entered in the connection's [`Chains`]
@@ -39,8 +42,9 @@ use std::time::Instant;
 
 use vhost_user_backend::{VringRwLock, VringT};
 use virtio_dmabuf_protocol::{
-    encode_response, encode_response_into, parse_request, response_status, Opcode, Reply, Request,
-    RequestHeader, Response, Status, REQ_HDR_SIZE, RESP_HDR_SIZE, SEGMENT_SIZE,
+    encode_response, encode_response_into, parse_request, parse_transfer_to_host, response_status,
+    Opcode, Reply, Request, RequestHeader, Response, Status, REQ_HDR_SIZE, RESP_HDR_SIZE,
+    SEGMENT_SIZE,
 };
 use virtio_queue::{DescriptorChain, QueueOwnedT, QueueT};
 use vm_memory::GuestAddressSpace;
@@ -49,7 +53,7 @@ use self::chain::{header_tag, write_response, Segments, Walk};
 use super::channel::{ChannelError, MessageKind};
 use super::{locked, DmabufBackend, TRANSFER_MAX};
 use crate::backend::guest_memory::GuestRam;
-use crate::exporter::{Exporter, GuestId, Origin};
+use crate::exporter::{Exporter, GuestId, InPlace, Origin};
 use crate::state::lock_order::{Ordered, Rank};
 
 /// Where a chain in flight is.
@@ -221,6 +225,21 @@ impl Ring<'_> {
         Ring::add_used(self.vring, self.guest, chain, len)
     }
 
+    /// [`Ring::put`] of a response header whose reply, `data` bytes, is
+    /// already in the chain's writable part after it.
+    fn put_before(&self, chain: &InFlight, header: &[u8], data: usize) -> bool {
+        debug_assert_eq!(chain.queue, self.queue);
+        let written = write_response(self.mem, chain.writable.as_slice(), header);
+        let len = match written {
+            0 => 0,
+            n => u32::try_from(data)
+                .ok()
+                .and_then(|d| n.checked_add(d))
+                .unwrap_or(n),
+        };
+        Ring::add_used(self.vring, self.guest, chain, len)
+    }
+
     fn add_used(vring: &VringRwLock, guest: GuestId, chain: &InFlight, len: u32) -> bool {
         match vring.add_used(chain.head, len) {
             Ok(()) => true,
@@ -248,6 +267,17 @@ enum Take<M: std::ops::Deref<Target = GuestRam>> {
     Stopped,
 }
 
+/// What [`DmabufBackend::transfer_in_place`] did with a request.
+enum InPlaceTry {
+    /// Answered (or taken by a vring stop meanwhile).
+    Done(Outcome),
+    /// A `TRANSFER` that must wait: this request, data copied, goes to the
+    /// model as any other.
+    Submit(RequestHeader, Request),
+    /// Not a `TRANSFER`.
+    NotTransfer,
+}
+
 /// What became of one request.
 enum Outcome {
     /// Write these bytes (a response) and return the chain.
@@ -261,17 +291,17 @@ fn respond(tag: u64, response: &Response) -> Outcome {
     Outcome::Respond(encode_response(tag, response))
 }
 
-/// How many readable bytes a request of `opcode` can use: its header and
-/// payload, plus `CREATE` entries or `TRANSFER_TO_HOST` data. Bytes past
-/// that are never read (section 4: they are ignored).
+/// How many readable bytes of a request of `opcode` the worker reads into
+/// its buffer: its header and payload, plus `CREATE` entries. Bytes past
+/// that are never read (section 4: they are ignored), but for the data of
+/// a `TRANSFER_TO_HOST`, which is copied once, from where it is.
 fn readable_bound(header: Option<&RequestHeader>, max_segments: u32) -> usize {
     let Some(opcode) = header.and_then(|h| Opcode::from_u32(h.opcode)) else {
         return REQ_HDR_SIZE;
     };
     let tail = match opcode {
         Opcode::Create => (max_segments as usize).saturating_mul(SEGMENT_SIZE),
-        // One byte past the limit, so an over-long copy is seen as such.
-        Opcode::TransferToHost => TRANSFER_MAX as usize + 1,
+        // `TRANSFER_TO_HOST` data is copied from where it is (`in_place`).
         _ => 0,
     };
     REQ_HDR_SIZE + opcode.payload_size() + tail
@@ -408,7 +438,7 @@ impl DmabufBackend {
             REQUEST_BYTES.with_borrow_mut(|bytes| {
                 let max_segments = self.settings.max_segments;
                 let outcome = match chain::read_walked(walked, mem, max_segments, bytes) {
-                    Ok(()) => self.run_request(ring, token, bytes, room),
+                    Ok(()) => self.run_request(ring, token, bytes, walked, room),
                     // A readable part outside guest memory (section 4), with
                     // the tag echoed when the header itself could be read.
                     Err(status) => respond(header_tag(chain, mem).unwrap_or(0), &Err(status)),
@@ -425,9 +455,21 @@ impl DmabufBackend {
         }
     }
 
-    fn run_request(&self, ring: &Ring<'_>, token: u64, readable: &[u8], room: usize) -> Outcome {
+    fn run_request(
+        &self,
+        ring: &Ring<'_>,
+        token: u64,
+        readable: &[u8],
+        walked: &Walk,
+        room: usize,
+    ) -> Outcome {
         let queue = ring.queue;
-        let (header, request) = match parse_request(readable, room) {
+        let parsed = match self.transfer_in_place(ring, token, readable, walked, room) {
+            InPlaceTry::Done(outcome) => return outcome,
+            InPlaceTry::Submit(header, request) => Ok((header, request)),
+            InPlaceTry::NotTransfer => parse_request(readable, room),
+        };
+        let (header, request) = match parsed {
             Ok(parsed) => parsed,
             Err(e) => {
                 log::debug!("guest {}: queue {queue}: {e}", self.guest);
@@ -529,6 +571,164 @@ impl DmabufBackend {
             " (after the back-end channel)",
         );
         respond(tag, &response)
+    }
+
+    /// A `TRANSFER_TO_HOST` or `TRANSFER_FROM_HOST` served with one copy
+    /// between the object and the chain's own descriptors (no request or
+    /// response buffer holds the data) when it can run now. One that must
+    /// wait for fences goes to the model as any request, its data copied
+    /// out of the chain first, since the chain's memory may change under a
+    /// parked request.
+    fn transfer_in_place(
+        &self,
+        ring: &Ring<'_>,
+        token: u64,
+        readable: &[u8],
+        walked: &Walk,
+        room: usize,
+    ) -> InPlaceTry {
+        let queue = ring.queue;
+        let opcode = RequestHeader::from_bytes(readable).and_then(|h| Opcode::from_u32(h.opcode));
+        let fixed = REQ_HDR_SIZE + Opcode::TransferToHost.payload_size();
+        let parsed = match opcode {
+            Some(Opcode::TransferToHost) => {
+                let available = walked.readable_len().saturating_sub(fixed);
+                parse_transfer_to_host(readable, available, room).map(|(header, t)| {
+                    let t = InPlace {
+                        to_host: true,
+                        object: t.object,
+                        offset: t.offset,
+                        len: t.len,
+                    };
+                    (header, t)
+                })
+            }
+            Some(Opcode::TransferFromHost) => match parse_request(readable, room) {
+                Ok((
+                    header,
+                    Request::TransferFromHost {
+                        object,
+                        offset,
+                        len,
+                    },
+                )) => {
+                    let t = InPlace {
+                        to_host: false,
+                        object,
+                        offset,
+                        len,
+                    };
+                    Ok((header, t))
+                }
+                Ok((header, request)) => return InPlaceTry::Submit(header, request),
+                Err(e) => Err(e),
+            },
+            _ => return InPlaceTry::NotTransfer,
+        };
+        let (header, t) = match parsed {
+            Ok(parsed) => parsed,
+            Err(e) => {
+                log::debug!("guest {}: queue {queue}: {e}", self.guest);
+                return InPlaceTry::Done(respond(e.tag.unwrap_or(0), &Err(e.status)));
+            }
+        };
+        let (tag, opcode) = match t.to_host {
+            true => (header.tag, Opcode::TransferToHost),
+            false => (header.tag, Opcode::TransferFromHost),
+        };
+        let Ok(len) = usize::try_from(t.len).map_err(|_| ()).and_then(|len| {
+            if t.len > TRANSFER_MAX {
+                Err(())
+            } else {
+                Ok(len)
+            }
+        }) else {
+            self.answered(queue, tag, opcode, &Err(Status::Inval), "");
+            return InPlaceTry::Done(respond(tag, &Err(Status::Inval)));
+        };
+        if let Some(outcome) = self.copy_in_place(ring, token, tag, t, walked) {
+            return InPlaceTry::Done(outcome);
+        }
+        let request = if t.to_host {
+            let mut data = Vec::new();
+            if let Err(status) = chain::read_range(walked, ring.mem, fixed, len, &mut data) {
+                return InPlaceTry::Done(respond(tag, &Err(status)));
+            }
+            Request::TransferToHost {
+                object: t.object,
+                offset: t.offset,
+                data,
+            }
+        } else {
+            Request::TransferFromHost {
+                object: t.object,
+                offset: t.offset,
+                len: t.len,
+            }
+        };
+        InPlaceTry::Submit(header, request)
+    }
+
+    /// The copy of [`Self::transfer_in_place`] and the chain's return, with
+    /// the table and then the model held; `None` when the request must
+    /// wait for fences (nothing was copied).
+    fn copy_in_place(
+        &self,
+        ring: &Ring<'_>,
+        token: u64,
+        tag: u64,
+        t: InPlace,
+        walked: &Walk,
+    ) -> Option<Outcome> {
+        let mut chains = self.chains();
+        let Some(entry) = chains.entries.get_mut(&token) else {
+            // A vring stop or a device reset took the chain.
+            return Some(Outcome::Settled { returned: false });
+        };
+        entry.tag = tag;
+        let len = t.len as usize;
+        let mut slices = Vec::new();
+        let placed = match t.to_host {
+            true => {
+                let fixed = REQ_HDR_SIZE + Opcode::TransferToHost.payload_size();
+                chain::slices(
+                    ring.mem,
+                    walked.readable.as_slice(),
+                    fixed,
+                    len,
+                    &mut slices,
+                )
+            }
+            false => chain::slices(
+                ring.mem,
+                entry.writable.as_slice(),
+                RESP_HDR_SIZE,
+                len,
+                &mut slices,
+            ),
+        };
+        let response = match placed {
+            Ok(()) => {
+                let mut ex = self.state.lock();
+                let response = ex.transfer_in_place(self.guest, t, &slices)?;
+                self.state.changed(&ex);
+                response
+            }
+            Err(status) => Err(status),
+        };
+        drop(slices);
+        let opcode = match t.to_host {
+            true => Opcode::TransferToHost,
+            false => Opcode::TransferFromHost,
+        };
+        self.answered(ring.queue, tag, opcode, &response, " (in place)");
+        let chain = chains.entries.remove(&token)?;
+        let data = match (&response, t.to_host) {
+            (Ok(_), false) => len,
+            _ => 0,
+        };
+        let returned = with_encoded(tag, &response, |bytes| ring.put_before(&chain, bytes, data));
+        Some(Outcome::Settled { returned })
     }
 
     /// Debug logging of one answer, and its count for the summary; nothing

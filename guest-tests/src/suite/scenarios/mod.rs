@@ -210,6 +210,7 @@ pub fn all() -> Vec<Scenario> {
         cpu::without_shmem_map_shm_is_eopnotsupp,
         cpu::guest_pages_objects_share_guest_memory,
         fences::wait_completes_when_every_fence_up_to_usage_is_signalled,
+        fences::transfers_wait_for_fences_then_copy,
         shared_objects::open_by_uuid_resolves_own_objects_locally,
         shared_objects::open_by_uuid_of_another_device_uses_shared_object_lookup,
         shared_objects::export_uuid_without_shared_objects_is_eopnotsupp,
