@@ -13,7 +13,7 @@
 
 use std::io::Write;
 
-use vhost_user_backend::{VringRwLock, VringT};
+use vhost_user_backend::VringT;
 use virtio_dmabuf_protocol::{EVENTQ, EVENT_SIZE};
 use virtio_queue::{QueueOwnedT, QueueT};
 use vm_memory::GuestAddressSpace;
@@ -22,7 +22,7 @@ use super::DmabufBackend;
 
 impl DmabufBackend {
     /// Moves pending events into posted eventq buffers.
-    pub(super) fn deliver_events(&self, vrings: &[VringRwLock]) {
+    pub(super) fn deliver_events(&self) {
         if !self.state.lock().has_events(self.guest) {
             return;
         }
@@ -41,9 +41,10 @@ impl DmabufBackend {
                 );
             }
         }
-        let Some(vring) = vrings.get(usize::from(EVENTQ)) else {
+        let Some(vring) = self.vring(EVENTQ) else {
             return;
         };
+        let vring = &vring;
         let Some(memory) = self.memory() else {
             return;
         };

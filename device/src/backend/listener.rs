@@ -141,7 +141,9 @@ impl Socket {
             VhostUserDaemon::new(format!("dmabuf-vhost{guest}"), Arc::clone(&backend), memory)
                 .map_err(|e| format!("creating the vhost-user daemon: {e}"))?;
         if let Some(wake) = self.state.guest_wake(guest) {
-            for handler in daemon.get_epoll_handlers() {
+            // The first worker delivers completions and events
+            // (`worker_queues`); the others only serve their queue.
+            for handler in daemon.get_epoll_handlers().iter().take(1) {
                 handler
                     .register_listener(
                         wake.as_raw_fd(),

@@ -32,8 +32,11 @@ pub mod vhost_frontend;
 
 use std::fs::File;
 use std::os::fd::{FromRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
+
+use virtio_dmabuf_protocol::EVENTQ;
 
 use vhost::vhost_user::message::{
     VhostUserProtocolFeatures, VhostUserShMemConfig, VhostUserSharedMsg, VhostUserVirtioFeatures,
@@ -135,9 +138,14 @@ pub struct DmabufBackend {
     link: Arc<Link>,
     /// What the relay saw: acked protocol features, the channel socket.
     info: Arc<ConnectionInfo>,
-    /// The vrings, as the first `handle_event` showed them (the vring stop
-    /// hook runs on another thread and needs them to return chains).
-    vrings: Mutex<Vec<VringRwLock>>,
+    /// The vrings by queue index, as each worker's first `handle_event`
+    /// showed them (a worker sees only its own; the vring stop hook and the
+    /// delivery of completions need any of them to return chains).
+    vrings: Mutex<Vec<Option<VringRwLock>>>,
+    /// The queues whose vring is in `vrings`, a bit each.
+    vrings_known: AtomicU64,
+    /// The queues of each vring worker ([`worker_queues`]).
+    workers: Vec<u64>,
     /// Every chain off the avail ring and not yet on the used ring; rings
     /// are written only with it locked (see `requests.rs`).
     chains: Mutex<Chains>,
@@ -160,6 +168,28 @@ impl std::fmt::Debug for DmabufBackend {
     }
 }
 
+/// The queues of each vring worker, as vhost-user-backend's masks: the
+/// first serves controlq, the event queue and the guest's wake-ups (the
+/// daemon registers the wake-up eventfd with it alone), and every further
+/// request queue has a worker of its own, so a guest's request queues are
+/// served in parallel.
+fn worker_queues(num_queues: usize) -> Vec<u64> {
+    let first = usize::from(EVENTQ) + 1;
+    let mut masks = vec![(1u64 << first.min(num_queues)) - 1];
+    masks.extend((first..num_queues.min(64)).map(|q| 1u64 << q));
+    masks
+}
+
+/// The queue behind a worker's `device_event`: vhost-user-backend numbers
+/// each worker's vrings from 0, in queue order within its mask.
+fn queue_of(workers: &[u64], thread_id: usize, event: usize) -> Option<u16> {
+    let mut mask = *workers.get(thread_id)?;
+    for _ in 0..event {
+        mask &= mask.checked_sub(1)?;
+    }
+    (mask != 0).then(|| mask.trailing_zeros() as u16)
+}
+
 impl DmabufBackend {
     pub fn new(
         guest: GuestId,
@@ -167,6 +197,7 @@ impl DmabufBackend {
         settings: Arc<BackendSettings>,
         info: Arc<ConnectionInfo>,
     ) -> Self {
+        let workers = worker_queues(settings.num_queues());
         DmabufBackend {
             guest,
             state,
@@ -174,6 +205,8 @@ impl DmabufBackend {
             settings,
             info,
             vrings: Mutex::new(Vec::new()),
+            vrings_known: AtomicU64::new(0),
+            workers,
             chains: Mutex::new(Chains::default()),
             regions: Mutex::new(Vec::new()),
             exit_consumers: Mutex::new(Vec::new()),
@@ -254,6 +287,7 @@ impl DmabufBackend {
         }
         locked(&self.chains).clear();
         locked(&self.vrings).clear();
+        self.vrings_known.store(0, Ordering::Release);
         self.close_exit_events();
     }
 
@@ -421,8 +455,7 @@ impl VhostUserBackend for DmabufBackend {
     }
 
     fn queues_per_thread(&self) -> Vec<u64> {
-        let n = self.settings.num_queues();
-        vec![if n >= 64 { u64::MAX } else { (1u64 << n) - 1 }]
+        self.workers.clone()
     }
 
     fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
@@ -456,25 +489,27 @@ impl VhostUserBackend for DmabufBackend {
         device_event: u16,
         _evset: EventSet,
         vrings: &[VringRwLock],
-        _thread_id: usize,
+        thread_id: usize,
     ) -> std::io::Result<()> {
-        self.remember_vrings(vrings);
-        let queues = self.settings.num_queues();
+        self.remember_vrings(thread_id, vrings);
         let event = usize::from(device_event);
+        let queue = vrings
+            .get(event)
+            .and_then(|vring| Some((queue_of(&self.workers, thread_id, event)?, vring)));
         if device_event == self.wake_event() {
             if let Some(wake) = self.state.guest_wake(self.guest) {
                 // Drains the counter; a spurious wake-up only costs a look.
                 let _ = wake.read();
             }
-        } else if event < queues && event != usize::from(virtio_dmabuf_protocol::EVENTQ) {
+        } else if let Some((queue, vring)) = queue.filter(|(q, _)| *q != EVENTQ) {
             // Whatever these requests completed or raised for this guest
             // wrote its wake-up eventfd (`DeviceState::changed`), which
-            // brings this worker back for it: nothing more to look at.
-            self.serve_queue(device_event, vrings);
+            // brings the first worker back for it: nothing more to look at.
+            self.serve_queue(queue, vring);
             return Ok(());
         }
         self.deliver_completions();
-        self.deliver_events(vrings);
+        self.deliver_events();
         Ok(())
     }
 
@@ -491,11 +526,31 @@ impl VhostUserBackend for DmabufBackend {
 }
 
 impl DmabufBackend {
-    fn remember_vrings(&self, vrings: &[VringRwLock]) {
-        let mut mine = locked(&self.vrings);
-        if mine.len() != vrings.len() {
-            *mine = vrings.to_vec();
+    /// Enters a worker's vrings in the list by queue, once.
+    fn remember_vrings(&self, thread_id: usize, vrings: &[VringRwLock]) {
+        let Some(&mask) = self.workers.get(thread_id) else {
+            return;
+        };
+        if self.vrings_known.load(Ordering::Acquire) & mask == mask {
+            return;
         }
+        let mut mine = locked(&self.vrings);
+        mine.resize(self.settings.num_queues(), None);
+        for (event, vring) in vrings.iter().enumerate() {
+            let queue = queue_of(&self.workers, thread_id, event);
+            if let Some(slot) = queue.and_then(|q| mine.get_mut(usize::from(q))) {
+                *slot = Some(vring.clone());
+            }
+        }
+        self.vrings_known.fetch_or(mask, Ordering::AcqRel);
+    }
+
+    /// The vring of `queue`, once its worker has shown it.
+    fn vring(&self, queue: u16) -> Option<VringRwLock> {
+        locked(&self.vrings)
+            .get(usize::from(queue))
+            .cloned()
+            .flatten()
     }
 
     /// Signals a queue once per batch, if the driver wants it (EVENT_IDX).
@@ -515,6 +570,25 @@ impl DmabufBackend {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn each_request_queue_past_controlq_has_a_worker_of_its_own() {
+        // controlq and the event queue only.
+        assert_eq!(worker_queues(2), [0b11]);
+        assert_eq!(worker_queues(4), [0b11, 0b100, 0b1000]);
+        let workers = worker_queues(4);
+        assert_eq!(queue_of(&workers, 0, 0), Some(0));
+        assert_eq!(queue_of(&workers, 0, 1), Some(EVENTQ));
+        assert_eq!(queue_of(&workers, 0, 2), None);
+        assert_eq!(queue_of(&workers, 1, 0), Some(2));
+        assert_eq!(queue_of(&workers, 2, 0), Some(3));
+        assert_eq!(queue_of(&workers, 2, 1), None);
+        assert_eq!(queue_of(&workers, 3, 0), None, "no such worker");
+        // The most queues vhost-user-backend allows.
+        let all = worker_queues(64);
+        assert_eq!(all.len(), 63);
+        assert_eq!(queue_of(&all, 62, 0), Some(63));
+    }
 
     fn backend() -> DmabufBackend {
         use crate::exporter::{Exporter, ExporterConfig};

@@ -332,10 +332,7 @@ impl DmabufBackend {
     /// notifications, take every available chain, re-enable, repeat while
     /// more arrived), then one signal for the batch, when the driver wants
     /// it. A ring that stops meanwhile is left alone at once.
-    pub(super) fn serve_queue(&self, queue: u16, vrings: &[VringRwLock]) {
-        let Some(vring) = vrings.get(usize::from(queue)) else {
-            return;
-        };
+    pub(super) fn serve_queue(&self, queue: u16, vring: &VringRwLock) {
         let Some(memory) = self.memory() else {
             return;
         };
@@ -835,7 +832,7 @@ impl DmabufBackend {
     /// Writes `bytes` to a chain just removed from the table and puts it on
     /// the used ring. Called with the table locked.
     fn return_chain(&self, chain: &InFlight, bytes: &[u8]) -> bool {
-        let vring = locked(&self.vrings).get(usize::from(chain.queue)).cloned();
+        let vring = self.vring(chain.queue);
         let Some(vring) = vring else {
             log::warn!(
                 "guest {}: queue {}: no ring to return chain {} to",
@@ -863,10 +860,9 @@ impl DmabufBackend {
         if queues.is_empty() {
             return;
         }
-        let vrings = locked(&self.vrings).clone();
         for q in queues {
-            if let Some(vring) = vrings.get(usize::from(*q)) {
-                self.signal(vring);
+            if let Some(vring) = self.vring(*q) {
+                self.signal(&vring);
             }
         }
     }
