@@ -16,19 +16,32 @@ use virtio_dmabuf_protocol::{Segment, Status};
 const BIN: &str = env!("CARGO_BIN_EXE_vhost-device-dmabuf");
 const PAGE: u64 = 4096;
 
-fn spawn(socket: &Path) -> Child {
-    let mut child = Command::new(BIN)
-        .arg("--socket-path")
-        .arg(socket)
-        .args(["--shm-size", "0"])
-        .env("RUST_LOG", "warn")
-        .stdin(Stdio::null())
-        .spawn()
-        .expect("spawn the daemon");
+/// The daemon, killed when dropped (also when an assertion fails, so a
+/// failing test leaves no daemon behind).
+struct Spawned(Child);
+
+impl Drop for Spawned {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn spawn(socket: &Path) -> Spawned {
+    let mut child = Spawned(
+        Command::new(BIN)
+            .arg("--socket-path")
+            .arg(socket)
+            .args(["--shm-size", "0"])
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("spawn the daemon"),
+    );
     let deadline = Instant::now() + Duration::from_secs(20);
     while !socket.exists() {
         assert!(
-            child.try_wait().expect("try_wait").is_none(),
+            child.0.try_wait().expect("try_wait").is_none(),
             "the daemon exited"
         );
         assert!(Instant::now() < deadline, "no socket");
@@ -39,8 +52,8 @@ fn spawn(socket: &Path) -> Child {
 
 /// The daemon's mappings of the loopback VMM's RAM region `index` (its
 /// memfd is named `guest-ram-INDEX`).
-fn mappings_of_region(child: &Child, index: usize) -> usize {
-    let maps = std::fs::read_to_string(format!("/proc/{}/maps", child.id())).expect("maps");
+fn mappings_of_region(child: &Spawned, index: usize) -> usize {
+    let maps = std::fs::read_to_string(format!("/proc/{}/maps", child.0.id())).expect("maps");
     let name = format!("/memfd:guest-ram-{index} ");
     maps.lines().filter(|l| l.contains(&name)).count()
 }
@@ -103,6 +116,6 @@ fn removed_guest_ram_is_unmapped_while_other_guest_pages_objects_live() {
     assert_eq!(vm.driver().release(kept).expect("transport"), Ok(()));
     vm.disconnect();
     // SAFETY: kill only sends SIGTERM to the child this test spawned.
-    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-    child.wait().expect("the daemon exits");
+    unsafe { libc::kill(child.0.id() as i32, libc::SIGTERM) };
+    child.0.wait().expect("the daemon exits");
 }
