@@ -89,6 +89,14 @@ pub struct Args {
     #[arg(long, value_name = "N", default_value_t = 1)]
     pub queues: u16,
 
+    /// Serve each request queue past the first on a thread of its own
+    /// (one thread serves controlq, the eventq and completions). Every
+    /// request still takes the one model lock, so this pays off only with
+    /// CPUs to spare: on 2 CPUs shared with the guest it measured slower
+    /// when the threads share a CPU (docs/benchmarks.md).
+    #[arg(long)]
+    pub worker_per_queue: bool,
+
     /// Objects each guest may hold at once (ENOSPC beyond); above 0.
     /// Default 4096, lowered at start when the open-file limit cannot hold
     /// every guest at it; a value given here is never lowered, and the
@@ -197,6 +205,7 @@ impl TryFrom<Args> for Config {
         config.provider = args.provider;
         config.shm_size = args.shm_size;
         config.request_queues = args.queues;
+        config.worker_per_queue = args.worker_per_queue;
         config.max_object_size = limits.max_bytes;
         config.limits = limits;
         config.fence_timeout = args.fence_timeout;

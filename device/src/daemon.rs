@@ -90,6 +90,8 @@ pub struct Config {
     pub shm_size: u64,
     /// Request queues; the device has one more (the eventq).
     pub request_queues: u16,
+    /// A vring worker per request queue past the first (`--worker-per-queue`).
+    pub worker_per_queue: bool,
     /// Per-guest quotas (`--max-objects`, `--max-bytes`, the rest default).
     pub limits: Limits,
     /// Largest memfd or dma-heap object (udmabuf has its own cap).
@@ -117,6 +119,7 @@ impl Config {
             provider: ProviderChoice::Memfd,
             shm_size: DEFAULT_SHM_SIZE,
             request_queues: 1,
+            worker_per_queue: false,
             max_object_size: limits.max_bytes,
             limits,
             fence_timeout: DEFAULT_FENCE_TIMEOUT,
@@ -332,6 +335,7 @@ pub fn start(config: Config) -> Result<DaemonHandle, DaemonError> {
     };
     let settings = Arc::new(BackendSettings {
         request_queues: config.request_queues,
+        worker_per_queue: config.worker_per_queue,
         max_queue_size: config.max_queue_size,
         shm_size: config.shm_size,
         page_size: u32::try_from(page_size).unwrap_or(u32::MAX),

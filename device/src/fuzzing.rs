@@ -204,6 +204,7 @@ impl ChainRig {
         let state = DeviceState::new(ex)?;
         let settings = Arc::new(BackendSettings {
             request_queues: 1,
+            worker_per_queue: false,
             max_queue_size: crate::backend::DEFAULT_MAX_QUEUE_SIZE,
             shm_size: 64 * 4096,
             page_size: 4096,

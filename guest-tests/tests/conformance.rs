@@ -247,6 +247,12 @@ fn modes() -> Vec<Mode> {
             ],
         },
         Mode {
+            daemon: "workers",
+            configure: |c| c.worker_per_queue = true,
+            settings: DaemonSettings::default(),
+            runs: vec![Run::new("worker-per-queue", |_| {}, all())],
+        },
+        Mode {
             daemon: "noshm",
             configure: |c| c.shm_size = 0,
             settings: DaemonSettings::default(),

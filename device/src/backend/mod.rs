@@ -104,6 +104,8 @@ pub fn protocol_features(shm_size: u64) -> VhostUserProtocolFeatures {
 pub struct BackendSettings {
     /// Request queues (`--queues`): the device has this many plus the eventq.
     pub request_queues: u16,
+    /// A vring worker per request queue past the first (`worker_queues`).
+    pub worker_per_queue: bool,
     /// Largest ring size the front-end may set (a power of two).
     pub max_queue_size: u16,
     /// Size of shared memory region 0 (`--shm-size`); 0: no `SHMEM`.
@@ -168,12 +170,21 @@ impl std::fmt::Debug for DmabufBackend {
     }
 }
 
-/// The queues of each vring worker, as vhost-user-backend's masks: the
-/// first serves controlq, the event queue and the guest's wake-ups (the
+/// The queues of each vring worker, as vhost-user-backend's masks. One
+/// worker serves every queue and the guest's wake-ups, unless `per_queue`:
+/// then the first serves controlq, the event queue and the wake-ups (the
 /// daemon registers the wake-up eventfd with it alone), and every further
 /// request queue has a worker of its own, so a guest's request queues are
-/// served in parallel.
-fn worker_queues(num_queues: usize) -> Vec<u64> {
+/// served in parallel (up to the model lock every request takes).
+fn worker_queues(num_queues: usize, per_queue: bool) -> Vec<u64> {
+    let all = if num_queues >= 64 {
+        u64::MAX
+    } else {
+        (1u64 << num_queues) - 1
+    };
+    if !per_queue {
+        return vec![all];
+    }
     let first = usize::from(EVENTQ) + 1;
     let mut masks = vec![(1u64 << first.min(num_queues)) - 1];
     masks.extend((first..num_queues.min(64)).map(|q| 1u64 << q));
@@ -197,7 +208,7 @@ impl DmabufBackend {
         settings: Arc<BackendSettings>,
         info: Arc<ConnectionInfo>,
     ) -> Self {
-        let workers = worker_queues(settings.num_queues());
+        let workers = worker_queues(settings.num_queues(), settings.worker_per_queue);
         DmabufBackend {
             guest,
             state,
@@ -572,11 +583,13 @@ mod tests {
     use super::*;
 
     #[test]
-    fn each_request_queue_past_controlq_has_a_worker_of_its_own() {
+    fn with_worker_per_queue_each_request_queue_past_controlq_has_its_own() {
         // controlq and the event queue only.
-        assert_eq!(worker_queues(2), [0b11]);
-        assert_eq!(worker_queues(4), [0b11, 0b100, 0b1000]);
-        let workers = worker_queues(4);
+        assert_eq!(worker_queues(2, true), [0b11]);
+        assert_eq!(worker_queues(4, true), [0b11, 0b100, 0b1000]);
+        assert_eq!(worker_queues(4, false), [0b1111], "one worker");
+        assert_eq!(queue_of(&worker_queues(4, false), 0, 3), Some(3));
+        let workers = worker_queues(4, true);
         assert_eq!(queue_of(&workers, 0, 0), Some(0));
         assert_eq!(queue_of(&workers, 0, 1), Some(EVENTQ));
         assert_eq!(queue_of(&workers, 0, 2), None);
@@ -585,7 +598,7 @@ mod tests {
         assert_eq!(queue_of(&workers, 2, 1), None);
         assert_eq!(queue_of(&workers, 3, 0), None, "no such worker");
         // The most queues vhost-user-backend allows.
-        let all = worker_queues(64);
+        let all = worker_queues(64, true);
         assert_eq!(all.len(), 63);
         assert_eq!(queue_of(&all, 62, 0), Some(63));
     }
@@ -601,6 +614,7 @@ mod tests {
         let state = DeviceState::new(ex).expect("state");
         let settings = Arc::new(BackendSettings {
             request_queues: 1,
+            worker_per_queue: false,
             max_queue_size: DEFAULT_MAX_QUEUE_SIZE,
             shm_size: 1 << 20,
             page_size: 4096,
