@@ -19,8 +19,9 @@ use super::{check_range, ProviderError};
 /// raw pointers.
 ///
 /// Only for fds whose size cannot change under the mapping (kernel
-/// dma-bufs): a file its owner truncates makes every access past the new
-/// end a `SIGBUS`, so other fds are read with `pread` instead.
+/// dma-bufs, the daemon's own sealed memfds): a file its owner truncates
+/// makes every access past the new end a `SIGBUS`, so other fds are read
+/// with `pread` instead.
 pub(crate) struct Mapping {
     ptr: NonNull<u8>,
     len: usize,
