@@ -572,6 +572,144 @@ fn bandwidth(daemon: &Side, plan: Plan, figures: &mut Figures) -> Result<(), Str
     Ok(())
 }
 
+/// Acquire contexts of the lock line, half on each of two request queues.
+const LOCK_CONTEXTS: usize = 4;
+/// Objects the lock line's contexts contend for.
+const LOCK_OBJECTS: usize = 16;
+
+/// Lock contention (daemon only: the null back-end has no locks).
+/// `LOCK_CONTEXTS` acquire contexts lock objects picked at random among
+/// `LOCK_OBJECTS`, each held for its UNLOCK's round trip: one driver thread
+/// per request queue (the first two), each alternating between its half of
+/// the contexts. A context holds one lock at a time, so a `LOCK` of an
+/// object another context holds parks in the daemon until that `UNLOCK`;
+/// wait-die never needs to kill one, and a `LOCK` answered `EDEADLK` would
+/// be sent again. An acquisition's wait runs from the `LOCK`'s submission
+/// to its answer; the line gives acquisitions per second and the longest
+/// wait over the mean (starvation shows as a long tail).
+fn lock_contention(
+    daemon: &Side,
+    mode: &str,
+    per_thread: usize,
+    figures: &mut Figures,
+) -> Result<(), String> {
+    let d = daemon.vm.driver();
+    let mut objects = Vec::with_capacity(LOCK_OBJECTS);
+    for _ in 0..LOCK_OBJECTS {
+        match d.create(4096, 0) {
+            Ok(Ok(o)) => objects.push(o.object),
+            other => return Err(format!("lock line: CREATE: {other:?}")),
+        }
+    }
+    let mut contexts = Vec::with_capacity(LOCK_CONTEXTS);
+    for _ in 0..LOCK_CONTEXTS {
+        match d.acquire_init() {
+            Ok(Ok((ctx, _))) => contexts.push(ctx),
+            other => return Err(format!("lock line: ACQUIRE_INIT: {other:?}")),
+        }
+    }
+    let queues: Vec<u16> = daemon.queues.iter().copied().take(2).collect();
+    let per_queue = LOCK_CONTEXTS / queues.len().max(1);
+    let t = Instant::now();
+    let waits: Vec<Vec<f64>> = std::thread::scope(|s| {
+        let threads: Vec<_> = queues
+            .iter()
+            .enumerate()
+            .map(|(i, &queue)| {
+                let mine = &contexts[i * per_queue..(i + 1) * per_queue];
+                let objects = &objects;
+                s.spawn(move || lock_loop(&daemon.vm, queue, mine, objects, per_thread, i))
+            })
+            .collect();
+        threads
+            .into_iter()
+            .map(|t| t.join().map_err(|_| "a lock thread panicked".to_string())?)
+            .collect::<Result<_, String>>()
+    })?;
+    let seconds = t.elapsed().as_secs_f64();
+    let mut all: Vec<f64> = waits.into_iter().flatten().collect();
+    all.sort_by(f64::total_cmp);
+    let mean = all.iter().sum::<f64>() / all.len().max(1) as f64;
+    let max = all.last().copied().unwrap_or(f64::NAN);
+    let rate = all.len() as f64 / seconds;
+    println!(
+        "lock {mode}: {} contexts on {} queues over {} objects: {rate:.0} acquisitions/s, wait mean {} p99 {} max {} (max over mean {:.1})",
+        contexts.len(),
+        queues.len(),
+        objects.len(),
+        us(mean),
+        us(percentile(&all, 99.0)),
+        us(max),
+        max / mean
+    );
+    let key = format!("lock{}", suffix(mode));
+    figures.set(format!("{key}.acquire_per_s"), rate);
+    figures.set(format!("{key}.max_wait_over_mean"), max / mean);
+    figures.set(format!("{key}.mean_wait_ns"), mean);
+    figures.set(format!("{key}.max_wait_ns"), max);
+    figures.set(format!("{key}.p99_wait_ns"), percentile(&all, 99.0));
+    for ctx in contexts {
+        if !matches!(d.acquire_fini(ctx), Ok(Ok(()))) {
+            return Err("lock line: ACQUIRE_FINI".into());
+        }
+    }
+    for object in objects {
+        if !matches!(d.release(object), Ok(Ok(()))) {
+            return Err("lock line: RELEASE".into());
+        }
+    }
+    Ok(())
+}
+
+/// One driver thread of the lock line: `n` acquisitions on `queue`,
+/// alternating between `contexts`; the wait of each, in nanoseconds.
+fn lock_loop(
+    vm: &LoopbackVmm,
+    queue: u16,
+    contexts: &[u64],
+    objects: &[u64],
+    n: usize,
+    seed: usize,
+) -> Result<Vec<f64>, String> {
+    let d = vm.driver();
+    let mut waits = Vec::with_capacity(n);
+    // xorshift: the same sequence every run, different per thread.
+    let mut x = 0x9e37_79b9_7f4a_7c15u64 ^ (seed as u64 + 1);
+    let mut next = move || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
+    let call = |request: &Request| -> Result<virtio_dmabuf_protocol::Response, String> {
+        let ticket = d.submit(queue, request).map_err(|e| e.to_string())?;
+        d.complete(ticket).map_err(|e| e.to_string())
+    };
+    for i in 0..n {
+        let ctx = contexts[i % contexts.len()];
+        let object = objects[(next() % objects.len() as u64) as usize];
+        let lock = Request::Lock {
+            ctx,
+            object,
+            try_lock: false,
+            slow: false,
+        };
+        let t = Instant::now();
+        loop {
+            match call(&lock)? {
+                Ok(_) => break,
+                Err(virtio_dmabuf_protocol::Status::Deadlk) => continue,
+                Err(status) => return Err(format!("LOCK: {status:?}")),
+            }
+        }
+        waits.push(t.elapsed().as_nanos() as f64);
+        if let Err(status) = call(&Request::Unlock { ctx, object })? {
+            return Err(format!("UNLOCK: {status:?}"));
+        }
+    }
+    Ok(waits)
+}
+
 /// The open-file hard limit of this process (the daemon inherits it).
 fn nofile_hard() -> u64 {
     let mut r = libc::rlimit {
@@ -721,7 +859,10 @@ fn run(args: &[String]) -> Result<(), String> {
     // back-end decides small TRANSFERs unpinned (see the round trips).
     place("pinned", &cpus, 0, &backends)?;
     bandwidth(&d, plan, &mut figures)?;
+    let locks = if quick { 200 } else { 20_000 };
+    lock_contention(&d, "pinned", locks, &mut figures)?;
     place("unpinned", &cpus, 0, &backends)?;
+    lock_contention(&d, "unpinned", locks, &mut figures)?;
     if let Some(path) = json {
         std::fs::write(&path, figures.json() + "\n")
             .map_err(|e| format!("{}: {e}", path.display()))?;
