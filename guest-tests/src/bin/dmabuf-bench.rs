@@ -537,11 +537,7 @@ fn bandwidth(daemon: &Side, plan: Plan, figures: &mut Figures) -> Result<(), Str
         }
         let (t, f, m) = (median(t), median(f), median(m));
         let mibs = |s: f64| *size as f64 / s / MIB as f64;
-        let label = if *size >= MIB {
-            format!("{}m", size / MIB)
-        } else {
-            format!("{}k", size / KIB)
-        };
+        let label = size_label(*size);
         println!(
             "bw pinned transfer {label}: to host {:.0} MiB/s, from host {:.0} MiB/s (memcpy {:.0} MiB/s; ratios {:.2}, {:.2})",
             mibs(t),
@@ -569,6 +565,127 @@ fn bandwidth(daemon: &Side, plan: Plan, figures: &mut Figures) -> Result<(), Str
         .map(|(_, v)| *v)
         .fold(f64::INFINITY, f64::min);
     figures.set("bw.transfer.ratio_vs_memcpy", worst);
+    Ok(())
+}
+
+/// The label of a copy size in keys and lines: `64k`, `1m`, `8m`.
+fn size_label(size: usize) -> String {
+    if size >= MIB {
+        format!("{}m", size / MIB)
+    } else {
+        format!("{}k", size / KIB)
+    }
+}
+
+/// Bandwidth of the guest's direct access, daemon only, against `memcpy`
+/// of the same size: writes into an object placed in the shared-memory
+/// window (`MAP_SHM`, the front-end's side of the window, as the guest
+/// writes through the BAR), and writes into guest RAM that a guest-pages
+/// object is made of. Neither goes through the daemon per byte; the lines
+/// show that nothing sits between the guest and the memory. Each object
+/// is checked once, outside the timing: a `TRANSFER_FROM_HOST` reads back
+/// what was written.
+fn direct_bandwidth(daemon: &Side, plan: Plan, figures: &mut Figures) -> Result<(), String> {
+    let vm = &daemon.vm;
+    let d = vm.driver();
+    let Some(shm) = vm.shm() else {
+        println!("bw pinned shm: skipped: the front-end has no shared-memory window");
+        return Ok(());
+    };
+    for size in TRANSFER_SIZES {
+        let n = (plan.copies * MIB / size).clamp(4, 2000);
+        let label = size_label(size);
+        let src: Vec<u8> = (0..size).map(|i| (i % 251) as u8).collect();
+        let check = |object: u64| -> Result<(), String> {
+            match d.transfer_from_host(object, (size - 64) as u64, 64) {
+                Ok(Ok(bytes)) if bytes[..] == src[size - 64..] => Ok(()),
+                other => Err(format!(
+                    "{label}: the object does not hold what was written: {other:?}"
+                )),
+            }
+        };
+        let object = match d.create(size as u64, 0) {
+            Ok(Ok(o)) => o.object,
+            other => return Err(format!("bw shm {label}: CREATE: {other:?}")),
+        };
+        let offset = match d.map_shm(object, true) {
+            Ok(Ok((offset, _))) => offset,
+            other => return Err(format!("bw shm {label}: MAP_SHM: {other:?}")),
+        };
+        let window = |k: usize| -> Result<f64, String> {
+            let t = Instant::now();
+            for _ in 0..k {
+                shm.write(offset, black_box(&src))
+                    .map_err(|e| e.to_string())?;
+            }
+            Ok(t.elapsed().as_secs_f64() / k as f64)
+        };
+        let buffer = d
+            .pool()
+            .alloc(size as u64, 4096)
+            .map_err(|e| e.to_string())?;
+        let segment = virtio_dmabuf_protocol::Segment {
+            addr: buffer.gpa,
+            len: size as u64,
+        };
+        let pages = match d.create_guest(size as u64, false, &[segment]) {
+            Ok(Ok(o)) => o.object,
+            other => return Err(format!("bw guest pages {label}: CREATE: {other:?}")),
+        };
+        let ram = |k: usize| -> Result<f64, String> {
+            let t = Instant::now();
+            for _ in 0..k {
+                d.memory()
+                    .write(buffer.gpa, black_box(&src))
+                    .map_err(|e| e.to_string())?;
+            }
+            Ok(t.elapsed().as_secs_f64() / k as f64)
+        };
+        // Warm-up (the first writes fault the pages in), then the checks.
+        window(2)?;
+        ram(2)?;
+        check(object)?;
+        check(pages)?;
+        let (mut w, mut g, mut m) = (Vec::new(), Vec::new(), Vec::new());
+        for _ in 0..plan.rounds {
+            w.push(window(n)?);
+            g.push(ram(n)?);
+            m.push(memcpy_seconds(size, n));
+        }
+        let (w, g, m) = (median(w), median(g), median(m));
+        let mibs = |s: f64| size as f64 / s / MIB as f64;
+        println!(
+            "bw pinned direct {label}: window {:.0} MiB/s, guest pages {:.0} MiB/s (memcpy {:.0} MiB/s; ratios {:.2}, {:.2})",
+            mibs(w),
+            mibs(g),
+            mibs(m),
+            m / w,
+            m / g
+        );
+        figures.set(format!("bw.shm.{label}.mib_per_s"), mibs(w));
+        figures.set(format!("bw.shm.{label}.ratio_vs_memcpy"), m / w);
+        figures.set(format!("bw.guest_pages.{label}.mib_per_s"), mibs(g));
+        figures.set(format!("bw.guest_pages.{label}.ratio_vs_memcpy"), m / g);
+        let done = [
+            d.unmap_shm(object).map_err(|e| e.to_string())?,
+            d.release(object).map_err(|e| e.to_string())?,
+            d.release(pages).map_err(|e| e.to_string())?,
+        ];
+        if let Some(status) = done.iter().find_map(|r| r.err()) {
+            return Err(format!("bw {label}: cleaning up: {status:?}"));
+        }
+    }
+    for line in ["shm", "guest_pages"] {
+        let worst = figures
+            .0
+            .iter()
+            .filter(|(k, _)| {
+                k.starts_with(&format!("bw.{line}.")) && k.ends_with(".ratio_vs_memcpy")
+            })
+            .map(|(_, v)| *v)
+            .fold(f64::INFINITY, f64::min);
+        figures.set(format!("bw.{line}.ratio_vs_memcpy"), worst);
+    }
     Ok(())
 }
 
@@ -859,6 +976,7 @@ fn run(args: &[String]) -> Result<(), String> {
     // back-end decides small TRANSFERs unpinned (see the round trips).
     place("pinned", &cpus, 0, &backends)?;
     bandwidth(&d, plan, &mut figures)?;
+    direct_bandwidth(&d, plan, &mut figures)?;
     let locks = if quick { 200 } else { 20_000 };
     lock_contention(&d, "pinned", locks, &mut figures)?;
     place("unpinned", &cpus, 0, &backends)?;
