@@ -15,7 +15,7 @@
 //! what each line measures.
 //!
 //! ```text
-//! dmabuf-bench [--quick] [--json FILE] [--rounds N] [--objects N]
+//! dmabuf-bench [--quick] [--json FILE] [--plots DIR] [--rounds N] [--objects N]
 //! ```
 
 #[path = "../bench/mod.rs"]
@@ -421,14 +421,23 @@ fn us(ns: f64) -> String {
     format!("{:.1} µs", ns / 1000.0)
 }
 
+/// The round trips of one operation, daemon and null, sorted, in ns.
+struct Samples {
+    op: &'static str,
+    daemon: Vec<f64>,
+    null: Vec<f64>,
+}
+
 /// Round-trip lines: p50 and p99 of each side, daemon over null at p50.
+/// Returns every sample, for the plots.
 fn round_trips(
     daemon: &Side,
     null: &Side,
     plan: Plan,
     mode: &str,
     figures: &mut Figures,
-) -> Result<(), String> {
+) -> Result<Vec<Samples>, String> {
+    let mut samples = Vec::new();
     for (i, op) in daemon.ops.iter().enumerate() {
         let (mut d, mut n) = (Vec::new(), Vec::new());
         // Warm-up, thrown away.
@@ -457,6 +466,11 @@ fn round_trips(
         figures.set(format!("{key}.null_p50_ns"), n50);
         figures.set(format!("{key}.null_p99_ns"), n99);
         figures.set(format!("{key}.ratio_vs_null"), ratio);
+        samples.push(Samples {
+            op: op.name,
+            daemon: d,
+            null: n,
+        });
     }
     let cached = |side: &str| {
         figures
@@ -468,6 +482,60 @@ fn round_trips(
         println!("cached MAP+UNMAP {mode}: 1 GiB over 4 KiB {:.2}", g / k);
         figures.set(format!("cached_map.ratio_1g_vs_4k{}", suffix(mode)), g / k);
     }
+    Ok(samples)
+}
+
+/// Draws the round-trip distributions of one placement into `path` (SVG):
+/// one panel per operation, the share of round trips at most a given
+/// time (log scale), daemon beside null.
+fn plot(path: &Path, mode: &str, samples: &[Samples]) -> Result<(), String> {
+    use plotters::prelude::*;
+    let err = |e: &dyn std::fmt::Display| format!("{}: {e}", path.display());
+    let root = SVGBackend::new(path, (1200, 620)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| err(&e))?;
+    let (title, body) = root.split_vertically(40);
+    title
+        .titled(
+            &format!(
+                "dmabuf-bench: round trips, {mode} (share at most x µs; daemon red, null blue)"
+            ),
+            ("sans-serif", 18),
+        )
+        .map_err(|e| err(&e))?;
+    let panels = body.split_evenly((2, samples.len().div_ceil(2).max(1)));
+    for (panel, s) in panels.iter().zip(samples) {
+        let all = s.daemon.iter().chain(&s.null).copied();
+        let lo = all.clone().fold(f64::INFINITY, f64::min).max(100.0) / 1000.0;
+        let hi = all.fold(0.0, f64::max) / 1000.0;
+        let mut chart = ChartBuilder::on(panel)
+            .caption(s.op, ("sans-serif", 14))
+            .margin(6)
+            .x_label_area_size(24)
+            .y_label_area_size(32)
+            .build_cartesian_2d((lo * 0.9..hi * 1.1).log_scale(), 0.0..1.0)
+            .map_err(|e| err(&e))?;
+        chart
+            .configure_mesh()
+            .x_labels(4)
+            .y_labels(3)
+            .draw()
+            .map_err(|e| err(&e))?;
+        for (values, color) in [(&s.daemon, RED), (&s.null, BLUE)] {
+            // At most 400 points a line: the SVG stays small, the shape
+            // the same.
+            let n = values.len().max(1);
+            let step = n.div_ceil(400);
+            let points = values
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| i % step == 0 || i + 1 == n)
+                .map(|(i, v)| (v / 1000.0, (i + 1) as f64 / n as f64));
+            chart
+                .draw_series(LineSeries::new(points, color.stroke_width(2)))
+                .map_err(|e| err(&e))?;
+        }
+    }
+    root.present().map_err(|e| err(&e))?;
     Ok(())
 }
 
@@ -907,6 +975,10 @@ fn run(args: &[String]) -> Result<(), String> {
         .parse::<PathBuf>()
         .ok()
         .filter(|p| !p.as_os_str().is_empty());
+    let plots: Option<PathBuf> = flag(args, "--plots", String::new())?
+        .parse::<PathBuf>()
+        .ok()
+        .filter(|p| !p.as_os_str().is_empty());
     let plan = if quick {
         Plan {
             rounds: flag(args, "--rounds", 2)?,
@@ -969,7 +1041,12 @@ fn run(args: &[String]) -> Result<(), String> {
     };
     for &mode in modes {
         place(mode, &cpus, 0, &backends)?;
-        round_trips(&d, &n, plan, mode, &mut figures)?;
+        let samples = round_trips(&d, &n, plan, mode, &mut figures)?;
+        if let Some(dir) = &plots {
+            let path = dir.join(format!("bench-rtt-{mode}.svg"));
+            plot(&path, mode, &samples)?;
+            println!("plot written to {}", path.display());
+        }
         throughput(&d, &n, plan, mode, &mut figures)?;
     }
     // The copies are measured on one CPU: where a round trip wakes the
