@@ -250,16 +250,40 @@ fn read_into(
             let from = skip.saturating_sub(offset);
             let n = (part_len - from).min(len - filled);
             let at = addr.0.checked_add(from as u64).ok_or(Status::Fault)?;
-            mem.read_slice(
+            read_guest(
+                mem,
                 &mut out[start + filled..start + filled + n],
                 GuestAddress(at),
-            )
-            .map_err(|_| Status::Fault)?;
+            )?;
             filled += n;
         }
         offset = end;
     }
     Ok(())
+}
+
+/// Copies guest memory at `addr` into `buf`: one region lookup and one
+/// copy when the range lies in one region (every request of the guest
+/// driver's), vm-memory's general path when it spans regions.
+fn read_guest(mem: &GuestRam, buf: &mut [u8], addr: GuestAddress) -> Result<(), Status> {
+    match GuestMemoryBackend::get_slice(mem, addr, buf.len()) {
+        Ok(slice) => {
+            slice.copy_to(buf);
+            Ok(())
+        }
+        Err(_) => mem.read_slice(buf, addr).map_err(|_| Status::Fault),
+    }
+}
+
+/// Copies `bytes` to guest memory at `addr` (see [`read_guest`]).
+fn write_guest(mem: &GuestRam, bytes: &[u8], addr: GuestAddress) -> Result<(), Status> {
+    match GuestMemoryBackend::get_slice(mem, addr, bytes.len()) {
+        Ok(slice) => {
+            slice.copy_from(bytes);
+            Ok(())
+        }
+        Err(_) => mem.write_slice(bytes, addr).map_err(|_| Status::Fault),
+    }
 }
 
 /// The tag of a request whose readable part is not all in guest memory:
@@ -293,7 +317,7 @@ pub(super) fn write_segments(
             break;
         }
         let n = (len as usize).min(bytes.len() - done);
-        if mem.write_slice(&bytes[done..done + n], addr).is_err() {
+        if write_guest(mem, &bytes[done..done + n], addr).is_err() {
             break;
         }
         done += n;
