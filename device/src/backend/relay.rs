@@ -103,7 +103,7 @@ impl ConnectionInfo {
 
 /// Where the connection's `VhostUserDaemon` connects to the relay.
 ///
-/// vhost-user-backend 0.24 builds a connection only from a [`Listener`]
+/// vhost-user-backend 0.24 builds a connection only from a `Listener`
 /// (`VhostUserDaemon::start`, which accepts) or from a socket path
 /// (`start_client`, which connects); it cannot take a socket pair. So the
 /// daemon connects (`start_client`) to a listener of ours on a path in a
