@@ -35,7 +35,7 @@ const MAX_RETRIES: u32 = 1000;
 const SYNC_OP: &str = "DMA_BUF_IOCTL_SYNC";
 
 /// One `DMA_BUF_IOCTL_SYNC` on a kernel dma-buf. `EINTR` and `EAGAIN` are
-/// retried (section 9), at most [`MAX_RETRIES`] times; any other answer, or
+/// retried (section 9), at most `MAX_RETRIES` times; any other answer, or
 /// the last `EINTR`/`EAGAIN`, is `ProviderError::Host`.
 pub fn dma_buf_sync(fd: BorrowedFd<'_>, flags: u64) -> Result<(), ProviderError> {
     retry_sync(|| {
