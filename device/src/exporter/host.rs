@@ -393,9 +393,8 @@ impl Exporter {
             };
             let guest = &mut self.guests[g];
             let remapped = guest.frontend.shm_unmap(p.offset, p.len).and_then(|()| {
-                guest
-                    .frontend
-                    .shm_map(p.offset, new.fd(), p.len, p.writable)
+                let fd = new.fd().ok_or(Status::NotSupported)?;
+                guest.frontend.shm_map(p.offset, fd, p.len, p.writable)
             });
             if let Err(status) = remapped {
                 log::warn!(

@@ -468,7 +468,7 @@ impl Exporter {
             .objects
             .values()
             .find(|o| o.uuid == *uuid && o.published.contains(&guest) && !o.revoked)?;
-        o.backing.as_ref()?.fd().try_clone_to_owned().ok()
+        o.backing.as_ref()?.fd()?.try_clone_to_owned().ok()
     }
 }
 

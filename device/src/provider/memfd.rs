@@ -172,8 +172,8 @@ impl Backing for MemfdBacking {
         self.size
     }
 
-    fn fd(&self) -> BorrowedFd<'_> {
-        self.fd.as_fd()
+    fn fd(&self) -> Option<BorrowedFd<'_>> {
+        Some(self.fd.as_fd())
     }
 
     fn is_real_dmabuf(&self) -> bool {
@@ -410,7 +410,10 @@ mod tests {
         let mut all = vec![0xa5u8; size as usize];
         b.read_at(0, &mut all).expect("read");
         assert!(all.iter().all(|&byte| byte == 0));
-        assert_eq!(fstat(b.fd()).expect("fstat").st_size as u64, size);
+        assert_eq!(
+            fstat(b.fd().expect("own fd")).expect("fstat").st_size as u64,
+            size
+        );
     }
 
     #[test]
@@ -426,8 +429,11 @@ mod tests {
     #[test]
     fn memfd_is_sealed_against_resizing() {
         let b = provider().allocate(page_size()).expect("allocate");
-        assert_eq!(ftruncate(b.fd(), 0), Err(Errno::PERM));
-        assert_eq!(ftruncate(b.fd(), 2 * page_size()), Err(Errno::PERM));
+        assert_eq!(ftruncate(b.fd().expect("own fd"), 0), Err(Errno::PERM));
+        assert_eq!(
+            ftruncate(b.fd().expect("own fd"), 2 * page_size()),
+            Err(Errno::PERM)
+        );
     }
 
     #[test]
@@ -443,7 +449,7 @@ mod tests {
         boxed.sync(START | RW).expect("sync");
         a.sync(END | READ).expect("sync");
         boxed.sync(END | WRITE).expect("sync");
-        let inode_b = fstat(boxed.fd()).expect("fstat").st_ino;
+        let inode_b = fstat(boxed.fd().expect("own fd")).expect("fstat").st_ino;
         assert_eq!(
             record.calls_since(before),
             [

@@ -93,8 +93,11 @@ impl ProviderError {
 pub trait Backing: Debug + Send {
     /// Size in bytes.
     fn size(&self) -> u64;
-    /// The fd to hand to the front-end (`SHMEM_MAP`, `GET_SHARED_OBJECT`).
-    fn fd(&self) -> BorrowedFd<'_>;
+    /// The buffer's own fd: what the front-end gets (`SHMEM_MAP`,
+    /// `GET_SHARED_OBJECT`) and the host kernel's fence calls take. `None`
+    /// for a buffer without one: guest pages without a kernel dma-buf
+    /// (never handed out).
+    fn fd(&self) -> Option<BorrowedFd<'_>>;
     /// True when `fd` is a kernel dma-buf (host syncs reach the kernel).
     fn is_real_dmabuf(&self) -> bool;
     /// True when nobody can shrink `fd` under a mapping of it: a kernel

@@ -424,6 +424,7 @@ fn open_by_uuid_of_another_device_uses_shared_object_lookup() {
         .allocate_memfd(2 * PAGE)
         .unwrap();
     let owned = vhost_device_dmabuf::provider::Backing::fd(&fd)
+        .unwrap()
         .try_clone_to_owned()
         .unwrap();
     d.fe[0]
