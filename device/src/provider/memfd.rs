@@ -13,6 +13,7 @@ use virtio_dmabuf_protocol::ProviderKind;
 use vm_memory::VolatileSlice;
 
 use super::mmap::Mapping;
+use super::slab::SlabPool;
 use super::sync::{emulated_sync, SyncRecord};
 use super::{check_alloc_size, check_range, Backing, Provider, ProviderError};
 
@@ -26,7 +27,17 @@ pub(crate) fn sealed_memfd(
     flags: MemfdFlags,
     seals: SealFlags,
 ) -> Result<OwnedFd, ProviderError> {
-    let fd = memfd_create(MEMFD_NAME, flags | MemfdFlags::ALLOW_SEALING)
+    sealed_memfd_named(MEMFD_NAME, size, flags, seals)
+}
+
+/// [`sealed_memfd`] under another name (`/proc/PID/maps` shows it).
+pub(crate) fn sealed_memfd_named(
+    name: &str,
+    size: u64,
+    flags: MemfdFlags,
+    seals: SealFlags,
+) -> Result<OwnedFd, ProviderError> {
+    let fd = memfd_create(name, flags | MemfdFlags::ALLOW_SEALING)
         .map_err(|e| ProviderError::host("memfd_create", e))?;
     ftruncate(&fd, size).map_err(|e| ProviderError::host("ftruncate", e))?;
     fcntl_add_seals(&fd, seals).map_err(|e| ProviderError::host("F_ADD_SEALS", e))?;
@@ -95,6 +106,10 @@ impl Provider for MemfdProvider {
 
     fn sync_record(&self) -> Option<SyncRecord> {
         Some(self.record())
+    }
+
+    fn slab_pool(&self) -> Option<SlabPool> {
+        Some(SlabPool::new(self.record(), self.max_object_size))
     }
 }
 
