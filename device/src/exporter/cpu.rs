@@ -81,6 +81,8 @@ impl Exporter {
         let offset = self.guests[guest]
             .shm_find_room(len, window)
             .ok_or(Status::NoSpc)?;
+        // The front-end maps the object's own fd, never a slab's.
+        self.promote(guest, object)?;
         let o = self.objects.get(&object).ok_or(Status::NoEnt)?;
         let fd = o
             .backing
