@@ -98,11 +98,22 @@ pub struct Args {
     pub worker_per_queue: bool,
 
     /// Objects each guest may hold at once (ENOSPC beyond); above 0.
+    /// Default 4096. Small memfd objects (up to 1 MiB) are extents of
+    /// shared slabs and hold no open file, so this can be far above the
+    /// open-file limit; objects with fds of their own are bounded by
+    /// --max-fd-objects.
+    #[arg(long, value_name = "N")]
+    pub max_objects: Option<u32>,
+
+    /// Objects with fds of their own each guest may have at once (ENOSPC
+    /// beyond): memfd objects above 1 MiB, small ones placed in the
+    /// shared-memory window or published as shared objects, every udmabuf
+    /// and dma-heap object, shared objects opened by UUID; above 0.
     /// Default 4096, lowered at start when the open-file limit cannot hold
     /// every guest at it; a value given here is never lowered, and the
     /// daemon refuses to start when the limit cannot hold it.
     #[arg(long, value_name = "N")]
-    pub max_objects: Option<u32>,
+    pub max_fd_objects: Option<u32>,
 
     /// Bytes of host memory each guest's objects may use (ENOSPC beyond);
     /// also the largest memfd or dma-heap object. K, M, G, T suffixes;
@@ -182,11 +193,17 @@ impl TryFrom<Args> for Config {
         if args.max_objects == Some(0) {
             return Err(ArgsError::Zero("max-objects"));
         }
+        if args.max_fd_objects == Some(0) {
+            return Err(ArgsError::Zero("max-fd-objects"));
+        }
         if args.max_bytes == 0 {
             return Err(ArgsError::Zero("max-bytes"));
         }
         let limits = Limits {
             max_objects: args.max_objects.unwrap_or(Limits::default().max_objects),
+            max_fd_objects: args
+                .max_fd_objects
+                .unwrap_or(Limits::default().max_fd_objects),
             max_bytes: args.max_bytes,
             ..Limits::default()
         };
@@ -212,7 +229,7 @@ impl TryFrom<Args> for Config {
         config.control_socket = args.control_socket;
         config.exports = exports;
         config.allow_memfd_shared_objects = args.allow_memfd_shared_objects;
-        config.fit_max_objects = args.max_objects.is_none();
+        config.fit_max_fd_objects = args.max_fd_objects.is_none();
         Ok(config)
     }
 }
@@ -446,6 +463,8 @@ mod tests {
             "4",
             "--max-objects",
             "10",
+            "--max-fd-objects",
+            "7",
             "--max-bytes",
             "64M",
             "--fence-timeout",
@@ -459,6 +478,12 @@ mod tests {
         assert_eq!(c.shm_size, 1 << 30);
         assert_eq!(c.request_queues, 4);
         assert_eq!(c.limits.max_objects, 10);
+        assert_eq!(c.limits.max_fd_objects, 7);
+        assert!(!c.fit_max_fd_objects, "a quota given is never lowered");
+        assert!(
+            config(&["--socket-path", "/s"]).is_ok_and(|c| c.fit_max_fd_objects),
+            "the default quota is fitted to the open-file limit"
+        );
         assert_eq!(c.limits.max_bytes, 64 << 20);
         assert_eq!(c.max_object_size, 64 << 20);
         assert_eq!(c.fence_timeout, Duration::from_millis(250));
@@ -593,6 +618,10 @@ mod tests {
         assert_eq!(
             with(&|a| a.max_objects = Some(0)),
             Err(ArgsError::Zero("max-objects"))
+        );
+        assert_eq!(
+            with(&|a| a.max_fd_objects = Some(0)),
+            Err(ArgsError::Zero("max-fd-objects"))
         );
         assert_eq!(
             with(&|a| a.max_bytes = 0),

@@ -103,10 +103,10 @@ pub struct Config {
     pub allow_memfd_shared_objects: bool,
     /// Largest ring size (a power of two).
     pub max_queue_size: u16,
-    /// `run` may lower `limits.max_objects` so that every guest at quota
-    /// fits in the open-file limit (no `--max-objects` given); otherwise a
-    /// quota the limit cannot hold stops the daemon at start.
-    pub fit_max_objects: bool,
+    /// `run` may lower `limits.max_fd_objects` so that every guest at its
+    /// fd quota fits in the open-file limit (no `--max-fd-objects` given);
+    /// otherwise a quota the limit cannot hold stops the daemon at start.
+    pub fit_max_fd_objects: bool,
 }
 
 impl Config {
@@ -127,7 +127,7 @@ impl Config {
             exports: Vec::new(),
             allow_memfd_shared_objects: false,
             max_queue_size: DEFAULT_MAX_QUEUE_SIZE,
-            fit_max_objects: true,
+            fit_max_fd_objects: true,
         }
     }
 }
@@ -160,15 +160,15 @@ pub enum DaemonError {
     Activation(#[from] ActivationError),
     #[error(
         "the open file limit is {soft} (hard {hard}), but {guests} guest(s) holding \
-         --max-objects {max_objects} each may need {need} open files: lower \
-         --max-objects or --socket-count, or raise the limit (LimitNOFILE= in the \
-         systemd unit, ulimit -n)"
+         --max-fd-objects {max_fd_objects} objects with fds of their own each may need \
+         {need} open files: lower --max-fd-objects or --socket-count, or raise the limit \
+         (LimitNOFILE= in the systemd unit, ulimit -n)"
     )]
     FdLimit {
         soft: u64,
         hard: String,
         guests: usize,
-        max_objects: u32,
+        max_fd_objects: u32,
         need: u64,
     },
     #[error(
@@ -483,17 +483,28 @@ fn take_systemd_sockets(config: &mut Config) -> Result<(), DaemonError> {
 }
 
 /// Open files the daemon may need with `config`, per guest: up to two per
-/// object (udmabuf: the memfd and the dma-buf), three eventfds per queue,
-/// one per guest memory region (vhost-user allows up to 509) and a few for
-/// the connection; plus a reserve for the daemon's own files, the control
-/// plane's clients, reconnects and the fds SHMEM_MAP and shared-object
-/// messages carry ([`FD_RESERVE`]).
+/// object with fds of its own (udmabuf: the memfd and the dma-buf; small
+/// memfd objects are extents of slabs and hold none, see
+/// `exporter/objects.rs`, "fds"), three eventfds per queue, one per guest
+/// memory region (vhost-user allows up to 509) and a few for the
+/// connection; plus a reserve for the daemon's own files, the control
+/// plane's clients, reconnects, the fds SHMEM_MAP and shared-object
+/// messages carry and the one a new slab holds while it is mapped
+/// ([`FD_RESERVE`]).
 pub fn fd_budget(config: &Config) -> u64 {
-    fixed_fds(config) + FDS_PER_OBJECT * u64::from(config.limits.max_objects) * guests(config)
+    fixed_fds(config) + FDS_PER_OBJECT * u64::from(fd_objects(config)) * guests(config)
+}
+
+/// The objects with fds of their own one guest may have: its fd quota,
+/// or its object quota where that is lower (a charged object is one the
+/// guest holds).
+fn fd_objects(config: &Config) -> u32 {
+    config.limits.max_fd_objects.min(config.limits.max_objects)
 }
 
 /// Open files kept free of every guest's objects: the daemon's own, the
-/// control plane's clients, reconnects and the fds of back-end messages.
+/// control plane's clients, reconnects, the fds of back-end messages, and
+/// the one of a slab being made (closed once it is mapped).
 pub const FD_RESERVE: u64 = 256;
 
 /// A host-placed object holds at most this many fds (udmabuf: the memfd
@@ -510,9 +521,9 @@ fn fixed_fds(config: &Config) -> u64 {
     (3 * queues + 512 + 64) * guests(config) + FD_RESERVE
 }
 
-/// The largest per-guest object quota whose worst case fits in `limit`
-/// open files, if there is one above 0.
-pub fn max_objects_within(config: &Config, limit: u64) -> Option<u32> {
+/// The largest per-guest fd quota whose worst case fits in `limit` open
+/// files, if there is one above 0.
+pub fn max_fd_objects_within(config: &Config, limit: u64) -> Option<u32> {
     let room = limit.checked_sub(fixed_fds(config))?;
     let fit = room / (FDS_PER_OBJECT * guests(config));
     u32::try_from(fit.min(u64::from(u32::MAX)))
@@ -521,10 +532,11 @@ pub fn max_objects_within(config: &Config, limit: u64) -> Option<u32> {
 }
 
 /// Raises the soft open-file limit to the hard limit and logs both; then
-/// makes every guest at its object quota fit in it, so that no guest can
-/// take the files another guest's `CREATE` needs: without `--max-objects`
+/// makes every guest at its fd quota fit in it, so that no guest can take
+/// the files another guest's `CREATE` needs: without `--max-fd-objects`
 /// the default quota is lowered to fit, and a quota given that cannot fit
-/// stops the daemon with what to change.
+/// stops the daemon with what to change. The object quota needs no files
+/// (small objects are extents of slabs) and is never lowered.
 fn fit_fd_limit(config: &mut Config) -> Result<(), DaemonError> {
     use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
     let limit = getrlimit(Resource::Nofile);
@@ -557,22 +569,24 @@ fn fit_fd_limit(config: &mut Config) -> Result<(), DaemonError> {
         soft,
         hard: hard_text,
         guests: config.socket_paths.len(),
-        max_objects: config.limits.max_objects,
+        max_fd_objects: fd_objects(config),
         need,
     };
-    if !config.fit_max_objects {
+    if !config.fit_max_fd_objects {
         return Err(refused);
     }
-    let Some(fit) = max_objects_within(config, soft) else {
+    let Some(fit) = max_fd_objects_within(config, soft) else {
         return Err(refused);
     };
     log::warn!(
-        "the open file limit {soft} holds {} guest(s) at {fit} objects each, not {}: \
-         --max-objects is {fit} (raise LimitNOFILE= or ulimit -n for more)",
+        "the open file limit {soft} holds {} guest(s) at {fit} objects with fds of their \
+         own each, not {}: --max-fd-objects is {fit} (raise LimitNOFILE= or ulimit -n for \
+         more; small memfd objects need no fd and stay within --max-objects {})",
         config.socket_paths.len(),
+        fd_objects(config),
         config.limits.max_objects
     );
-    config.limits.max_objects = fit;
+    config.limits.max_fd_objects = fit;
     Ok(())
 }
 

@@ -61,7 +61,9 @@
 //!      shutdown handle (the handle's `shutdown` is called with it held,
 //!      and takes none of ours);
 //!    - `SyncRecord::inner` (`provider/sync.rs`): the record of emulated
-//!      syncs, pushed to by memfd buffers from inside the model.
+//!      syncs, pushed to by memfd buffers from inside the model;
+//!    - a guest's slab pool (`provider/slab.rs`): taken by `CREATE`, and
+//!      by a slab extent's drop, with the model held.
 //!
 //! Nothing waits for the front-end with any lock held: the model's
 //! `Frontend` hooks only queue a message for the channel thread, and the

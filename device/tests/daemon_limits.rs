@@ -1,10 +1,12 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 
-//! The open-file limit holds every guest at its object quota: a guest
-//! that creates objects up to its quota gets `ENOSPC` (section 6) while
-//! another guest's `CREATE` still succeeds, and a quota the limit cannot
-//! hold stops the daemon at start with what to change. The real binary
-//! under a lowered `RLIMIT_NOFILE` (prlimit), over real sockets.
+//! The open-file limit holds every guest at its quota of objects with fds
+//! of their own: a guest that creates such objects up to its quota gets
+//! `ENOSPC` (section 6) while another guest's `CREATE` still succeeds, and
+//! a quota the limit cannot hold stops the daemon at start with what to
+//! change. Small objects hold no fd and stay within the object quota. The
+//! real binary under a lowered `RLIMIT_NOFILE` (prlimit), over real
+//! sockets.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -15,9 +17,13 @@ use virtio_dmabuf_protocol::Status;
 
 const BIN: &str = env!("CARGO_BIN_EXE_vhost-device-dmabuf");
 
-/// Low enough that two guests at the default quota (4096 objects) do not
-/// fit, high enough for the fixed cost of two guests.
+/// Low enough that two guests at the default fd quota (4096 objects) do
+/// not fit, high enough for the fixed cost of two guests.
 const LIMIT: u64 = 2048;
+
+/// Above the largest object that is an extent of a slab: a memfd of its
+/// own.
+const LARGE: u64 = 2 << 20;
 
 fn daemon(limit: u64, socket: &Path, extra: &[&str]) -> Command {
     let mut cmd = Command::new("prlimit");
@@ -76,32 +82,38 @@ fn a_greedy_guest_gets_enospc_and_the_other_keeps_creating() {
         .get_info()
         .expect("transport")
         .expect("GET_INFO");
-    assert!(
-        info.max_objects > 0 && info.max_objects < 4096,
-        "the default quota is lowered to fit {LIMIT} open files, not {}",
-        info.max_objects
+    assert_eq!(
+        info.max_objects, 4096,
+        "the object quota needs no open files and is not lowered"
     );
     let mut held = 0;
     let refused = loop {
-        match greedy.driver().create(4096, 0).expect("transport") {
+        match greedy.driver().create(LARGE, 0).expect("transport") {
             Ok(_) => held += 1,
             Err(status) => break status,
         }
-        assert!(held <= info.max_objects, "CREATE past the quota");
+        assert!(held < 4096, "CREATE past the default fd quota");
     };
     assert_eq!(
         refused,
         Status::NoSpc,
-        "the quota, not the fd table, ends it"
+        "the fd quota, not the fd table, ends it"
     );
-    assert_eq!(held, info.max_objects, "every object of the quota");
+    assert!(held > 0, "the lowered fd quota still holds some");
 
     for _ in 0..8 {
         other
             .driver()
+            .create(LARGE, 0)
+            .expect("transport")
+            .expect("the other guest's CREATE while guest 0 sits at its fd quota");
+    }
+    for _ in 0..8 {
+        greedy
+            .driver()
             .create(4096, 0)
             .expect("transport")
-            .expect("the other guest's CREATE while guest 0 sits at its quota");
+            .expect("small objects hold no fd: guest 0 still creates them");
     }
     greedy.disconnect();
     other.disconnect();
@@ -112,7 +124,7 @@ fn a_greedy_guest_gets_enospc_and_the_other_keeps_creating() {
         "{log}"
     );
     assert!(
-        log.contains("objects each"),
+        log.contains(&format!("--max-fd-objects is {held}")),
         "the lowered quota is logged: {log}"
     );
 }
@@ -121,14 +133,14 @@ fn a_greedy_guest_gets_enospc_and_the_other_keeps_creating() {
 fn a_quota_the_limit_cannot_hold_is_refused_at_start() {
     let dir = tempfile::tempdir().expect("tempdir");
     let base = dir.path().join("dmabuf.sock");
-    let out = daemon(LIMIT, &base, &["--max-objects", "4096"])
+    let out = daemon(LIMIT, &base, &["--max-fd-objects", "4096"])
         .output()
         .expect("prlimit and the daemon");
     assert!(!out.status.success(), "the daemon must refuse to start");
     let err = String::from_utf8_lossy(&out.stderr);
     for words in [
         "open file limit is 2048",
-        "--max-objects",
+        "--max-fd-objects",
         "--socket-count",
         "LimitNOFILE=",
     ] {

@@ -21,11 +21,11 @@
 //! what backs it, so a new memory table can be compared with the old one
 //! and the objects over removed regions revoked (section 10).
 
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::sync::atomic::{fence, Ordering};
 use std::sync::Arc;
 
-use rustix::fs::{fcntl_get_seals, fstat, memfd_create, MemfdFlags, SealFlags};
+use rustix::fs::{fcntl_get_seals, fstat, SealFlags};
 use virtio_dmabuf_protocol::{Segment, Status};
 use vm_memory::{
     Address, Bytes, GuestAddress, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryMmap,
@@ -237,10 +237,6 @@ pub struct GuestPagesBacking {
     mem: Arc<GuestRam>,
     pieces: Vec<Piece>,
     size: u64,
-    /// What [`Backing::fd`] hands out: there is no single fd for pages
-    /// scattered over guest RAM, and the region fd would expose all of it.
-    /// An empty memfd names the object without giving anything away.
-    placeholder: OwnedFd,
 }
 
 impl GuestPagesBacking {
@@ -251,17 +247,7 @@ impl GuestPagesBacking {
             .iter()
             .try_fold(0u64, |sum, p| sum.checked_add(p.len))
             .ok_or_else(|| ProviderError::Unsuitable("guest pages add up past 2^64".into()))?;
-        let placeholder = memfd_create("vhost-device-dmabuf-guest-pages", MemfdFlags::CLOEXEC)
-            .map_err(|e| ProviderError::Host {
-                op: "memfd_create",
-                source: e.into(),
-            })?;
-        Ok(GuestPagesBacking {
-            mem,
-            pieces,
-            size,
-            placeholder,
-        })
+        Ok(GuestPagesBacking { mem, pieces, size })
     }
 
     /// Calls `f(gpa, range in the caller's buffer)` for each piece that
@@ -313,8 +299,10 @@ impl Backing for GuestPagesBacking {
         self.size
     }
 
-    fn fd(&self) -> BorrowedFd<'_> {
-        self.placeholder.as_fd()
+    fn fd(&self) -> Option<BorrowedFd<'_>> {
+        // No single fd holds pages scattered over guest RAM, and the
+        // region's fd would expose all of it.
+        None
     }
 
     fn is_real_dmabuf(&self) -> bool {
@@ -401,6 +389,7 @@ pub fn overlaps(regions: &[RegionKey], gpa: u64, len: u64) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use rustix::fs::{memfd_create, MemfdFlags};
     use vm_memory::FileOffset;
 
     const PAGE: u64 = 4096;

@@ -421,7 +421,7 @@ mod tests {
         let b = p.allocate(page_size()).expect("allocate");
         let path = PathBuf::from(format!(
             "/proc/self/fd/{}",
-            std::os::fd::AsRawFd::as_raw_fd(&b.fd())
+            std::os::fd::AsRawFd::as_raw_fd(&b.fd().expect("own fd"))
         ));
         let again = OpenOptions::new().read(true).write(true).open(&path);
         assert_eq!(
@@ -431,7 +431,7 @@ mod tests {
         );
         let sent = open_buffer(&path, false).expect("fd N itself");
         let ino = |fd: BorrowedFd<'_>| rustix::fs::fstat(fd).expect("fstat").st_ino;
-        assert_eq!(ino(sent.as_fd()), ino(b.fd()));
+        assert_eq!(ino(sent.as_fd()), ino(b.fd().expect("own fd")));
         assert!(open_buffer(&path, true).is_ok());
     }
 

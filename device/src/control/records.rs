@@ -146,6 +146,7 @@ struct ObjectRecord<'a> {
     fences_pending: usize,
     shm_offset: Option<u64>,
     window: bool,
+    sub_allocated: bool,
 }
 
 impl<'a> From<&'a ObjectInfo> for ObjectRecord<'a> {
@@ -165,6 +166,7 @@ impl<'a> From<&'a ObjectInfo> for ObjectRecord<'a> {
             fences_pending,
             shm_offset,
             window,
+            sub_allocated,
         } = o;
         ObjectRecord {
             uuid: *uuid,
@@ -181,6 +183,7 @@ impl<'a> From<&'a ObjectInfo> for ObjectRecord<'a> {
             fences_pending: *fences_pending,
             shm_offset: *shm_offset,
             window: *window,
+            sub_allocated: *sub_allocated,
         }
     }
 }

@@ -81,11 +81,18 @@ impl Exporter {
         let offset = self.guests[guest]
             .shm_find_room(len, window)
             .ok_or(Status::NoSpc)?;
+        // The front-end maps the object's own fd, never a slab's.
+        self.promote(guest, object)?;
         let o = self.objects.get(&object).ok_or(Status::NoEnt)?;
-        let backing = o.backing.as_ref().ok_or(Status::NoEnt)?;
+        let fd = o
+            .backing
+            .as_ref()
+            .ok_or(Status::NoEnt)?
+            .fd()
+            .ok_or(Status::NotSupported)?;
         self.guests[guest]
             .frontend
-            .shm_map(offset, backing.fd(), len, writable)?;
+            .shm_map(offset, fd, len, writable)?;
         self.guests[guest].shm.insert(
             object,
             ShmPlacement {

@@ -129,6 +129,9 @@ pub struct ObjectInfo {
     /// whose size nobody can shrink ([`Backing::size_is_fixed`]); other
     /// objects are served through the copy path only.
     pub window: bool,
+    /// An extent of a slab, without an fd of its own
+    /// (`provider/slab.rs`).
+    pub sub_allocated: bool,
 }
 
 impl Exporter {
@@ -265,6 +268,7 @@ impl Exporter {
         if let Some(o) = self.objects.get_mut(&id) {
             o.backing = None;
         }
+        self.uncharge_fds(id);
         self.maybe_destroy(id);
     }
 
@@ -356,35 +360,34 @@ impl Exporter {
     }
 
     /// Moves the backing to new memory keeping the bytes and every window
-    /// offset, invalidates the attachments' mappings and tells them.
+    /// offset, invalidates the attachments' mappings and tells them. The
+    /// new memory is of the old one's kind: an extent of a slab moves to
+    /// another extent of its creator's slabs (or, with none free, a memfd
+    /// charged to the creator), a buffer with an fd to another one, which
+    /// is what the window needs.
     fn move_object(&mut self, id: ObjId) -> Result<(), Status> {
-        let size = self.objects.get(&id).ok_or(Status::NoEnt)?.size;
-        let new = self.provider.allocate(size).map_err(|e| {
-            provider_status(ProviderCall::Move, format_args!("move of object {id}"), &e)
-        })?;
+        let o = self.objects.get(&id).ok_or(Status::NoEnt)?;
+        let (size, creator) = (o.size, o.creator);
+        let old_has_fd = o.backing.as_ref().is_some_and(|b| b.fd().is_some());
+        let new = match creator {
+            Some(guest) if !old_has_fd => self.allocate_for(guest, size, ProviderCall::Move)?,
+            _ => self.provider.allocate(size).map_err(|e| {
+                provider_status(ProviderCall::Move, format_args!("move of object {id}"), &e)
+            })?,
+        };
         {
             let old = self
                 .objects
                 .get(&id)
                 .and_then(|o| o.backing.as_deref())
                 .ok_or(Status::NoEnt)?;
-            let mut buf = vec![0u8; COPY_CHUNK];
-            let mut at = 0u64;
-            while at < size {
-                let n = usize::try_from((size - at).min(COPY_CHUNK as u64)).unwrap_or(COPY_CHUNK);
-                let chunk = &mut buf[..n];
-                let copied = old
-                    .read_at(at, chunk)
-                    .and_then(|()| new.write_at(at, chunk));
-                copied.map_err(|e| {
-                    provider_status(
-                        ProviderCall::Access,
-                        format_args!("move of object {id}"),
-                        &e,
-                    )
-                })?;
-                at += n as u64;
-            }
+            copy_bytes(old, new.as_ref(), size).map_err(|e| {
+                provider_status(
+                    ProviderCall::Access,
+                    format_args!("move of object {id}"),
+                    &e,
+                )
+            })?;
         }
         // Same window offsets, new backing.
         for g in 0..self.guests.len() {
@@ -392,10 +395,11 @@ impl Exporter {
                 continue;
             };
             let guest = &mut self.guests[g];
+            // A placed object has an fd of its own, and so has its new
+            // memory.
             let remapped = guest.frontend.shm_unmap(p.offset, p.len).and_then(|()| {
-                guest
-                    .frontend
-                    .shm_map(p.offset, new.fd(), p.len, p.writable)
+                let fd = new.fd().ok_or(Status::NotSupported)?;
+                guest.frontend.shm_map(p.offset, fd, p.len, p.writable)
             });
             if let Err(status) = remapped {
                 log::warn!(
@@ -410,6 +414,10 @@ impl Exporter {
         o.generation += 1;
         let generation = o.generation;
         let attachments: Vec<u64> = o.attachments.iter().copied().collect();
+        if let Some(guest) = creator {
+            // A move out of a full slab pool landed in a memfd.
+            self.charge_fds(guest, id);
+        }
         for a in attachments {
             let Some(att) = self.attachments.get(&a) else {
                 continue;
@@ -492,6 +500,7 @@ impl Exporter {
             fences_pending: o.fences.len(),
             shm_offset,
             window: o.window_mappable(),
+            sub_allocated: o.sub_allocated(),
         }
     }
 
@@ -518,6 +527,25 @@ impl Exporter {
             host_fences: self.host_fence_stats(),
         }
     }
+}
+
+/// Copies the first `size` bytes of `from` into `to` (a move, a promotion).
+pub(crate) fn copy_bytes(
+    from: &dyn Backing,
+    to: &dyn Backing,
+    size: u64,
+) -> Result<(), crate::provider::ProviderError> {
+    let chunk = usize::try_from(size.min(COPY_CHUNK as u64)).unwrap_or(COPY_CHUNK);
+    let mut buf = vec![0u8; chunk];
+    let mut at = 0u64;
+    while at < size {
+        let n = usize::try_from((size - at).min(chunk as u64)).unwrap_or(chunk);
+        let piece = &mut buf[..n];
+        from.read_at(at, piece)?;
+        to.write_at(at, piece)?;
+        at += n as u64;
+    }
+    Ok(())
 }
 
 impl HostError {

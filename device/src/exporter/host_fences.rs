@@ -33,7 +33,7 @@
 //! guest fenced; while both kinds are pending the watch is looked at again
 //! every [`MIXED_RECHECK`].
 
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::OwnedFd;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -152,7 +152,12 @@ impl Exporter {
         let Some(o) = self.objects.get(&object) else {
             return Ok(None);
         };
-        let Some(backing) = o.backing.as_ref().filter(|b| b.is_real_dmabuf()) else {
+        let Some(fd) = o
+            .backing
+            .as_ref()
+            .filter(|b| b.is_real_dmabuf())
+            .and_then(|b| b.fd())
+        else {
             return Ok(None);
         };
         // Only a KERNEL wait can see guest fences the model does not wait
@@ -167,7 +172,7 @@ impl Exporter {
         } else {
             0
         };
-        let found = host_fences(backing.fd(), access_for(usage), ours > 0).map_err(|e| {
+        let found = host_fences(fd, access_for(usage), ours > 0).map_err(|e| {
             let doing = format_args!("host fences of object {object}");
             provider_status(ProviderCall::Access, doing, &e)
         })?;
@@ -341,10 +346,15 @@ impl Exporter {
         let (Some(source), Some(o)) = (self.host_source.as_mut(), self.objects.get(&object)) else {
             return Ok(None);
         };
-        let Some(backing) = o.backing.as_ref().filter(|b| b.is_real_dmabuf()) else {
+        let Some(fd) = o
+            .backing
+            .as_ref()
+            .filter(|b| b.is_real_dmabuf())
+            .and_then(|b| b.fd())
+        else {
             return Ok(None);
         };
-        match source.install(backing.fd().as_fd(), write) {
+        match source.install(fd, write) {
             Ok(f) => {
                 self.host_counters.installed += 1;
                 Ok(Some(f))

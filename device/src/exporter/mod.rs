@@ -10,7 +10,9 @@
 //! Nothing here ever blocks a thread.
 //!
 //! Where each rule lives:
-//! - `objects.rs`: CREATE, OPEN, RELEASE, EXPORT_UUID, object lifetime (7.2)
+//! - `objects.rs`: CREATE, OPEN, RELEASE, EXPORT_UUID, object lifetime (7.2);
+//!   which objects hold fds, the fd quota, and the promotion of a slab
+//!   extent before its fd is handed out
 //! - `attach.rs`: ATTACH/DETACH/MAP/UNMAP/PIN/UNPIN, static/dynamic rules,
 //!   cached mappings and the EBUSY direction rule (7.3)
 //! - `lock.rs` and `resv.rs`: acquire contexts and wait-die (7.4)
@@ -91,6 +93,12 @@ pub struct Limits {
     /// Outstanding mappings per guest (not in `GET_INFO`; keeps a guest
     /// from growing the mapping table without bound).
     pub max_mappings: u32,
+    /// Objects with fds of their own per guest (not in `GET_INFO`): every
+    /// object of a provider without slabs, and of the memfd provider those
+    /// above `SLAB_MAX_EXTENT`, promoted ones and imported shared objects
+    /// (`objects.rs`, "fds"). The daemon sizes it so that every guest at
+    /// it fits in the open-file limit.
+    pub max_fd_objects: u32,
 }
 
 impl Default for Limits {
@@ -105,6 +113,7 @@ impl Default for Limits {
             max_pending_events: 1024,
             max_segments: 1024,
             max_mappings: 65536,
+            max_fd_objects: 4096,
         }
     }
 }
@@ -298,7 +307,7 @@ impl Exporter {
         };
         Exporter {
             guests: (0..num_guests)
-                .map(|_| session::Guest::new(limit))
+                .map(|_| session::Guest::new(limit, provider.slab_pool()))
                 .collect(),
             config,
             provider,

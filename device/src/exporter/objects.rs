@@ -2,6 +2,25 @@
 
 //! Objects: CREATE, OPEN, RELEASE, EXPORT_UUID and the lifetime of an
 //! exported buffer (contract sections 6 and 7.2).
+//!
+//! # fds
+//!
+//! A host-placed memfd object of at most `SLAB_MAX_EXTENT` bytes is an
+//! extent of one of its guest's slabs (`provider/slab.rs`) and holds no
+//! open file, so a guest's object count is bounded by `max_objects`, not by
+//! the open-file limit. Every other object's backing has fds of its own
+//! (larger memfds, udmabuf and dma-heap buffers, guest pages wrapped by
+//! udmabuf, shared objects looked up through the front-end), charged to
+//! the guest whose request made it, up to `max_fd_objects` per guest
+//! (`ENOSPC`); the daemon sizes that quota so that every guest at it fits
+//! in the open-file limit (`daemon.rs`, `fd_budget`). A charged object is
+//! held by the guest it is charged to, so the charge goes when the object
+//! dies or is revoked. Host exports are the host's and charged to nobody.
+//!
+//! An fd is never handed to anyone for an extent: the slab's would expose
+//! the other objects in it. Whatever hands an object's fd out (`MAP_SHM`,
+//! `EXPORT_UUID`) first *promotes* it ([`Exporter::promote`]) to a memfd
+//! of its own, charged like any other.
 
 use std::collections::BTreeSet;
 use std::os::fd::OwnedFd;
@@ -41,6 +60,9 @@ pub(crate) struct Object {
     pub export: Option<Export>,
     /// The guest whose `CREATE` made it, charged for its bytes.
     pub creator: Option<GuestId>,
+    /// The guest charged for the backing's fds (see "fds" above); `None`
+    /// for a backing without fds of its own and for host exports.
+    pub fd_charge: Option<GuestId>,
     pub generation: u64,
     pub revoked: bool,
     pub resv: WwMutex,
@@ -78,6 +100,7 @@ impl Object {
             provider_name,
             export: None,
             creator: None,
+            fd_charge: None,
             generation: 0,
             revoked: false,
             resv: WwMutex::default(),
@@ -90,6 +113,11 @@ impl Object {
 
     pub fn is_real_dmabuf(&self) -> bool {
         self.backing.as_ref().is_some_and(|b| b.is_real_dmabuf())
+    }
+
+    /// An extent of a slab: host memory without an fd of its own.
+    pub fn sub_allocated(&self) -> bool {
+        self.guest_pages.is_none() && self.backing.as_ref().is_some_and(|b| b.fd().is_none())
     }
 
     fn visible_to(&self, guest: GuestId) -> bool {
@@ -220,14 +248,17 @@ impl Exporter {
             return Err(Status::NoSpc);
         }
         let (backing, provider_name) = match guest_pages {
-            Some(entries) => (self.guests[guest].frontend.guest_pages(entries)?, "guest"),
-            None => match self.provider.allocate(size) {
-                Ok(b) => (b, provider_name(self.provider.kind())),
-                Err(e) => {
-                    let doing = format_args!("allocating {size} bytes for guest {guest}");
-                    return Err(provider_status(ProviderCall::Create, doing, &e));
+            Some(entries) => {
+                let backing = self.guests[guest].frontend.guest_pages(entries)?;
+                if backing.fd().is_some() {
+                    self.fd_room(guest)?;
                 }
-            },
+                (backing, "guest")
+            }
+            None => (
+                self.allocate_for(guest, size, ProviderCall::Create)?,
+                provider_name(self.provider.kind()),
+            ),
         };
         let mut object = Object::new(size, backing, dynamic, provider_name);
         object.guest_pages = guest_pages.map(<[Segment]>::to_vec);
@@ -239,7 +270,96 @@ impl Exporter {
             return Err(status);
         }
         self.guests[guest].bytes += host_bytes;
+        self.charge_fds(guest, id);
         done(Ok(self.object_reply(guest, id)))
+    }
+
+    /// Host memory for `size` bytes of `guest`'s: an extent of its slabs
+    /// when the size is small and a slab has room, else a buffer with fds
+    /// of its own, within its fd quota (`ENOSPC`). `call` says what for.
+    pub(crate) fn allocate_for(
+        &self,
+        guest: GuestId,
+        size: u64,
+        call: ProviderCall,
+    ) -> Result<Box<dyn Backing>, Status> {
+        let failed = |e: &provider::ProviderError| {
+            let doing = format_args!("allocating {size} bytes for guest {guest}");
+            provider_status(call, doing, e)
+        };
+        if let Some(slabs) = &self.guests[guest].slabs {
+            if let Some(extent) = slabs.allocate(size).map_err(|e| failed(&e))? {
+                return Ok(Box::new(extent));
+            }
+        }
+        self.fd_room(guest)?;
+        self.provider.allocate(size).map_err(|e| failed(&e))
+    }
+
+    /// `ENOSPC` when `guest` has all the objects with fds of their own its
+    /// quota allows (`max_fd_objects`).
+    pub(crate) fn fd_room(&self, guest: GuestId) -> Result<(), Status> {
+        if self.guests[guest].fd_objects >= self.config.limits.max_fd_objects {
+            return Err(Status::NoSpc);
+        }
+        Ok(())
+    }
+
+    /// Charges the fds of `id`'s backing to `guest`, when it has any and
+    /// nobody is charged yet.
+    pub(crate) fn charge_fds(&mut self, guest: GuestId, id: ObjId) {
+        let Some(o) = self.objects.get_mut(&id) else {
+            return;
+        };
+        if o.fd_charge.is_some() || o.backing.as_ref().is_none_or(|b| b.fd().is_none()) {
+            return;
+        }
+        o.fd_charge = Some(guest);
+        if let Some(g) = self.guests.get_mut(guest) {
+            g.fd_objects += 1;
+        }
+    }
+
+    /// Gives back the charge of a backing that went (revoked).
+    pub(crate) fn uncharge_fds(&mut self, id: ObjId) {
+        let charged = self.objects.get_mut(&id).and_then(|o| o.fd_charge.take());
+        if let Some(g) = charged.and_then(|g| self.guests.get_mut(g)) {
+            g.fd_objects = g.fd_objects.saturating_sub(1);
+        }
+    }
+
+    /// Gives an object an fd of its own before someone is handed it (see
+    /// "fds" above): an extent's bytes are copied into a new memfd, which
+    /// replaces it, and the extent goes back to its slab zeroed. The new fds
+    /// are charged to `guest` (`ENOSPC` when its quota is full, `ENOMEM`
+    /// when the host has no memory, `ENOSPC` too when the host is out of
+    /// open files, as for `CREATE`). The guest sees nothing change: not the
+    /// handle, the generation or the mappings, whose addresses are offsets
+    /// in the object or the window. An object with an fd stays as it is.
+    pub(crate) fn promote(&mut self, guest: GuestId, id: ObjId) -> Result<(), Status> {
+        let o = self.objects.get(&id).ok_or(Status::NoEnt)?;
+        let old = o.backing.as_deref().ok_or(Status::NoEnt)?;
+        if old.fd().is_some() {
+            return Ok(());
+        }
+        if o.guest_pages.is_some() {
+            return Err(Status::NotSupported);
+        }
+        self.fd_room(guest)?;
+        let size = o.size;
+        let doing = format_args!("promoting object {id} of guest {guest} to a memfd of its own");
+        let new = self
+            .provider
+            .allocate(size)
+            .map_err(|e| provider_status(ProviderCall::Promote, doing, &e))?;
+        super::host::copy_bytes(old, new.as_ref(), size)
+            .map_err(|e| provider_status(ProviderCall::Access, doing, &e))?;
+        if let Some(o) = self.objects.get_mut(&id) {
+            o.backing = Some(new);
+        }
+        self.charge_fds(guest, id);
+        log::debug!("guest {guest}: object {id} promoted to a memfd of its own");
+        Ok(())
     }
 
     /// `OPEN` (section 7.2): a host export by name, or an object by UUID.
@@ -301,6 +421,7 @@ impl Exporter {
         if !self.guests[guest].caps.shared_objects {
             return Err(Status::NotSupported);
         }
+        self.fd_room(guest)?;
         let fd: OwnedFd = self.guests[guest].frontend.shared_object_lookup(uuid)?;
         if !provider::is_dmabuf_fd(&fd) && !self.config.allow_memfd_shared_objects {
             log::warn!(
@@ -319,7 +440,9 @@ impl Exporter {
         }
         let mut object = Object::new(size, backing, false, "shared-object");
         object.uuid = *uuid;
-        self.insert_object(object)
+        let id = self.insert_object(object)?;
+        self.charge_fds(guest, id);
+        Ok(id)
     }
 
     /// `RELEASE` (section 7.2).
@@ -431,6 +554,9 @@ impl Exporter {
                 g.bytes = g.bytes.saturating_sub(o.size);
             }
         }
+        if let Some(g) = o.fd_charge.and_then(|g| self.guests.get_mut(g)) {
+            g.fd_objects = g.fd_objects.saturating_sub(1);
+        }
         if let Some(e) = &o.export {
             if self.exports.get(&e.name) == Some(&id) {
                 self.exports.remove(&e.name);
@@ -453,6 +579,8 @@ impl Exporter {
         }
         let uuid = o.uuid;
         if !o.published.contains(&guest) {
+            // GET_SHARED_OBJECT hands out the fd from now on.
+            self.promote(guest, id)?;
             self.guests[guest].frontend.shared_object_add(&uuid)?;
             if let Some(o) = self.objects.get_mut(&id) {
                 o.published.insert(guest);
@@ -468,7 +596,7 @@ impl Exporter {
             .objects
             .values()
             .find(|o| o.uuid == *uuid && o.published.contains(&guest) && !o.revoked)?;
-        o.backing.as_ref()?.fd().try_clone_to_owned().ok()
+        o.backing.as_ref()?.fd()?.try_clone_to_owned().ok()
     }
 }
 

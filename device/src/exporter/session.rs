@@ -10,6 +10,7 @@ use virtio_dmabuf_protocol::{caps, Event, Info, Reply, Status, PROTOCOL_VERSION}
 
 use super::events::EventQueue;
 use super::{Exporter, Frontend, GuestId, NoFrontend, ObjId, Owner};
+use crate::provider::SlabPool;
 
 /// What the front-end of one guest negotiated: the capabilities that are live.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -62,13 +63,17 @@ pub(crate) struct Guest {
     pub parked: u32,
     /// Bytes of host memory this guest's objects use.
     pub bytes: u64,
+    /// Objects whose fds are charged to this guest (`objects.rs`, "fds").
+    pub fd_objects: u32,
+    /// The slabs its small host-placed objects are extents of (memfd).
+    pub slabs: Option<SlabPool>,
     /// Objects in this guest's shared memory window.
     pub shm: BTreeMap<ObjId, ShmPlacement>,
     pub events: EventQueue,
 }
 
 impl Guest {
-    pub fn new(event_limit: usize) -> Self {
+    pub fn new(event_limit: usize, slabs: Option<SlabPool>) -> Self {
         Guest {
             connected: false,
             caps: GuestCaps::default(),
@@ -82,6 +87,8 @@ impl Guest {
             timed_out_fences: VecDeque::new(),
             parked: 0,
             bytes: 0,
+            fd_objects: 0,
+            slabs,
             shm: BTreeMap::new(),
             events: EventQueue::new(event_limit),
         }
@@ -181,7 +188,12 @@ impl Exporter {
             provider: self.provider.kind() as u32,
             num_queues: self.config.num_queues,
             max_segments: l.max_segments,
-            max_objects: l.max_objects,
+            // Without slabs every object holds fds: the fd quota is the
+            // object quota too.
+            max_objects: match g.slabs {
+                Some(_) => l.max_objects,
+                None => l.max_objects.min(l.max_fd_objects),
+            },
             max_attachments: l.max_attachments,
             max_contexts: l.max_contexts,
             max_fences: l.max_fences,
@@ -254,6 +266,9 @@ impl Exporter {
         }
 
         let g = &mut self.guests[guest];
+        if let Some(slabs) = &g.slabs {
+            slabs.trim();
+        }
         g.events.clear();
         g.timed_out_fences.clear();
         g.parked = 0;
@@ -266,7 +281,7 @@ mod tests {
 
     #[test]
     fn shm_window_is_first_fit() {
-        let mut g = Guest::new(4);
+        let mut g = Guest::new(4, None);
         let p = |offset, len| ShmPlacement {
             offset,
             len,

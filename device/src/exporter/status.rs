@@ -4,7 +4,8 @@
 //!
 //! Section 5 names two codes for a host that cannot do what a request
 //! needs: `ENOMEM`, a host allocation failed (CREATE, 7.2; an eviction's
-//! move, 11), and `EIO`, the host kernel failed an operation, its errno
+//! move, 11; the memfd a small object is promoted to before `MAP_SHM` or
+//! `EXPORT_UUID` hands its fd out, 7.2, 7.5), and `EIO`, the host kernel failed an operation, its errno
 //! logged (a shared object that is not a usable dma-buf, 7.2; a copy, sync
 //! or fence query on a backing, 7.5, 7.6, 9). The cause is logged here,
 //! once; the guest sees only the code.
@@ -23,6 +24,9 @@ pub(crate) enum ProviderCall {
     Create,
     /// Memory an eviction moves an object to: the daemon's own work.
     Move,
+    /// A memfd of its own for an extent of a slab whose fd is to be handed
+    /// out (`MAP_SHM`, `EXPORT_UUID`): asked for by a guest, so a warning.
+    Promote,
     /// A dma-buf a guest named by shared-object UUID: the guest's choice, so
     /// a warning.
     SharedObject,
@@ -33,14 +37,16 @@ pub(crate) enum ProviderCall {
 impl ProviderCall {
     fn status(self) -> Status {
         match self {
-            ProviderCall::Create | ProviderCall::Move => Status::NoMem,
+            ProviderCall::Create | ProviderCall::Promote | ProviderCall::Move => Status::NoMem,
             ProviderCall::SharedObject | ProviderCall::Access => Status::Io,
         }
     }
 
     fn level(self) -> log::Level {
         match self {
-            ProviderCall::Create | ProviderCall::SharedObject => log::Level::Warn,
+            ProviderCall::Create | ProviderCall::Promote | ProviderCall::SharedObject => {
+                log::Level::Warn
+            }
             ProviderCall::Move | ProviderCall::Access => log::Level::Error,
         }
     }
@@ -57,7 +63,7 @@ pub(crate) fn provider_status(
     // Out of open files (the process's or the system's table): the
     // daemon's limits keep every guest at quota within RLIMIT_NOFILE, so
     // this is a table being full (ENOSPC, section 5), not memory.
-    if call == ProviderCall::Create
+    if matches!(call, ProviderCall::Create | ProviderCall::Promote)
         && matches!(error.raw_os_error(), Some(libc::EMFILE | libc::ENFILE))
     {
         return Status::NoSpc;
@@ -78,6 +84,10 @@ mod tests {
         );
         assert_eq!(provider_status(ProviderCall::Move, "m", &e), Status::NoMem);
         assert_eq!(
+            provider_status(ProviderCall::Promote, "p", &e),
+            Status::NoMem
+        );
+        assert_eq!(
             provider_status(ProviderCall::SharedObject, "s", &e),
             Status::Io
         );
@@ -85,11 +95,15 @@ mod tests {
     }
 
     #[test]
-    fn a_create_out_of_open_files_is_enospc() {
+    fn a_create_or_promotion_out_of_open_files_is_enospc() {
         for errno in [rustix::io::Errno::MFILE, rustix::io::Errno::NFILE] {
             let e = ProviderError::host("memfd_create", errno);
             assert_eq!(
                 provider_status(ProviderCall::Create, "c", &e),
+                Status::NoSpc
+            );
+            assert_eq!(
+                provider_status(ProviderCall::Promote, "p", &e),
                 Status::NoSpc
             );
             assert_eq!(provider_status(ProviderCall::Access, "a", &e), Status::Io);

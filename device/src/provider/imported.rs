@@ -91,8 +91,8 @@ impl Backing for KernelDmabuf {
         self.size
     }
 
-    fn fd(&self) -> BorrowedFd<'_> {
-        self.fd.as_fd()
+    fn fd(&self) -> Option<BorrowedFd<'_>> {
+        Some(self.fd.as_fd())
     }
 
     fn is_real_dmabuf(&self) -> bool {
@@ -225,7 +225,7 @@ mod tests {
         assert_eq!(b.size(), size);
         assert!(b.is_real_dmabuf());
         assert_eq!(
-            seek(b.fd(), SeekFrom::Current(0)),
+            seek(b.fd().expect("own fd"), SeekFrom::Current(0)),
             Ok(0),
             "seeked back to 0"
         );

@@ -13,6 +13,7 @@ use virtio_dmabuf_protocol::ProviderKind;
 use vm_memory::VolatileSlice;
 
 use super::mmap::Mapping;
+use super::slab::SlabPool;
 use super::sync::{emulated_sync, SyncRecord};
 use super::{check_alloc_size, check_range, Backing, Provider, ProviderError};
 
@@ -26,7 +27,17 @@ pub(crate) fn sealed_memfd(
     flags: MemfdFlags,
     seals: SealFlags,
 ) -> Result<OwnedFd, ProviderError> {
-    let fd = memfd_create(MEMFD_NAME, flags | MemfdFlags::ALLOW_SEALING)
+    sealed_memfd_named(MEMFD_NAME, size, flags, seals)
+}
+
+/// [`sealed_memfd`] under another name (`/proc/PID/maps` shows it).
+pub(crate) fn sealed_memfd_named(
+    name: &str,
+    size: u64,
+    flags: MemfdFlags,
+    seals: SealFlags,
+) -> Result<OwnedFd, ProviderError> {
+    let fd = memfd_create(name, flags | MemfdFlags::ALLOW_SEALING)
         .map_err(|e| ProviderError::host("memfd_create", e))?;
     ftruncate(&fd, size).map_err(|e| ProviderError::host("ftruncate", e))?;
     fcntl_add_seals(&fd, seals).map_err(|e| ProviderError::host("F_ADD_SEALS", e))?;
@@ -95,6 +106,10 @@ impl Provider for MemfdProvider {
 
     fn sync_record(&self) -> Option<SyncRecord> {
         Some(self.record())
+    }
+
+    fn slab_pool(&self) -> Option<SlabPool> {
+        Some(SlabPool::new(self.record(), self.max_object_size))
     }
 }
 
@@ -172,8 +187,8 @@ impl Backing for MemfdBacking {
         self.size
     }
 
-    fn fd(&self) -> BorrowedFd<'_> {
-        self.fd.as_fd()
+    fn fd(&self) -> Option<BorrowedFd<'_>> {
+        Some(self.fd.as_fd())
     }
 
     fn is_real_dmabuf(&self) -> bool {
@@ -410,7 +425,10 @@ mod tests {
         let mut all = vec![0xa5u8; size as usize];
         b.read_at(0, &mut all).expect("read");
         assert!(all.iter().all(|&byte| byte == 0));
-        assert_eq!(fstat(b.fd()).expect("fstat").st_size as u64, size);
+        assert_eq!(
+            fstat(b.fd().expect("own fd")).expect("fstat").st_size as u64,
+            size
+        );
     }
 
     #[test]
@@ -426,8 +444,11 @@ mod tests {
     #[test]
     fn memfd_is_sealed_against_resizing() {
         let b = provider().allocate(page_size()).expect("allocate");
-        assert_eq!(ftruncate(b.fd(), 0), Err(Errno::PERM));
-        assert_eq!(ftruncate(b.fd(), 2 * page_size()), Err(Errno::PERM));
+        assert_eq!(ftruncate(b.fd().expect("own fd"), 0), Err(Errno::PERM));
+        assert_eq!(
+            ftruncate(b.fd().expect("own fd"), 2 * page_size()),
+            Err(Errno::PERM)
+        );
     }
 
     #[test]
@@ -443,7 +464,7 @@ mod tests {
         boxed.sync(START | RW).expect("sync");
         a.sync(END | READ).expect("sync");
         boxed.sync(END | WRITE).expect("sync");
-        let inode_b = fstat(boxed.fd()).expect("fstat").st_ino;
+        let inode_b = fstat(boxed.fd().expect("own fd")).expect("fstat").st_ino;
         assert_eq!(
             record.calls_since(before),
             [

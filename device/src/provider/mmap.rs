@@ -1,7 +1,8 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 
-//! A shared mapping of a buffer fd, for the buffers that do not support
-//! `pread`/`pwrite` (dma-bufs).
+//! A shared mapping of a buffer fd: for the buffers that do not support
+//! `pread`/`pwrite` (dma-bufs), for large memfds' copies, and for the slabs
+//! small memfd objects are extents of (`slab.rs`).
 
 use std::fmt;
 use std::os::fd::BorrowedFd;
@@ -136,6 +137,34 @@ impl Mapping {
         Ok(())
     }
 
+    /// Gives `len` bytes at `offset` (page-aligned) back to the host: the
+    /// pages are punched out of the file under a shared, writable mapping
+    /// (`MADV_REMOVE`), so the range reads zeros from then on and uses no
+    /// memory. Where the kernel refuses, the range is written with zeros.
+    pub(crate) fn discard(&self, offset: u64, len: usize) -> Result<(), ProviderError> {
+        if !self.writable {
+            return Err(super::imported::read_only_write());
+        }
+        let start = self.start(offset, len)?;
+        // SAFETY: `start..start + len` lies within the live mapping (checked
+        // by `start`); no Rust reference into it exists, and MADV_REMOVE
+        // only replaces the range's pages with zeros, as any other process
+        // sharing the file may do.
+        let punched = unsafe {
+            rustix::mm::madvise(
+                self.ptr.as_ptr().add(start).cast(),
+                len,
+                rustix::mm::Advice::LinuxRemove,
+            )
+        };
+        if let Err(e) = punched {
+            log::debug!("MADV_REMOVE of {len} bytes refused ({e}): writing zeros");
+            // SAFETY: as above; the mapping is writable.
+            unsafe { std::ptr::write_bytes(self.ptr.as_ptr().add(start), 0, len) };
+        }
+        Ok(())
+    }
+
     /// The checked start index of `len` bytes at `offset`.
     fn start(&self, offset: u64, len: usize) -> Result<usize, ProviderError> {
         check_range(offset, len, self.len as u64)?;
@@ -186,5 +215,21 @@ mod tests {
         ro.read(4090, &mut again).expect("read");
         assert_eq!(&again, b"across");
         assert!(ro.write(0, b"x").is_err());
+        assert!(ro.discard(0, 4096).is_err());
+    }
+
+    #[test]
+    fn discarded_pages_read_zeros_and_leave_the_rest() {
+        let fd = memfd_create("mmap-test", MemfdFlags::CLOEXEC).expect("memfd_create");
+        ftruncate(&fd, 3 * 4096).expect("ftruncate");
+        let map = Mapping::new(fd.as_fd(), 3 * 4096, true).expect("mmap");
+        map.write(0, &[0xa5; 3 * 4096]).expect("write");
+        map.discard(4096, 4096).expect("discard");
+        let mut all = vec![0u8; 3 * 4096];
+        map.read(0, &mut all).expect("read");
+        assert!(all[..4096].iter().all(|&b| b == 0xa5));
+        assert!(all[4096..8192].iter().all(|&b| b == 0));
+        assert!(all[8192..].iter().all(|&b| b == 0xa5));
+        assert!(map.discard(8192, 8192).is_err(), "past the end");
     }
 }

@@ -25,6 +25,7 @@ mod fence_source;
 mod imported;
 mod memfd;
 mod mmap;
+mod slab;
 mod sync;
 mod sync_file;
 mod udmabuf;
@@ -38,6 +39,7 @@ pub use fence_source::{
 };
 pub use imported::KernelDmabuf;
 pub use memfd::{MemfdBacking, MemfdProvider};
+pub use slab::{SlabBacking, SlabPool, SlabStats, SLABS_PER_POOL, SLAB_MAX_EXTENT, SLAB_SIZE};
 pub use sync::{dma_buf_sync, validate_sync_flags, SyncCall, SyncRecord};
 pub use sync_file::{
     export_sync_file, host_fences, import_sync_file, poll_now, FenceInfo, FenceStatus, HostAccess,
@@ -93,8 +95,13 @@ impl ProviderError {
 pub trait Backing: Debug + Send {
     /// Size in bytes.
     fn size(&self) -> u64;
-    /// The fd to hand to the front-end (`SHMEM_MAP`, `GET_SHARED_OBJECT`).
-    fn fd(&self) -> BorrowedFd<'_>;
+    /// The buffer's own fd: what the front-end gets (`SHMEM_MAP`,
+    /// `GET_SHARED_OBJECT`) and the host kernel's fence calls take. `None`
+    /// for a buffer without one: an extent of a slab ([`SlabBacking`],
+    /// whose slab would expose other objects; the model promotes such an
+    /// object to a memfd of its own before handing an fd out), and guest
+    /// pages without a kernel dma-buf (never handed out).
+    fn fd(&self) -> Option<BorrowedFd<'_>>;
     /// True when `fd` is a kernel dma-buf (host syncs reach the kernel).
     fn is_real_dmabuf(&self) -> bool;
     /// True when nobody can shrink `fd` under a mapping of it: a kernel
@@ -142,6 +149,11 @@ pub trait Provider: Debug + Send {
     /// The record of emulated sync calls, for a provider that emulates them
     /// (memfd); `None` when syncs reach the kernel.
     fn sync_record(&self) -> Option<SyncRecord> {
+        None
+    }
+    /// A new pool of slabs for one guest's small objects (memfd: see
+    /// `slab.rs`); `None` when every buffer has an fd of its own.
+    fn slab_pool(&self) -> Option<SlabPool> {
         None
     }
 }

@@ -424,6 +424,7 @@ fn open_by_uuid_of_another_device_uses_shared_object_lookup() {
         .allocate_memfd(2 * PAGE)
         .unwrap();
     let owned = vhost_device_dmabuf::provider::Backing::fd(&fd)
+        .unwrap()
         .try_clone_to_owned()
         .unwrap();
     d.fe[0]
@@ -449,4 +450,188 @@ fn open_by_uuid_of_another_device_uses_shared_object_lookup() {
         },
     ));
     assert_eq!(again, o.object, "second open resolves locally");
+}
+
+// fds: small host objects are extents of slabs, everything that hands an
+// fd out promotes them first, and the objects with fds of their own are
+// counted against `max_fd_objects` (`objects.rs`, "fds").
+
+/// Pages of the largest object that is an extent of a slab (1 MiB).
+const SLAB_PAGES: u64 = 256;
+
+fn info_of(d: &Dev, uuid: &[u8; 16]) -> vhost_device_dmabuf::exporter::ObjectInfo {
+    d.ex.list()
+        .into_iter()
+        .find(|o| o.uuid.as_bytes() == uuid)
+        .expect("listed")
+}
+
+fn bytes_of(d: &mut Dev, object: u64, len: u64) -> Vec<u8> {
+    match d.ok(
+        0,
+        Request::TransferFromHost {
+            object,
+            offset: 0,
+            len,
+        },
+    ) {
+        Reply::Data(data) => data,
+        r => panic!("{r:?}"),
+    }
+}
+
+fn write(d: &mut Dev, object: u64, data: &[u8]) {
+    d.ok(
+        0,
+        Request::TransferToHost {
+            object,
+            offset: 0,
+            data: data.to_vec(),
+        },
+    );
+}
+
+#[test]
+fn small_host_objects_are_extents_and_large_ones_have_fds() {
+    let mut d = Dev::new();
+    let small = d.create_reply(0, SLAB_PAGES, false);
+    let large = d.create_reply(0, SLAB_PAGES + 1, false);
+    assert!(info_of(&d, &small.uuid).sub_allocated);
+    assert!(!info_of(&d, &large.uuid).sub_allocated);
+    assert_eq!(info_of(&d, &small.uuid).provider, "memfd");
+}
+
+#[test]
+fn a_released_extent_is_handed_out_again_zero_filled() {
+    let mut d = Dev::new();
+    let a = d.create(0, 2, false, false);
+    write(&mut d, a, &[0xa5; 2 * PAGE as usize]);
+    d.ok(0, Request::Release { object: a });
+    let b = d.create(0, 2, false, false);
+    assert!(bytes_of(&mut d, b, 2 * PAGE).iter().all(|&x| x == 0));
+}
+
+#[test]
+fn map_shm_promotes_an_extent_and_keeps_its_bytes() {
+    let mut d = Dev::new();
+    let o = d.create_reply(0, 2, false);
+    let data: Vec<u8> = (0..2 * PAGE).map(|i| (i % 251) as u8).collect();
+    write(&mut d, o.object, &data);
+    d.ok(0, Dev::map_shm_req(o.object, true));
+    assert!(!info_of(&d, &o.uuid).sub_allocated, "a memfd of its own");
+    assert_eq!(bytes_of(&mut d, o.object, 2 * PAGE), data);
+    // The handle, the generation and the window placement are the guest's
+    // as before.
+    let info = info_of(&d, &o.uuid);
+    assert_eq!((info.generation, info.shm_offset), (0, Some(0)));
+}
+
+#[test]
+fn export_uuid_promotes_an_extent_before_publishing_it() {
+    let mut d = Dev::new();
+    let o = d.create_reply(0, 1, false);
+    write(&mut d, o.object, b"published");
+    d.ok(0, Request::ExportUuid { object: o.object });
+    assert!(!info_of(&d, &o.uuid).sub_allocated);
+    let fd =
+        d.ex.shared_object_fd(0, &o.uuid)
+            .expect("the object's own fd");
+    let mut head = [0u8; 9];
+    rustix::io::pread(&fd, &mut head, 0).expect("pread");
+    assert_eq!(&head, b"published");
+}
+
+#[test]
+fn create_of_a_large_object_past_the_fd_quota_is_enospc() {
+    let mut d = Dev::with_limits(Limits {
+        max_fd_objects: 2,
+        ..Limits::default()
+    });
+    let first = d.create(0, SLAB_PAGES + 1, false, false);
+    d.create(0, SLAB_PAGES + 1, false, false);
+    let large = Request::Create {
+        size: (SLAB_PAGES + 1) * PAGE,
+        dynamic: false,
+        cache_mapping: false,
+        guest_pages: None,
+    };
+    assert_eq!(d.err(0, large.clone()), Status::NoSpc);
+    // Small objects hold no fd; the other guest has a quota of its own.
+    d.create(0, 1, false, false);
+    d.ok(1, large.clone());
+    // The charge goes with the object.
+    d.ok(0, Request::Release { object: first });
+    d.ok(0, large);
+}
+
+#[test]
+fn promotion_past_the_fd_quota_is_enospc_and_leaves_the_extent() {
+    let mut d = Dev::with_limits(Limits {
+        max_fd_objects: 1,
+        ..Limits::default()
+    });
+    let a = d.create(0, 1, false, false);
+    let b = d.create_reply(0, 1, false);
+    write(&mut d, b.object, b"kept");
+    d.ok(0, Dev::map_shm_req(a, false));
+    assert_eq!(d.err(0, Dev::map_shm_req(b.object, false)), Status::NoSpc);
+    assert_eq!(
+        d.err(0, Request::ExportUuid { object: b.object }),
+        Status::NoSpc
+    );
+    assert!(info_of(&d, &b.uuid).sub_allocated);
+    assert_eq!(&bytes_of(&mut d, b.object, 4), b"kept");
+    assert!(
+        d.fe[0].lock().unwrap().added.is_empty(),
+        "nothing published"
+    );
+    // Out of the window, the promoted object keeps its memfd and its
+    // charge until it dies.
+    d.ok(0, Request::UnmapShm { object: a });
+    assert_eq!(d.err(0, Dev::map_shm_req(b.object, false)), Status::NoSpc);
+    d.ok(0, Request::Release { object: a });
+    d.ok(0, Dev::map_shm_req(b.object, false));
+}
+
+#[test]
+fn reset_gives_back_every_fd_charge() {
+    let mut d = Dev::with_limits(Limits {
+        max_fd_objects: 1,
+        ..Limits::default()
+    });
+    let a = d.create(0, 1, false, false);
+    d.ok(0, Dev::map_shm_req(a, true));
+    d.ok(0, Request::ResetSession);
+    assert_eq!(d.object_count(), 0);
+    d.create(0, SLAB_PAGES + 1, false, false);
+}
+
+#[test]
+fn evicting_an_extent_moves_it_to_another_extent() {
+    let mut d = Dev::new();
+    let o = d.create_reply(0, 1, true);
+    write(&mut d, o.object, b"moved");
+    let uuid = uuid::Uuid::from_bytes(o.uuid);
+    assert_eq!(d.evict(uuid, 1), Some(Ok(())));
+    let info = info_of(&d, &o.uuid);
+    assert_eq!(info.generation, 1);
+    assert!(info.sub_allocated, "no fd is needed where it lands");
+    assert_eq!(&bytes_of(&mut d, o.object, 5), b"moved");
+}
+
+#[test]
+fn evicting_a_promoted_object_keeps_its_window_on_a_memfd() {
+    let mut d = Dev::new();
+    let o = d.create_reply(0, 1, true);
+    d.ok(0, Dev::map_shm_req(o.object, true));
+    assert_eq!(d.evict(uuid::Uuid::from_bytes(o.uuid), 1), Some(Ok(())));
+    let info = info_of(&d, &o.uuid);
+    assert!(!info.sub_allocated);
+    assert_eq!(info.shm_offset, Some(0));
+    let log = d.fe[0].lock().unwrap();
+    assert_eq!(
+        log.shm_maps.len(),
+        2,
+        "placed, then placed again after the move"
+    );
 }

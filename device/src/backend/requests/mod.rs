@@ -175,6 +175,11 @@ fn quota_refusal(
             "its objects use {} bytes and {asked} more would pass --max-bytes {}",
             g.bytes, limits.max_bytes
         )
+    } else if g.fd_objects >= limits.max_fd_objects {
+        format!(
+            "{} of its objects have fds of their own, the --max-fd-objects limit",
+            g.fd_objects
+        )
     } else {
         return None;
     };

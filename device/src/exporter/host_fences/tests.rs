@@ -8,7 +8,7 @@ use crate::exporter::{ExportSpec, ExporterConfig, GuestCaps, NoFrontend, Origin}
 use crate::provider::{
     find_vgem_card, import_dmabuf, poll_now, FenceSource, MemfdProvider, TestGpuBuffer,
 };
-use std::os::fd::BorrowedFd;
+use std::os::fd::{AsFd, BorrowedFd};
 use virtio_dmabuf_protocol::{caps, Direction, Reply, Request, Response, Status};
 
 const TIMEOUT: Duration = Duration::from_secs(5);
