@@ -30,6 +30,7 @@ use std::process::{Child, Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};
 
 use bench::{allowed_cpus, batch, percentile, set_affinity, Op, Patch, Prepared};
+use dmabuf_guest_tests::driver::Ticket;
 use dmabuf_guest_tests::vmm::{LoopbackVmm, VmmOptions};
 use soak::{flag, Daemon};
 use virtio_dmabuf_protocol::{
@@ -764,14 +765,16 @@ const LOCK_OBJECTS: usize = 16;
 
 /// Lock contention (daemon only: the null back-end has no locks).
 /// `LOCK_CONTEXTS` acquire contexts lock objects picked at random among
-/// `LOCK_OBJECTS`, each held for its UNLOCK's round trip: one driver thread
-/// per request queue (the first two), each alternating between its half of
-/// the contexts. A context holds one lock at a time, so a `LOCK` of an
-/// object another context holds parks in the daemon until that `UNLOCK`;
-/// wait-die never needs to kill one, and a `LOCK` answered `EDEADLK` would
-/// be sent again. An acquisition's wait runs from the `LOCK`'s submission
-/// to its answer; the line gives acquisitions per second and the longest
-/// wait over the mean (starvation shows as a long tail).
+/// `LOCK_OBJECTS`, each held for its `UNLOCK`'s round trip: one driver
+/// thread per request queue (the first two), each keeping a request of
+/// each of its contexts in flight, so all four contend at once. A `LOCK`
+/// of an object another context holds parks in the daemon until that
+/// `UNLOCK`. A context asks for a lock only when it holds none, and a
+/// context that holds no lock never dies (spec 7.4): an `EDEADLK` here is
+/// a broken contract and ends the run. An acquisition's wait runs from
+/// the `LOCK`'s submission to its answer; the line gives acquisitions per
+/// second and the longest wait over the mean (starvation shows as a long
+/// tail).
 fn lock_contention(
     daemon: &Side,
     mode: &str,
@@ -846,8 +849,9 @@ fn lock_contention(
     Ok(())
 }
 
-/// One driver thread of the lock line: `n` acquisitions on `queue`,
-/// alternating between `contexts`; the wait of each, in nanoseconds.
+/// One driver thread of the lock line: `n` acquisitions on `queue`, a
+/// `LOCK` or an `UNLOCK` of each of `contexts` in flight at a time; the
+/// wait of each acquisition, in nanoseconds.
 fn lock_loop(
     vm: &LoopbackVmm,
     queue: u16,
@@ -856,40 +860,65 @@ fn lock_loop(
     n: usize,
     seed: usize,
 ) -> Result<Vec<f64>, String> {
+    /// A context's request in flight.
+    struct InFlight {
+        ctx: u64,
+        object: u64,
+        ticket: Ticket,
+        sent: Instant,
+        unlocking: bool,
+    }
     let d = vm.driver();
     let mut waits = Vec::with_capacity(n);
     // xorshift: the same sequence every run, different per thread.
     let mut x = 0x9e37_79b9_7f4a_7c15u64 ^ (seed as u64 + 1);
-    let mut next = move || {
+    let mut pick = move || {
         x ^= x << 13;
         x ^= x >> 7;
         x ^= x << 17;
-        x
+        objects[(x % objects.len() as u64) as usize]
     };
-    let call = |request: &Request| -> Result<virtio_dmabuf_protocol::Response, String> {
-        let ticket = d.submit(queue, request).map_err(|e| e.to_string())?;
-        d.complete(ticket).map_err(|e| e.to_string())
-    };
-    for i in 0..n {
-        let ctx = contexts[i % contexts.len()];
-        let object = objects[(next() % objects.len() as u64) as usize];
-        let lock = Request::Lock {
+    let submit = |request: &Request| d.submit(queue, request).map_err(|e| e.to_string());
+    let lock = |ctx: u64, object: u64| -> Result<InFlight, String> {
+        let sent = Instant::now();
+        let ticket = submit(&Request::Lock {
             ctx,
             object,
             try_lock: false,
             slow: false,
-        };
-        let t = Instant::now();
-        loop {
-            match call(&lock)? {
-                Ok(_) => break,
-                Err(virtio_dmabuf_protocol::Status::Deadlk) => continue,
-                Err(status) => return Err(format!("LOCK: {status:?}")),
+        })?;
+        Ok(InFlight {
+            ctx,
+            object,
+            ticket,
+            sent,
+            unlocking: false,
+        })
+    };
+    let mut started = 0;
+    let mut flying = Vec::with_capacity(contexts.len());
+    for &ctx in contexts.iter().take(n) {
+        flying.push(lock(ctx, pick())?);
+        started += 1;
+    }
+    while !flying.is_empty() {
+        let tickets: Vec<&Ticket> = flying.iter().map(|f| &f.ticket).collect();
+        let (i, response) = bench::wait_any(vm, queue, &tickets)?;
+        let (ctx, object) = (flying[i].ctx, flying[i].object);
+        if !flying[i].unlocking {
+            if let Err(status) = response {
+                return Err(format!("LOCK of a context that holds no lock: {status:?}"));
             }
-        }
-        waits.push(t.elapsed().as_nanos() as f64);
-        if let Err(status) = call(&Request::Unlock { ctx, object })? {
+            waits.push(flying[i].sent.elapsed().as_nanos() as f64);
+            flying[i].ticket = submit(&Request::Unlock { ctx, object })?;
+            flying[i].unlocking = true;
+        } else if let Err(status) = response {
             return Err(format!("UNLOCK: {status:?}"));
+        } else if started < n {
+            flying[i] = lock(ctx, pick())?;
+            started += 1;
+        } else {
+            flying.swap_remove(i);
         }
     }
     Ok(waits)
