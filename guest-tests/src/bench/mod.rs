@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use dmabuf_guest_tests::driver::{BatchItem, Buffer, Desc, RawChain, Ticket};
 use dmabuf_guest_tests::vmm::LoopbackVmm;
 use rustix::event::{poll, PollFd, PollFlags, Timespec};
-use virtio_dmabuf_protocol::{encode_request, encode_response, Reply, Request, Status};
+use virtio_dmabuf_protocol::{encode_request, encode_response, Reply, Request, Response, Status};
 
 /// Where the tag sits in a request header and in a response header.
 const TAG_OFFSET: u64 = 8;
@@ -186,10 +186,6 @@ impl Op {
 /// Returns how many chains came back without a call.
 pub fn wait_all(vm: &LoopbackVmm, queue: u16, tickets: &[Ticket]) -> Result<u32, String> {
     let driver = vm.driver();
-    let call = vm
-        .notifier()
-        .call_fd(queue)
-        .ok_or_else(|| format!("no call eventfd for queue {queue}"))?;
     let deadline = Instant::now() + TIMEOUT;
     let mut left: Vec<&Ticket> = tickets.iter().collect();
     let mut missed = 0;
@@ -209,24 +205,65 @@ pub fn wait_all(vm: &LoopbackVmm, queue: u16, tickets: &[Ticket]) -> Result<u32,
         if left.is_empty() {
             return Ok(missed);
         }
-        // Asking for the call (`used_event`) says whether entries came
-        // meanwhile: then look again instead of sleeping.
-        if driver.arm_interrupts(queue).map_err(|e| e.to_string())? {
-            continue;
-        }
         if Instant::now() > deadline {
             return Err(format!("{} chains not back on queue {queue}", left.len()));
         }
-        // SAFETY: the queue's call eventfd, open as long as `vm`, which is
-        // borrowed here.
-        let fd = unsafe { BorrowedFd::borrow_raw(call.as_raw_fd()) };
-        let mut fds = [PollFd::from_borrowed_fd(fd, PollFlags::IN)];
-        if matches!(poll(&mut fds, Some(&POLL_LIMIT)), Ok(0)) {
-            missed += 1;
-        }
-        // Consumes the signal (EAGAIN when there was none).
-        let _ = call.read();
+        missed += u32::from(sleep_for_call(vm, queue)?);
     }
+}
+
+/// Blocks until the first of `tickets` (typed requests) is back on
+/// `queue`'s used ring, sleeping on the call eventfd like [`wait_all`].
+/// Returns its index and its response, the tag checked; the others stay
+/// in flight. One thread per queue: a second waiter could take the call
+/// meant for this one.
+pub fn wait_any(
+    vm: &LoopbackVmm,
+    queue: u16,
+    tickets: &[&Ticket],
+) -> Result<(usize, Response), String> {
+    let driver = vm.driver();
+    let deadline = Instant::now() + TIMEOUT;
+    loop {
+        for (i, ticket) in tickets.iter().enumerate() {
+            if let Some(response) = driver.try_complete(ticket).map_err(|e| e.to_string())? {
+                return Ok((i, response));
+            }
+        }
+        if Instant::now() > deadline {
+            return Err(format!(
+                "{} chains not back on queue {queue}",
+                tickets.len()
+            ));
+        }
+        sleep_for_call(vm, queue)?;
+    }
+}
+
+/// Sleeps on `queue`'s call eventfd, at most `POLL_LIMIT`, unless used
+/// entries came meanwhile. Returns whether the sleep ended without a call.
+fn sleep_for_call(vm: &LoopbackVmm, queue: u16) -> Result<bool, String> {
+    let call = vm
+        .notifier()
+        .call_fd(queue)
+        .ok_or_else(|| format!("no call eventfd for queue {queue}"))?;
+    // Asking for the call (`used_event`) says whether entries came
+    // meanwhile: then look again instead of sleeping.
+    if vm
+        .driver()
+        .arm_interrupts(queue)
+        .map_err(|e| e.to_string())?
+    {
+        return Ok(false);
+    }
+    // SAFETY: the queue's call eventfd, open as long as `vm`, which is
+    // borrowed here.
+    let fd = unsafe { BorrowedFd::borrow_raw(call.as_raw_fd()) };
+    let mut fds = [PollFd::from_borrowed_fd(fd, PollFlags::IN)];
+    let missed = matches!(poll(&mut fds, Some(&POLL_LIMIT)), Ok(0));
+    // Consumes the signal (EAGAIN when there was none).
+    let _ = call.read();
+    Ok(missed)
 }
 
 /// `n` requests in flight on `queue`, made available together with one
