@@ -16,7 +16,11 @@
 //!
 //! ```text
 //! dmabuf-bench [--quick] [--json FILE] [--plots DIR] [--rounds N] [--objects N]
+//!              [--modes unpinned,pinned,cross] [--lines scale,rtt,tput,bw,lock]
 //! ```
+//!
+//! `--modes` and `--lines` run a part of the program (to profile one line,
+//! say); without them it runs every line in every placement.
 
 #[path = "../bench/mod.rs"]
 mod bench;
@@ -1059,8 +1063,29 @@ fn place(mode: &str, cpus: &[usize], driver: u32, backends: &[u32]) -> Result<()
     Ok(())
 }
 
+/// The comma-separated values of `name`, each one of `known`; all of
+/// `known` when the flag is not given.
+fn chosen(args: &[String], name: &str, known: &[&str]) -> Result<Vec<String>, String> {
+    let given = flag(args, name, String::new())?;
+    if given.is_empty() {
+        return Ok(known.iter().map(|k| k.to_string()).collect());
+    }
+    given
+        .split(',')
+        .map(|v| {
+            if known.contains(&v) {
+                Ok(v.to_string())
+            } else {
+                Err(format!("{name}: {v:?} is not one of {}", known.join(", ")))
+            }
+        })
+        .collect()
+}
+
 fn run(args: &[String]) -> Result<(), String> {
     let quick = args.iter().any(|a| a == "--quick");
+    let lines = chosen(args, "--lines", &["scale", "rtt", "tput", "bw", "lock"])?;
+    let line = |l: &str| lines.iter().any(|x| x == l);
     let json: Option<PathBuf> = flag(args, "--json", String::new())?
         .parse::<PathBuf>()
         .ok()
@@ -1107,7 +1132,9 @@ fn run(args: &[String]) -> Result<(), String> {
     // First, on a fresh heap: what the objects cost is not hidden in
     // memory the allocator kept from large requests.
     let mut figures = Figures::default();
-    scale(&d, daemon.pid(), objects, &mut figures)?;
+    if line("scale") {
+        scale(&d, daemon.pid(), objects, &mut figures)?;
+    }
     d.check()?;
     n.check()?;
     let cpus = allowed_cpus();
@@ -1121,30 +1148,39 @@ fn run(args: &[String]) -> Result<(), String> {
         if quick { " (--quick: figures mean little)" } else { "" }
     );
     let backends = [daemon.pid(), null.child.id()];
-    let modes: &[&str] = if cpus.len() > 1 {
+    let all_modes: &[&str] = if cpus.len() > 1 {
         &["unpinned", "pinned", "cross"]
     } else {
         &["unpinned", "pinned"]
     };
-    for &mode in modes {
-        place(mode, &cpus, 0, &backends)?;
-        let samples = round_trips(&d, &n, plan, mode, &mut figures)?;
-        if let Some(dir) = &plots {
-            let path = dir.join(format!("bench-rtt-{mode}.svg"));
-            plot(&path, mode, &samples)?;
-            println!("plot written to {}", path.display());
+    let modes = chosen(args, "--modes", all_modes)?;
+    let mode = |m: &str| modes.iter().any(|x| x == m);
+    for &m in all_modes.iter().filter(|m| mode(m)) {
+        place(m, &cpus, 0, &backends)?;
+        if line("rtt") {
+            let samples = round_trips(&d, &n, plan, m, &mut figures)?;
+            if let Some(dir) = &plots {
+                let path = dir.join(format!("bench-rtt-{m}.svg"));
+                plot(&path, m, &samples)?;
+                println!("plot written to {}", path.display());
+            }
         }
-        throughput(&d, &n, plan, mode, &mut figures)?;
+        if line("tput") {
+            throughput(&d, &n, plan, m, &mut figures)?;
+        }
     }
     // The copies are measured on one CPU: where a round trip wakes the
     // back-end decides small TRANSFERs unpinned (see the round trips).
     place("pinned", &cpus, 0, &backends)?;
-    bandwidth(&d, plan, &mut figures)?;
-    direct_bandwidth(&d, plan, &mut figures)?;
+    if line("bw") {
+        bandwidth(&d, plan, &mut figures)?;
+        direct_bandwidth(&d, plan, &mut figures)?;
+    }
     let locks = if quick { 200 } else { 20_000 };
-    lock_contention(&d, "pinned", locks, &mut figures)?;
-    place("unpinned", &cpus, 0, &backends)?;
-    lock_contention(&d, "unpinned", locks, &mut figures)?;
+    for m in ["pinned", "unpinned"].into_iter().filter(|m| line("lock") && mode(m)) {
+        place(m, &cpus, 0, &backends)?;
+        lock_contention(&d, m, locks, &mut figures)?;
+    }
     if let Some(path) = json {
         std::fs::write(&path, figures.json() + "\n")
             .map_err(|e| format!("{}: {e}", path.display()))?;
