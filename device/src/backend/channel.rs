@@ -25,6 +25,7 @@ use std::mem::MaybeUninit;
 use std::net::Shutdown;
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::net::UnixStream;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -196,6 +197,9 @@ struct Inner {
     reply_ack: bool,
     state: Mutex<State>,
     changed: Condvar,
+    /// `State::posted`, readable without the lock (the worker reads it
+    /// around every request it submits).
+    posted: AtomicU64,
 }
 
 impl Inner {
@@ -223,6 +227,7 @@ impl Channel {
             reply_ack,
             state: Mutex::new(State::default()),
             changed: Condvar::new(),
+            posted: AtomicU64::new(0),
         });
         let worker = Arc::clone(&inner);
         let thread = std::thread::Builder::new()
@@ -242,6 +247,7 @@ impl Channel {
         }
         st.posted += 1;
         let seq = st.posted;
+        self.inner.posted.store(seq, Ordering::Release);
         st.queue.push_back((seq, message));
         self.inner.changed.notify_all();
         Ok(seq)
@@ -249,7 +255,7 @@ impl Channel {
 
     /// Sequence number of the last posted message.
     pub fn posted(&self) -> u64 {
-        self.inner.state().posted
+        self.inner.posted.load(Ordering::Acquire)
     }
 
     /// Waits until every message up to `seq` was handled (or the channel

@@ -12,7 +12,7 @@
 
 use std::collections::HashMap;
 use std::os::fd::{BorrowedFd, OwnedFd};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use virtio_dmabuf_protocol::{Segment, Status};
@@ -36,6 +36,9 @@ fn locked<T>(m: &Mutex<T>) -> Ordered<'_, T> {
 #[derive(Debug, Default)]
 pub struct Link {
     channel: Mutex<Option<Arc<Channel>>>,
+    /// Counts the channels installed ([`Link::set_channel`]), so a worker
+    /// can keep the channel between requests and see when it changed.
+    channel_generation: AtomicU64,
     memory: Mutex<Option<GuestRamHandle>>,
     lookups: Mutex<HashMap<[u8; 16], Result<OwnedFd, Status>>>,
     udmabuf: Option<Arc<UdmabufProvider>>,
@@ -58,6 +61,20 @@ impl Link {
         locked(&self.channel).clone()
     }
 
+    /// The channel, with the generation it was installed as.
+    pub fn channel_with_generation(&self) -> (u64, Option<Arc<Channel>>) {
+        let channel = locked(&self.channel);
+        (
+            self.channel_generation.load(Ordering::Acquire),
+            channel.clone(),
+        )
+    }
+
+    /// The generation of the channel installed now (no lock taken).
+    pub fn channel_generation(&self) -> u64 {
+        self.channel_generation.load(Ordering::Acquire)
+    }
+
     /// The connection ended: the channel closes (waiters wake at once) and
     /// removals succeed without a message.
     pub fn mark_gone(&self) {
@@ -73,7 +90,10 @@ impl Link {
 
     /// Installs the back-end channel; returns the one it replaces.
     pub fn set_channel(&self, channel: Option<Arc<Channel>>) -> Option<Arc<Channel>> {
-        std::mem::replace(&mut *locked(&self.channel), channel)
+        let mut slot = locked(&self.channel);
+        let old = std::mem::replace(&mut *slot, channel);
+        self.channel_generation.fetch_add(1, Ordering::AcqRel);
+        old
     }
 
     pub fn memory(&self) -> Option<GuestRamHandle> {

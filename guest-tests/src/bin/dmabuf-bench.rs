@@ -1177,7 +1177,10 @@ fn run(args: &[String]) -> Result<(), String> {
         direct_bandwidth(&d, plan, &mut figures)?;
     }
     let locks = if quick { 200 } else { 20_000 };
-    for m in ["pinned", "unpinned"].into_iter().filter(|m| line("lock") && mode(m)) {
+    for m in ["pinned", "unpinned"]
+        .into_iter()
+        .filter(|m| line("lock") && mode(m))
+    {
         place(m, &cpus, 0, &backends)?;
         lock_contention(&d, m, locks, &mut figures)?;
     }

@@ -34,10 +34,10 @@
 //! The table comes first in the daemon's lock order (`state.rs`,
 //! `# Locking`).
 
-use std::cell::RefCell;
+use std::cell::{Ref, RefCell};
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Instant;
 
 use vhost_user_backend::{VringRwLock, VringT};
@@ -50,7 +50,8 @@ use virtio_queue::{DescriptorChain, QueueOwnedT, QueueT};
 use vm_memory::GuestAddressSpace;
 
 use self::chain::{header_tag, write_response, Segments, Walk};
-use super::channel::{ChannelError, MessageKind};
+use super::channel::{Channel, ChannelError, MessageKind};
+use super::vhost_frontend::Link;
 use super::{locked, DmabufBackend, TRANSFER_MAX};
 use crate::backend::guest_memory::GuestRam;
 use crate::exporter::{Exporter, GuestId, InPlace, Origin};
@@ -66,6 +67,10 @@ enum Stage {
     /// The model answered (these bytes); the worker waits for the
     /// front-end to act on the request's back-end channel messages.
     Answered(Vec<u8>),
+    /// Its response is written into its writable part (`used.len` this);
+    /// it goes on the used ring with the other chains of the worker's
+    /// batch ([`DmabufBackend::put_written`]).
+    Written(u32),
 }
 
 /// A chain taken from a request queue and not returned yet.
@@ -219,9 +224,86 @@ struct Ring<'a> {
     vring: &'a VringRwLock,
     mem: &'a GuestRam,
     guest: GuestId,
+    /// The worker's batch: the tokens of the chains it answered whose used
+    /// entries are not written yet (all go on the used ring under one ring
+    /// lock). None: each chain goes on the used ring when answered.
+    batch: Option<&'a RefCell<Vec<u64>>>,
+    /// The back-end channel as the worker last saw it, with its generation
+    /// ([`Link::channel_generation`]): a request looks it up without a lock.
+    channel: RefCell<(u64, Option<Arc<Channel>>)>,
 }
 
 impl Ring<'_> {
+    fn new<'a>(
+        queue: u16,
+        vring: &'a VringRwLock,
+        mem: &'a GuestRam,
+        guest: GuestId,
+        batch: Option<&'a RefCell<Vec<u64>>>,
+    ) -> Ring<'a> {
+        Ring {
+            queue,
+            vring,
+            mem,
+            guest,
+            batch,
+            channel: RefCell::new((u64::MAX, None)),
+        }
+    }
+
+    /// The connection's back-end channel, looked up again only when the
+    /// front-end installed another since the last look.
+    fn channel(&self, link: &Link) -> Ref<'_, Option<Arc<Channel>>> {
+        if self.channel.borrow().0 != link.channel_generation() {
+            *self.channel.borrow_mut() = link.channel_with_generation();
+        }
+        Ref::map(self.channel.borrow(), |(_, channel)| channel)
+    }
+
+    /// Writes `bytes` as the response of chain `token` and returns the
+    /// chain: at once, or, in a worker's batch, marked [`Stage::Written`]
+    /// and left in the table (a vring stop returns it as it is) until the
+    /// batch's used entries are written. False when a vring stop or a
+    /// reset took the chain.
+    fn settle(&self, chains: &mut Chains, token: u64, bytes: &[u8]) -> bool {
+        self.settle_before(chains, token, bytes, None)
+    }
+
+    /// [`Ring::settle`] of a response header whose reply, `data` bytes, is
+    /// already in the chain's writable part after it, when `data` is some.
+    fn settle_before(
+        &self,
+        chains: &mut Chains,
+        token: u64,
+        header: &[u8],
+        data: Option<usize>,
+    ) -> bool {
+        let Some(batch) = self.batch else {
+            return match chains.entries.remove(&token) {
+                Some(chain) => match data {
+                    Some(data) => self.put_before(&chain, header, data),
+                    None => self.put(&chain, header),
+                },
+                None => false,
+            };
+        };
+        let Some(entry) = chains.entries.get_mut(&token) else {
+            return false;
+        };
+        debug_assert_eq!(entry.queue, self.queue);
+        let written = write_response(self.mem, entry.writable.as_slice(), header);
+        let len = match (written, data) {
+            (0, _) | (_, None) => written,
+            (n, Some(d)) => u32::try_from(d)
+                .ok()
+                .and_then(|d| n.checked_add(d))
+                .unwrap_or(n),
+        };
+        entry.stage = Stage::Written(len);
+        batch.borrow_mut().push(token);
+        true
+    }
+
     /// Writes `bytes` to a chain just removed from the table and puts it on
     /// the used ring. Called with the table locked.
     fn put(&self, chain: &InFlight, bytes: &[u8]) -> bool {
@@ -257,6 +339,12 @@ impl Ring<'_> {
     }
 }
 
+/// Chains a worker takes from a ring at a time.
+const BATCH: usize = 32;
+
+/// The state of a vring under its lock.
+type VringState = vhost_user_backend::VringState<crate::backend::guest_memory::GuestRamHandle>;
+
 /// What the worker got from a ring.
 enum Take<M: std::ops::Deref<Target = GuestRam>> {
     /// A chain entered in the table as this token, with what one walk
@@ -266,10 +354,6 @@ enum Take<M: std::ops::Deref<Target = GuestRam>> {
     /// entered in the table with no writable part, so it comes back with
     /// `used.len` 0.
     Cut(u64),
-    /// Nothing available.
-    Empty,
-    /// The ring is stopped, disabled or broken: leave it alone.
-    Stopped,
 }
 
 /// What [`DmabufBackend::transfer_in_place`] did with a request.
@@ -337,10 +421,15 @@ impl DmabufBackend {
     /// notifications, take every available chain, re-enable, repeat while
     /// more arrived), then one signal for the batch, when the driver wants
     /// it. A ring that stops meanwhile is left alone at once.
+    ///
+    /// Chains are taken up to [`BATCH`] at a time, and the used entries of
+    /// the ones answered are written together the next time the ring is
+    /// locked: one table lock and one ring lock per batch, not per chain.
     pub(super) fn serve_queue(&self, queue: u16, vring: &VringRwLock) {
         let Some(memory) = self.memory() else {
             return;
         };
+        let answered = RefCell::new(Vec::new());
         let mut returned = false;
         'drain: loop {
             if let Err(e) = vring.disable_notification() {
@@ -348,29 +437,33 @@ impl DmabufBackend {
             }
             loop {
                 let mem = memory.memory();
-                let ring = Ring {
-                    queue,
-                    vring,
-                    mem: &mem,
-                    guest: self.guest,
-                };
-                match self.take_chain(queue, vring, &mem) {
-                    Take::Chain(token, chain, walked) => {
-                        returned |= self.serve_chain(&ring, token, &chain, &walked);
+                let ring = Ring::new(queue, vring, &mem, self.guest, Some(&answered));
+                let mut taken = Vec::with_capacity(BATCH);
+                let (put, open) = self.take_chains(&ring, &mut taken);
+                returned |= put;
+                if taken.is_empty() {
+                    match open {
+                        true => break,
+                        // Re-enabling notifications would only spin on a
+                        // ring that gives nothing (`iter` refuses a stopped
+                        // queue while `enable_notification` still sees work).
+                        false => break 'drain,
                     }
-                    Take::Cut(token) => {
-                        log::debug!(
-                            "guest {}: queue {queue}: a descriptor chain that does not end \
-                             (a loop or a next index off its table): used.len 0",
-                            self.guest
-                        );
-                        returned |= self.finish(&ring, token, &[]);
+                }
+                for take in taken {
+                    match take {
+                        Take::Chain(token, chain, walked) => {
+                            self.serve_chain(&ring, token, &chain, &walked);
+                        }
+                        Take::Cut(token) => {
+                            log::debug!(
+                                "guest {}: queue {queue}: a descriptor chain that does not end \
+                                 (a loop or a next index off its table): used.len 0",
+                                self.guest
+                            );
+                            self.finish(&ring, token, &[]);
+                        }
                     }
-                    Take::Empty => break,
-                    // Re-enabling notifications would only spin on a ring
-                    // that gives nothing (`iter` refuses a stopped queue
-                    // while `enable_notification` still sees work).
-                    Take::Stopped => break 'drain,
                 }
             }
             match vring.enable_notification() {
@@ -388,39 +481,102 @@ impl DmabufBackend {
         }
     }
 
-    /// Pops one chain and enters it in the table, in one critical section
-    /// (a vring stop sees every chain that left the avail ring).
-    fn take_chain<M>(&self, queue: u16, vring: &VringRwLock, mem: &M) -> Take<M>
-    where
-        M: std::ops::Deref<Target = GuestRam> + Clone,
-    {
+    /// Puts the chains the worker answered on the used ring, and pops up
+    /// to [`BATCH`] more chains, each entered in the table: one critical
+    /// section of the table and the ring (a vring stop sees every chain
+    /// that left the avail ring). Returns whether a chain went on the used
+    /// ring, and whether the ring is still served (false: it is stopped,
+    /// disabled or broken).
+    fn take_chains<'m>(
+        &self,
+        ring: &Ring<'m>,
+        taken: &mut Vec<Take<&'m GuestRam>>,
+    ) -> (bool, bool) {
+        let queue = ring.queue;
         let mut chains = self.chains();
-        let chain = {
-            let mut state = vring.get_mut();
-            if !state.is_enabled() || !state.get_queue().ready() {
-                return Take::Stopped;
-            }
-            match state.get_queue_mut().iter(mem.clone()) {
-                Ok(mut iter) => iter.next(),
-                Err(e) => {
-                    log::warn!("guest {}: queue {queue}: {e}", self.guest);
-                    return Take::Stopped;
-                }
-            }
+        let mut state = ring.vring.get_mut();
+        let put = match ring.batch {
+            Some(batch) => self.put_written(ring, &mut chains, &mut state, &mut batch.borrow_mut()),
+            None => false,
         };
-        let Some(chain) = chain else {
-            return Take::Empty;
-        };
-        let mut walked = chain::walk(&chain, mem);
-        if !walked.ends {
-            return Take::Cut(chains.insert(queue, chain.head_index(), Segments::default()));
+        if !state.is_enabled() || !state.get_queue().ready() {
+            return (put, false);
         }
-        let writable = std::mem::take(&mut walked.writable);
-        let token = chains.insert(queue, chain.head_index(), writable);
-        Take::Chain(token, chain, walked)
+        let iter = match state.get_queue_mut().iter(ring.mem) {
+            Ok(iter) => iter,
+            Err(e) => {
+                log::warn!("guest {}: queue {queue}: {e}", self.guest);
+                return (put, false);
+            }
+        };
+        for chain in iter.take(BATCH) {
+            let mut walked = chain::walk(&chain, ring.mem);
+            if !walked.ends {
+                taken.push(Take::Cut(chains.insert(
+                    queue,
+                    chain.head_index(),
+                    Segments::default(),
+                )));
+                continue;
+            }
+            let writable = std::mem::take(&mut walked.writable);
+            let token = chains.insert(queue, chain.head_index(), writable);
+            taken.push(Take::Chain(token, chain, walked));
+        }
+        (put, true)
     }
 
-    /// One chain; true when this call put it on the used ring.
+    /// Writes the used entries of the chains in `answered` (those still in
+    /// the table, at [`Stage::Written`]), with the table and the ring held.
+    fn put_written(
+        &self,
+        ring: &Ring<'_>,
+        chains: &mut Chains,
+        state: &mut VringState,
+        answered: &mut Vec<u64>,
+    ) -> bool {
+        let mut put = false;
+        for token in answered.drain(..) {
+            let Some(chain) = chains.entries.remove(&token) else {
+                continue;
+            };
+            let Stage::Written(len) = chain.stage else {
+                // Not answered after all: back where it was.
+                chains.entries.insert(token, chain);
+                continue;
+            };
+            match state.get_queue_mut().add_used(ring.mem, chain.head, len) {
+                Ok(()) => put = true,
+                Err(e) => log::warn!(
+                    "guest {}: queue {}: add_used({}): {e}",
+                    self.guest,
+                    chain.queue,
+                    chain.head
+                ),
+            }
+        }
+        put
+    }
+
+    /// Puts the chains answered so far in `ring`'s batch on the used ring
+    /// and signals the driver, before the worker waits for the front-end.
+    fn flush_batch(&self, ring: &Ring<'_>) {
+        let Some(batch) = ring.batch else {
+            return;
+        };
+        if batch.borrow().is_empty() {
+            return;
+        }
+        let mut chains = self.chains();
+        let put = {
+            let mut state = ring.vring.get_mut();
+            self.put_written(ring, &mut chains, &mut state, &mut batch.borrow_mut())
+        };
+        if put {
+            self.signal(ring.vring);
+        }
+    }
+
     fn serve_chain<M>(
         &self,
         ring: &Ring<'_>,
@@ -497,10 +653,12 @@ impl DmabufBackend {
             if let Some(chain) = self.chains().entries.get_mut(&token) {
                 chain.tag = tag;
             }
+            // The chains answered before this one are not kept waiting.
+            self.flush_batch(ring);
         }
         let looked_up = self.look_up_for_open(&request);
 
-        let channel = self.link.channel();
+        let channel = ring.channel(&self.link);
         let mut chains = self.chains();
         let Some(entry) = chains.entries.get_mut(&token) else {
             // A vring stop or a device reset took the chain (while the
@@ -538,12 +696,15 @@ impl DmabufBackend {
             );
             return Outcome::Settled { returned: false };
         };
-        let Some(channel) = channel.filter(|_| posted.1 > posted.0) else {
+        let channel = match posted.1 > posted.0 {
+            true => channel.clone(),
+            false => None,
+        };
+        let Some(channel) = channel else {
             self.answered(queue, tag, opcode, &response, "");
-            let returned = match chains.entries.remove(&token) {
-                Some(chain) => with_encoded(tag, &response, |bytes| ring.put(&chain, bytes)),
-                None => false,
-            };
+            let returned = with_encoded(tag, &response, |bytes| {
+                ring.settle(&mut chains, token, bytes)
+            });
             return Outcome::Settled { returned };
         };
         // What the model asked of the front-end must be done before the
@@ -554,6 +715,8 @@ impl DmabufBackend {
             chain.stage = Stage::Answered(encode_response(tag, &response));
         }
         drop(chains);
+        // The chains answered before this one are not kept waiting.
+        self.flush_batch(ring);
         if !channel.wait(posted.1, self.settings.channel_wait) {
             log::warn!(
                 "guest {}: front-end did not answer the back-end channel within {:?}",
@@ -724,12 +887,13 @@ impl DmabufBackend {
             false => Opcode::TransferFromHost,
         };
         self.answered(ring.queue, tag, opcode, &response, " (in place)");
-        let chain = chains.entries.remove(&token)?;
         let data = match (&response, t.to_host) {
             (Ok(_), false) => len,
             _ => 0,
         };
-        let returned = with_encoded(tag, &response, |bytes| ring.put_before(&chain, bytes, data));
+        let returned = with_encoded(tag, &response, |bytes| {
+            ring.settle_before(&mut chains, token, bytes, Some(data))
+        });
         Some(Outcome::Settled { returned })
     }
 
@@ -827,11 +991,7 @@ impl DmabufBackend {
     /// 0), unless a vring stop or a reset took it already. True when this
     /// call returned it.
     fn finish(&self, ring: &Ring<'_>, token: u64, bytes: &[u8]) -> bool {
-        let mut chains = self.chains();
-        match chains.entries.remove(&token) {
-            Some(chain) => ring.put(&chain, bytes),
-            None => false,
-        }
+        ring.settle(&mut self.chains(), token, bytes)
     }
 
     /// Writes `bytes` to a chain just removed from the table and puts it on
@@ -848,13 +1008,9 @@ impl DmabufBackend {
             return false;
         };
         match self.memory() {
-            Some(memory) => Ring {
-                queue: chain.queue,
-                vring: &vring,
-                mem: &memory.memory(),
-                guest: self.guest,
+            Some(memory) => {
+                Ring::new(chain.queue, &vring, &memory.memory(), self.guest, None).put(chain, bytes)
             }
-            .put(chain, bytes),
             None => Ring::add_used(&vring, self.guest, chain, 0),
         }
     }
@@ -925,6 +1081,14 @@ impl DmabufBackend {
             };
             let bytes = match &chain.stage {
                 Stage::Answered(bytes) => bytes.clone(),
+                Stage::Written(len) => {
+                    if let Some(vring) = self.vring(queue) {
+                        if Ring::add_used(&vring, self.guest, &chain, *len) {
+                            touched.insert(queue);
+                        }
+                    }
+                    continue;
+                }
                 Stage::Taken | Stage::Parked => {
                     log::debug!(
                         "guest {}: queue {queue}: tag {}: ECANCELED by the vring stop",
