@@ -288,15 +288,12 @@ fn write_guest(mem: &GuestRam, bytes: &[u8], addr: GuestAddress) -> Result<(), S
 
 /// The tag of a request whose readable part is not all in guest memory:
 /// read from the first readable descriptors when the header is there.
-pub(super) fn header_tag<M>(chain: &DescriptorChain<M>, mem: &GuestRam) -> Option<u64>
-where
-    M: std::ops::Deref<Target = GuestRam> + Clone,
-{
+pub(super) fn header_tag(walked: &Walk, mem: &GuestRam) -> Option<u64> {
     let mut header = [0u8; REQ_HDR_SIZE];
     let mut got = 0;
-    for d in chain.clone().readable() {
-        let n = (d.len() as usize).min(REQ_HDR_SIZE - got);
-        mem.read_slice(&mut header[got..got + n], d.addr()).ok()?;
+    for &(addr, len) in walked.readable.as_slice() {
+        let n = (len as usize).min(REQ_HDR_SIZE - got);
+        mem.read_slice(&mut header[got..got + n], addr).ok()?;
         got += n;
         if got == REQ_HDR_SIZE {
             return RequestHeader::from_bytes(&header).map(|h| h.tag);

@@ -34,7 +34,7 @@
 //! The table comes first in the daemon's lock order (`state.rs`,
 //! `# Locking`).
 
-use std::cell::{Ref, RefCell};
+use std::cell::{Cell, Ref, RefCell};
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -46,7 +46,7 @@ use virtio_dmabuf_protocol::{
     Opcode, Reply, Request, RequestHeader, Response, Status, REQ_HDR_SIZE, RESP_HDR_SIZE,
     SEGMENT_SIZE,
 };
-use virtio_queue::{DescriptorChain, QueueOwnedT, QueueT};
+use virtio_queue::{QueueOwnedT, QueueT};
 use vm_memory::GuestAddressSpace;
 
 use self::chain::{header_tag, write_response, Segments, Walk};
@@ -200,6 +200,10 @@ thread_local! {
     /// allocates neither.
     static REQUEST_BYTES: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
     static RESPONSE_BYTES: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+    /// A worker's batch of chains taken from a ring, kept between batches.
+    static TAKEN: Cell<Vec<Take>> = const { Cell::new(Vec::new()) };
+    /// The tokens of a batch's answered chains ([`Ring::batch`]).
+    static ANSWERED: Cell<Vec<u64>> = const { Cell::new(Vec::new()) };
 }
 
 /// What a worker's buffer keeps after a request (a `TRANSFER` may need
@@ -346,10 +350,10 @@ const BATCH: usize = 32;
 type VringState = vhost_user_backend::VringState<crate::backend::guest_memory::GuestRamHandle>;
 
 /// What the worker got from a ring.
-enum Take<M: std::ops::Deref<Target = GuestRam>> {
+enum Take {
     /// A chain entered in the table as this token, with what one walk
     /// over it found (its writable part moved into the table).
-    Chain(u64, DescriptorChain<M>, Walk),
+    Chain(u64, Walk),
     /// A chain whose links do not end (a loop, or a `next` off the table):
     /// entered in the table with no writable part, so it comes back with
     /// `used.len` 0.
@@ -429,7 +433,8 @@ impl DmabufBackend {
         let Some(memory) = self.memory() else {
             return;
         };
-        let answered = RefCell::new(Vec::new());
+        let answered = RefCell::new(ANSWERED.take());
+        let mut taken = TAKEN.take();
         let mut returned = false;
         'drain: loop {
             if let Err(e) = vring.disable_notification() {
@@ -438,7 +443,6 @@ impl DmabufBackend {
             loop {
                 let mem = memory.memory();
                 let ring = Ring::new(queue, vring, &mem, self.guest, Some(&answered));
-                let mut taken = Vec::with_capacity(BATCH);
                 let (put, open) = self.take_chains(&ring, &mut taken);
                 returned |= put;
                 if taken.is_empty() {
@@ -450,10 +454,10 @@ impl DmabufBackend {
                         false => break 'drain,
                     }
                 }
-                for take in taken {
+                for take in taken.drain(..) {
                     match take {
-                        Take::Chain(token, chain, walked) => {
-                            self.serve_chain(&ring, token, &chain, &walked);
+                        Take::Chain(token, walked) => {
+                            self.serve_chain(&ring, token, &walked);
                         }
                         Take::Cut(token) => {
                             log::debug!(
@@ -475,6 +479,8 @@ impl DmabufBackend {
                 }
             }
         }
+        TAKEN.set(taken);
+        ANSWERED.set(answered.into_inner());
         if returned {
             let _chains = self.chains();
             self.signal(vring);
@@ -487,11 +493,7 @@ impl DmabufBackend {
     /// that left the avail ring). Returns whether a chain went on the used
     /// ring, and whether the ring is still served (false: it is stopped,
     /// disabled or broken).
-    fn take_chains<'m>(
-        &self,
-        ring: &Ring<'m>,
-        taken: &mut Vec<Take<&'m GuestRam>>,
-    ) -> (bool, bool) {
+    fn take_chains<'m>(&self, ring: &Ring<'m>, taken: &mut Vec<Take>) -> (bool, bool) {
         let queue = ring.queue;
         let mut chains = self.chains();
         let mut state = ring.vring.get_mut();
@@ -521,7 +523,7 @@ impl DmabufBackend {
             }
             let writable = std::mem::take(&mut walked.writable);
             let token = chains.insert(queue, chain.head_index(), writable);
-            taken.push(Take::Chain(token, chain, walked));
+            taken.push(Take::Chain(token, walked));
         }
         (put, true)
     }
@@ -577,16 +579,7 @@ impl DmabufBackend {
         }
     }
 
-    fn serve_chain<M>(
-        &self,
-        ring: &Ring<'_>,
-        token: u64,
-        chain: &DescriptorChain<M>,
-        walked: &Walk,
-    ) -> bool
-    where
-        M: std::ops::Deref<Target = GuestRam> + Clone,
-    {
+    fn serve_chain(&self, ring: &Ring<'_>, token: u64, walked: &Walk) -> bool {
         let mem = ring.mem;
         let room = walked.room;
         let outcome = if room < RESP_HDR_SIZE {
@@ -599,7 +592,7 @@ impl DmabufBackend {
                     Ok(()) => self.run_request(ring, token, bytes, walked, room),
                     // A readable part outside guest memory (section 4), with
                     // the tag echoed when the header itself could be read.
-                    Err(status) => respond(header_tag(chain, mem).unwrap_or(0), &Err(status)),
+                    Err(status) => respond(header_tag(walked, mem).unwrap_or(0), &Err(status)),
                 };
                 if bytes.capacity() > KEPT_CAPACITY {
                     *bytes = Vec::new();
