@@ -133,7 +133,7 @@ mod chains {
     use virtio_bindings::bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
     use virtio_queue::desc::{split::Descriptor as SplitDesc, RawDescriptor};
     use virtio_queue::mock::MockSplitQueue;
-    use virtio_queue::Queue;
+    use virtio_queue::{DescriptorChain, Queue};
 
     const NEXT: u16 = VRING_DESC_F_NEXT as u16;
     const WRITE: u16 = VRING_DESC_F_WRITE as u16;
