@@ -89,16 +89,92 @@ struct InFlight {
 /// on the used ring, by token (the token is the request's [`Origin`]).
 #[derive(Debug, Default)]
 pub(crate) struct Chains {
-    entries: BTreeMap<u64, InFlight>,
+    entries: Slots,
     next_token: u64,
+}
+
+/// Bits of a token that name its slot: more than the chains a connection
+/// can have in flight (8 request queues of 32,768 descriptors).
+const SLOT_BITS: u32 = 20;
+
+/// The chains in flight, each in a slot of its own, reused once it is
+/// free: a token is its chain's sequence number (high bits, never reused)
+/// and its slot (low [`SLOT_BITS`] bits), so finding, entering and
+/// removing a chain costs no search and no allocation past the most
+/// chains ever in flight at once.
+#[derive(Debug, Default)]
+struct Slots {
+    slots: Vec<Option<(u64, InFlight)>>,
+    free: Vec<usize>,
+    len: usize,
+}
+
+impl Slots {
+    fn insert(&mut self, sequence: u64, chain: InFlight) -> u64 {
+        let slot = self.free.pop().unwrap_or_else(|| {
+            self.slots.push(None);
+            self.slots.len() - 1
+        });
+        debug_assert!(slot < 1 << SLOT_BITS);
+        let token = (sequence << SLOT_BITS) | slot as u64;
+        self.slots[slot] = Some((token, chain));
+        self.len += 1;
+        token
+    }
+
+    fn slot(&self, token: u64) -> usize {
+        (token & ((1 << SLOT_BITS) - 1)) as usize
+    }
+
+    fn get_mut(&mut self, token: &u64) -> Option<&mut InFlight> {
+        let slot = self.slot(*token);
+        match self.slots.get_mut(slot) {
+            Some(Some((t, chain))) if t == token => Some(chain),
+            _ => None,
+        }
+    }
+
+    fn remove(&mut self, token: &u64) -> Option<InFlight> {
+        let slot = self.slot(*token);
+        let entry = self.slots.get_mut(slot)?;
+        if !matches!(entry, Some((t, _)) if t == token) {
+            return None;
+        }
+        let (_, chain) = entry.take()?;
+        self.free.push(slot);
+        self.len -= 1;
+        Some(chain)
+    }
+
+    /// The chains in the order they were taken.
+    fn tokens_where(&self, keep: impl Fn(&InFlight) -> bool) -> Vec<u64> {
+        let mut tokens: Vec<u64> = self
+            .slots
+            .iter()
+            .flatten()
+            .filter(|(_, chain)| keep(chain))
+            .map(|(token, _)| *token)
+            .collect();
+        tokens.sort_unstable();
+        tokens
+    }
+
+    fn len(&self) -> usize {
+        self.len
+    }
+
+    fn clear(&mut self) {
+        self.slots.clear();
+        self.free.clear();
+        self.len = 0;
+    }
 }
 
 impl Chains {
     fn insert(&mut self, queue: u16, head: u16, writable: Segments) -> u64 {
         self.next_token += 1;
-        let token = self.next_token;
         self.entries.insert(
-            token,
+            self.next_token,
             InFlight {
                 queue,
                 head,
@@ -106,8 +182,7 @@ impl Chains {
                 tag: 0,
                 stage: Stage::Taken,
             },
-        );
-        token
+        )
     }
 
     /// How many chains are in flight.
@@ -539,12 +614,14 @@ impl DmabufBackend {
     ) -> bool {
         let mut put = false;
         for token in answered.drain(..) {
+            if !matches!(chains.entries.get_mut(&token), Some(c) if matches!(c.stage, Stage::Written(_)))
+            {
+                continue;
+            }
             let Some(chain) = chains.entries.remove(&token) else {
                 continue;
             };
             let Stage::Written(len) = chain.stage else {
-                // Not answered after all: back where it was.
-                chains.entries.insert(token, chain);
                 continue;
             };
             match state.get_queue_mut().add_used(ring.mem, chain.head, len) {
@@ -1061,12 +1138,7 @@ impl DmabufBackend {
             self.state.changed(&ex);
         }
         self.deliver_completions_locked(&mut chains);
-        let left: Vec<u64> = chains
-            .entries
-            .iter()
-            .filter(|(_, c)| c.queue == queue)
-            .map(|(token, _)| *token)
-            .collect();
+        let left = chains.entries.tokens_where(|c| c.queue == queue);
         let mut touched = BTreeSet::new();
         for token in left {
             let Some(chain) = chains.entries.remove(&token) else {

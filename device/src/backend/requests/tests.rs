@@ -7,6 +7,36 @@ use super::*;
 use vm_memory::{Bytes, GuestAddress};
 
 #[test]
+fn a_chain_token_names_one_chain_only_even_after_its_slot_is_reused() {
+    let mut chains = Chains::default();
+    let a = chains.insert(1, 7, Segments::default());
+    let b = chains.insert(2, 7, Segments::default());
+    assert_ne!(a, b);
+    assert_eq!(chains.len(), 2);
+    assert_eq!(
+        chains.entries.remove(&a).map(|c| (c.queue, c.head)),
+        Some((1, 7))
+    );
+    assert!(chains.entries.remove(&a).is_none(), "removed once");
+    // The freed slot goes to the next chain under a token of its own: a
+    // late completion for `a` finds nothing.
+    let c = chains.insert(1, 9, Segments::default());
+    assert_ne!(c, a);
+    assert!(chains.entries.get_mut(&a).is_none());
+    assert_eq!(chains.entries.get_mut(&c).map(|c| c.head), Some(9));
+    // Taken order, by queue.
+    let d = chains.insert(1, 3, Segments::default());
+    assert_eq!(chains.entries.tokens_where(|c| c.queue == 1), vec![c, d]);
+    assert_eq!(chains.entries.tokens_where(|c| c.queue == 2), vec![b]);
+    assert_eq!(chains.taken(), 4);
+    chains.clear();
+    assert_eq!(chains.len(), 0);
+    assert!(chains.entries.get_mut(&b).is_none());
+    let e = chains.insert(1, 7, Segments::default());
+    assert!(![a, b, c, d].contains(&e), "tokens are never reused");
+}
+
+#[test]
 fn readable_bound_follows_the_opcode() {
     let hdr = |opcode: Opcode| RequestHeader {
         opcode: opcode as u32,
