@@ -13,19 +13,23 @@
 //! Every chain taken from the avail ring goes back to the used ring exactly
 //! once (section 4). A chain is entered in the connection's [`Chains`]
 //! table in the same critical section that pops it, and whoever removes
-//! it from the table writes its response and returns it: the worker (at
-//! once, or after the front-end acted on the back-end channel messages of
-//! the request), a completion of a parked request, a vring stop, or nobody
-//! (a device reset, a disconnect: the rings are the driver's again). Writes
-//! to a ring happen only with the table locked, so:
+//! it from the table returns it: the worker, a completion of a parked
+//! request, a vring stop, or nobody (a device reset, a disconnect: the
+//! rings are the driver's again). The worker takes chains a batch at a
+//! time; it writes the response of each it answers (at once, or after the
+//! front-end acted on the back-end channel messages of the request) and
+//! leaves it in the table marked written, and puts the batch's written
+//! chains on the used ring together, in the critical section that takes
+//! the next batch (or before it waits for the front-end). Writes to a ring
+//! happen only with the table locked, so:
 //!
 //! - `GET_VRING_BASE` (section 6) takes the table, cancels the ring's
 //!   parked requests, and returns every chain of the ring still held
 //!   before the front-end gets its answer: parked ones and ones not yet
 //!   given to the model with `ECANCELED`, ones whose request the model
-//!   already answered with that answer. The worker finds them gone and
-//!   writes nothing; a request of the stopped ring is never submitted
-//!   after the stop.
+//!   already answered with that answer, written ones as they are. The
+//!   worker finds them gone and writes nothing; a request of the stopped
+//!   ring is never submitted after the stop.
 //! - `RESET_DEVICE` empties the table: nothing of the old rings is
 //!   written into the rings the driver sets up next.
 //!
@@ -310,6 +314,12 @@ struct Ring<'a> {
     /// The back-end channel as the worker last saw it, with its generation
     /// ([`Link::channel_generation`]): a request looks it up without a lock.
     channel: RefCell<(u64, Option<Arc<Channel>>)>,
+    /// When the batch was taken off the ring, read again after a wait for
+    /// the front-end: the time its requests are submitted at, so their
+    /// deadlines count from when the device took them (one clock read per
+    /// batch, not per request; `docs/protocol.md`, "Choices where the
+    /// contract is silent", Deadlines).
+    now: Cell<Instant>,
 }
 
 impl Ring<'_> {
@@ -327,6 +337,7 @@ impl Ring<'_> {
             guest,
             batch,
             channel: RefCell::new((u64::MAX, None)),
+            now: Cell::new(Instant::now()),
         }
     }
 
@@ -727,6 +738,9 @@ impl DmabufBackend {
             self.flush_batch(ring);
         }
         let looked_up = self.look_up_for_open(&request);
+        if looked_up.is_some() {
+            ring.now.set(Instant::now());
+        }
 
         let channel = ring.channel(&self.link);
         let mut chains = self.chains();
@@ -742,7 +756,7 @@ impl DmabufBackend {
         entry.tag = tag;
         let (response, posted) = {
             let mut ex = self.state.lock();
-            let now = Instant::now();
+            let now = ring.now.get();
             let before = channel.as_ref().map_or(0, |c| c.posted());
             let response = ex.submit(self.guest, Origin { queue, token }, tag, request, now);
             let after = channel.as_ref().map_or(0, |c| c.posted());
@@ -787,7 +801,9 @@ impl DmabufBackend {
         drop(chains);
         // The chains answered before this one are not kept waiting.
         self.flush_batch(ring);
-        if !channel.wait(posted.1, self.settings.channel_wait) {
+        let waited = channel.wait(posted.1, self.settings.channel_wait);
+        ring.now.set(Instant::now());
+        if !waited {
             log::warn!(
                 "guest {}: front-end did not answer the back-end channel within {:?}",
                 self.guest,
