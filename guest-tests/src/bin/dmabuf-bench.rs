@@ -855,7 +855,7 @@ fn lock_contention(
     let queues: Vec<u16> = daemon.queues.iter().copied().take(2).collect();
     let per_queue = LOCK_CONTEXTS / queues.len().max(1);
     let t = Instant::now();
-    let waits: Vec<Vec<f64>> = std::thread::scope(|s| {
+    let waits: Vec<Vec<(u64, f64)>> = std::thread::scope(|s| {
         let threads: Vec<_> = queues
             .iter()
             .enumerate()
@@ -871,7 +871,20 @@ fn lock_contention(
             .collect::<Result<_, String>>()
     })?;
     let seconds = t.elapsed().as_secs_f64();
-    let mut all: Vec<f64> = waits.into_iter().flatten().collect();
+    let waits: Vec<(u64, f64)> = waits.into_iter().flatten().collect();
+    // Per context: starvation would show as one context's waits far
+    // longer than the others'.
+    let by_context: Vec<(f64, f64)> = contexts
+        .iter()
+        .map(|&ctx| {
+            let mine: Vec<f64> = waits.iter().filter(|w| w.0 == ctx).map(|w| w.1).collect();
+            let mean = mine.iter().sum::<f64>() / mine.len().max(1) as f64;
+            (mean, mine.iter().copied().fold(0.0, f64::max))
+        })
+        .collect();
+    let means = by_context.iter().map(|c| c.0);
+    let spread = means.clone().fold(0.0, f64::max) / means.fold(f64::INFINITY, f64::min);
+    let mut all: Vec<f64> = waits.iter().map(|w| w.1).collect();
     all.sort_by(f64::total_cmp);
     let mean = all.iter().sum::<f64>() / all.len().max(1) as f64;
     let max = all.last().copied().unwrap_or(f64::NAN);
@@ -886,7 +899,21 @@ fn lock_contention(
         us(max),
         max / mean
     );
+    println!(
+        "lock {mode}: by context, wait mean {} and longest {} (slowest context's mean over the fastest's {spread:.2})",
+        by_context
+            .iter()
+            .map(|c| us(c.0))
+            .collect::<Vec<_>>()
+            .join(", "),
+        by_context
+            .iter()
+            .map(|c| us(c.1))
+            .collect::<Vec<_>>()
+            .join(", "),
+    );
     let key = format!("lock{}", suffix(mode));
+    figures.set(format!("{key}.context_mean_spread"), spread);
     figures.set(format!("{key}.acquire_per_s"), rate);
     figures.set(format!("{key}.max_wait_over_mean"), max / mean);
     figures.set(format!("{key}.mean_wait_ns"), mean);
@@ -915,7 +942,7 @@ fn lock_loop(
     objects: &[u64],
     n: usize,
     seed: usize,
-) -> Result<Vec<f64>, String> {
+) -> Result<Vec<(u64, f64)>, String> {
     /// A context's request in flight.
     struct InFlight {
         ctx: u64,
@@ -965,7 +992,7 @@ fn lock_loop(
             if let Err(status) = response {
                 return Err(format!("LOCK of a context that holds no lock: {status:?}"));
             }
-            waits.push(flying[i].sent.elapsed().as_nanos() as f64);
+            waits.push((ctx, flying[i].sent.elapsed().as_nanos() as f64));
             flying[i].ticket = submit(&Request::Unlock { ctx, object })?;
             flying[i].unlocking = true;
         } else if let Err(status) = response {
