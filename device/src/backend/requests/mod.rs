@@ -522,96 +522,135 @@ impl DmabufBackend {
         let answered = RefCell::new(ANSWERED.take());
         let mut taken = TAKEN.take();
         let mut returned = false;
-        'drain: loop {
-            if let Err(e) = vring.disable_notification() {
-                log::debug!("guest {}: queue {queue}: {e}", self.guest);
+        let mut first = true;
+        loop {
+            let mem = memory.memory();
+            let ring = Ring::new(queue, vring, &mem, self.guest, Some(&answered));
+            let (put, more) = self.take_chains(&ring, &mut taken, first, returned);
+            first = false;
+            returned |= put;
+            if !more {
+                break;
             }
-            loop {
-                let mem = memory.memory();
-                let ring = Ring::new(queue, vring, &mem, self.guest, Some(&answered));
-                let (put, open) = self.take_chains(&ring, &mut taken);
-                returned |= put;
-                if taken.is_empty() {
-                    match open {
-                        true => break,
-                        // Re-enabling notifications would only spin on a
-                        // ring that gives nothing (`iter` refuses a stopped
-                        // queue while `enable_notification` still sees work).
-                        false => break 'drain,
+            for take in taken.drain(..) {
+                match take {
+                    Take::Chain(token, walked) => {
+                        self.serve_chain(&ring, token, &walked);
                     }
-                }
-                for take in taken.drain(..) {
-                    match take {
-                        Take::Chain(token, walked) => {
-                            self.serve_chain(&ring, token, &walked);
-                        }
-                        Take::Cut(token) => {
-                            log::debug!(
-                                "guest {}: queue {queue}: a descriptor chain that does not end \
-                                 (a loop or a next index off its table): used.len 0",
-                                self.guest
-                            );
-                            self.finish(&ring, token, &[]);
-                        }
+                    Take::Cut(token) => {
+                        log::debug!(
+                            "guest {}: queue {queue}: a descriptor chain that does not end \
+                             (a loop or a next index off its table): used.len 0",
+                            self.guest
+                        );
+                        self.finish(&ring, token, &[]);
                     }
-                }
-            }
-            match vring.enable_notification() {
-                Ok(true) => continue,
-                Ok(false) => break,
-                Err(e) => {
-                    log::debug!("guest {}: queue {queue}: {e}", self.guest);
-                    break;
                 }
             }
         }
         TAKEN.set(taken);
         ANSWERED.set(answered.into_inner());
-        if returned {
-            let _chains = self.chains();
-            self.signal(vring);
-        }
     }
 
     /// Puts the chains the worker answered on the used ring, and pops up
     /// to [`BATCH`] more chains, each entered in the table: one critical
     /// section of the table and the ring (a vring stop sees every chain
     /// that left the avail ring). Returns whether a chain went on the used
-    /// ring, and whether the ring is still served (false: it is stopped,
-    /// disabled or broken).
-    fn take_chains<'m>(&self, ring: &Ring<'m>, taken: &mut Vec<Take>) -> (bool, bool) {
+    /// ring, and whether chains were taken.
+    ///
+    /// The EVENT_IDX drain loop runs here too: notifications are disabled
+    /// on the `first` take, and when nothing is left they are enabled again
+    /// (and the ring looked at once more, for chains that came meanwhile).
+    /// A ring with nothing left gets the event's one signal, if a chain
+    /// went back on it (here, or before: `returned`) and the driver wants
+    /// it. A ring stopped, disabled or broken is left alone at once
+    /// (enabling notifications would only spin on a ring that gives
+    /// nothing: `iter` refuses a stopped queue while `enable_notification`
+    /// still sees work).
+    fn take_chains(
+        &self,
+        ring: &Ring<'_>,
+        taken: &mut Vec<Take>,
+        first: bool,
+        returned: bool,
+    ) -> (bool, bool) {
         let queue = ring.queue;
+        let mem = ring.mem;
         let mut chains = self.chains();
         let mut state = ring.vring.get_mut();
         let put = match ring.batch {
             Some(batch) => self.put_written(ring, &mut chains, &mut state, &mut batch.borrow_mut()),
             None => false,
         };
-        if !state.is_enabled() || !state.get_queue().ready() {
-            return (put, false);
-        }
-        let iter = match state.get_queue_mut().iter(ring.mem) {
-            Ok(iter) => iter,
-            Err(e) => {
-                log::warn!("guest {}: queue {queue}: {e}", self.guest);
-                return (put, false);
+        let returned = returned || put;
+        let open = state.is_enabled() && state.get_queue().ready();
+        if open && first {
+            if let Err(e) = state.get_queue_mut().disable_notification(mem) {
+                log::debug!("guest {}: queue {queue}: {e}", self.guest);
             }
-        };
-        for chain in iter.take(BATCH) {
-            let mut walked = chain::walk(&chain, ring.mem);
-            if !walked.ends {
-                taken.push(Take::Cut(chains.insert(
-                    queue,
-                    chain.head_index(),
-                    Segments::default(),
-                )));
-                continue;
-            }
-            let writable = std::mem::take(&mut walked.writable);
-            let token = chains.insert(queue, chain.head_index(), writable);
-            taken.push(Take::Chain(token, walked));
         }
-        (put, true)
+        if open {
+            loop {
+                let iter = match state.get_queue_mut().iter(mem) {
+                    Ok(iter) => iter,
+                    Err(e) => {
+                        log::warn!("guest {}: queue {queue}: {e}", self.guest);
+                        break;
+                    }
+                };
+                for chain in iter.take(BATCH) {
+                    let mut walked = chain::walk(&chain, mem);
+                    if !walked.ends {
+                        let token = chains.insert(queue, chain.head_index(), Segments::default());
+                        taken.push(Take::Cut(token));
+                        continue;
+                    }
+                    let writable = std::mem::take(&mut walked.writable);
+                    let token = chains.insert(queue, chain.head_index(), writable);
+                    taken.push(Take::Chain(token, walked));
+                }
+                if !taken.is_empty() {
+                    return (put, true);
+                }
+                match state.get_queue_mut().enable_notification(mem) {
+                    // More came meanwhile: take it with notifications off.
+                    Ok(true) => {
+                        if let Err(e) = state.get_queue_mut().disable_notification(mem) {
+                            log::debug!("guest {}: queue {queue}: {e}", self.guest);
+                        }
+                    }
+                    Ok(false) => break,
+                    Err(e) => {
+                        log::debug!("guest {}: queue {queue}: {e}", self.guest);
+                        break;
+                    }
+                }
+            }
+        }
+        if returned {
+            self.signal_locked(queue, mem, &mut state);
+        }
+        (put, false)
+    }
+
+    /// Signals the ring's call eventfd if the driver wants it (EVENT_IDX),
+    /// with the ring held.
+    fn signal_locked(&self, queue: u16, mem: &GuestRam, state: &mut VringState) {
+        match state.get_queue_mut().needs_notification(mem) {
+            Ok(true) => {
+                if let Err(e) = state.signal_used_queue() {
+                    log::debug!(
+                        "guest {}: queue {queue}: signal used queue: {e}",
+                        self.guest
+                    );
+                }
+            }
+            Ok(false) => {}
+            Err(e) => log::debug!(
+                "guest {}: queue {queue}: needs_notification: {e}",
+                self.guest
+            ),
+        }
     }
 
     /// Writes the used entries of the chains in `answered` (those still in
@@ -658,12 +697,9 @@ impl DmabufBackend {
             return;
         }
         let mut chains = self.chains();
-        let put = {
-            let mut state = ring.vring.get_mut();
-            self.put_written(ring, &mut chains, &mut state, &mut batch.borrow_mut())
-        };
-        if put {
-            self.signal(ring.vring);
+        let mut state = ring.vring.get_mut();
+        if self.put_written(ring, &mut chains, &mut state, &mut batch.borrow_mut()) {
+            self.signal_locked(ring.queue, ring.mem, &mut state);
         }
     }
 
