@@ -11,6 +11,7 @@ use dmabuf_guest_tests::driver::{BatchItem, Desc, RawChain, RawCompletion};
 use dmabuf_guest_tests::vmm::{LoopbackVmm, VmmOptions};
 use vhost::VhostBackend;
 use virtio_dmabuf_protocol::*;
+use vm_memory::{Bytes, GuestAddress};
 
 const PAGE: u64 = 4096;
 
@@ -451,5 +452,45 @@ fn used_queue_signals_follow_the_drivers_used_event() {
     poll_until("the call", || call.read().ok());
     assert!(vm.try_wait(&first).is_some());
     assert!(vm.try_wait(&second).is_some());
+    d.stop();
+}
+
+#[test]
+fn a_ring_whose_avail_index_counts_unreadable_entries_does_not_hold_the_worker() {
+    let size = 32 << 20;
+    let d = TestDaemon::start(|c| c.request_queues = 2);
+    let mut vm = d.vm(0, ram(size));
+    assert_eq!(vm.info().version, 1);
+    vm.frontend().get_vring_base(0).expect("GET_VRING_BASE");
+    // The controlq's avail flags and index are RAM's last four bytes; its
+    // entries lie past RAM. The index says one chain is there.
+    let mut layout = vm.driver().ring_layouts()[0];
+    layout.avail = size - 4;
+    vm.guest_memory()
+        .write_obj(1u16.to_le(), GuestAddress(size - 2))
+        .expect("avail.idx");
+    // The worker looks (when the ring starts, or at the kick) and lets
+    // go: the other queue is served, the front-end still gets the ring's
+    // base, and the back-end took nothing it could not read.
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        vm.program_ring(0, layout, 0).expect("the ring set up");
+        vm.notifier()
+            .kick_fd(0)
+            .expect("the controlq's kick eventfd")
+            .write(1)
+            .expect("kick");
+        let other = vm.call(2, &Request::GetInfo).map(|_| ());
+        let bases = vm.stop_vrings();
+        let _ = tx.send((other, bases, vm));
+    });
+    let Ok((other, bases, vm)) = rx.recv_timeout(std::time::Duration::from_secs(30)) else {
+        // Stopping the daemon would wait for the stuck worker too.
+        std::mem::forget(d);
+        panic!("GET_VRING_BASE not answered: the worker holds the ring");
+    };
+    assert_eq!(other, Ok(()), "the other queue is served meanwhile");
+    assert_eq!(bases.expect("GET_VRING_BASE")[0], 0, "no chain was taken");
+    drop(vm);
     d.stop();
 }

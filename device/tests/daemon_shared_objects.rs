@@ -12,6 +12,7 @@ use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 
 use common::daemon::*;
+use dmabuf_guest_tests::driver::{BatchItem, RawChain};
 use dmabuf_guest_tests::vmm::channel::backend_req::{
     SHARED_OBJECT_ADD, SHARED_OBJECT_LOOKUP, SHARED_OBJECT_REMOVE,
 };
@@ -231,5 +232,50 @@ fn channel_messages_ask_for_an_ack_exactly_when_reply_ack_is_live() {
         (!h.is_empty()).then_some(h)
     });
     assert_eq!(headers, [(6, 0x1)], "no NEED_REPLY without REPLY_ACK");
+    d.stop();
+}
+
+/// A worker takes 32 chains at a time and writes the used entries of one
+/// batch when it takes the next. The chains answered before a request
+/// that waits for the front-end are on the used ring, and signalled,
+/// during the wait.
+#[test]
+fn answers_before_a_lookup_are_signalled_while_it_waits() {
+    let d = TestDaemon::start(|_| {});
+    let vm = d.vm(0, VmmOptions::default());
+    assert_eq!(vm.info().version, 1);
+    let wanted = [9; 16];
+    vm.frontend_state().hold_lookups(true);
+    vm.publish_shared_object(Uuid::from_bytes(wanted), foreign_buffer(1, 1));
+    let call = vm
+        .notifier()
+        .call_fd(0)
+        .expect("the controlq's call eventfd");
+    let used = vm.driver().device_used_idx(0).expect("the used ring");
+    // The driver wants a call as soon as one chain comes back.
+    vm.driver().set_used_event(0, used).expect("used_event");
+    let _ = call.read();
+    let mut items: Vec<BatchItem> = (0..32)
+        .map(|tag| {
+            let request = encode_request(tag, &Request::GetInfo);
+            BatchItem::raw(RawChain::new().readable(request).writable(64))
+        })
+        .collect();
+    let open = encode_request(99, &open_by_uuid(wanted));
+    items.push(BatchItem::raw(RawChain::new().readable(open).writable(256)));
+    let tickets = vm.driver().submit_batch(0, &items).expect("the batch");
+    wait_for_request(&vm, "the LOOKUP", SHARED_OBJECT_LOOKUP, Some(wanted));
+    poll_until("the call for the first 32 answers", || call.read().ok());
+    assert_eq!(
+        vm.driver().device_used_idx(0).expect("the used ring"),
+        used.wrapping_add(32),
+        "the 32 answers are on the used ring, the OPEN is not"
+    );
+    vm.frontend_state().hold_lookups(false);
+    let completions: Vec<_> = tickets
+        .into_iter()
+        .map(|t| vm.driver().complete_raw(t).expect("the chain comes back"))
+        .collect();
+    assert_eq!(completions.len(), 33);
     d.stop();
 }

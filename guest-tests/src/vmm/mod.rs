@@ -592,6 +592,26 @@ impl LoopbackVmm {
         )
     }
 
+    /// Starts vring `queue` (stopped first) with its parts at `layout`,
+    /// which the driver did not lay out and does not serve, from avail
+    /// and used index `base`: the front-end's own addresses, to see what
+    /// the back-end makes of rings no driver would set up.
+    pub fn program_ring(
+        &mut self,
+        queue: u16,
+        layout: RingLayout,
+        base: u16,
+    ) -> Result<(), VmmError> {
+        program_vring(
+            &mut self.frontend,
+            &self.ram,
+            &self.notifier,
+            queue,
+            layout,
+            base,
+        )
+    }
+
     /// A device reset as the guest triggers it: stop the vrings,
     /// `RESET_DEVICE`, then bring the device up again with fresh rings
     /// (the old driver and its tickets are gone).

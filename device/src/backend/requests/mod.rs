@@ -98,8 +98,9 @@ pub(crate) struct Chains {
 }
 
 /// Bits of a token that name its slot: more than the chains a connection
-/// can have in flight (8 request queues of 32,768 descriptors).
-const SLOT_BITS: u32 = 20;
+/// can ever have in flight (63 request queues of 32,768 descriptors, under
+/// 2^21), whatever limits the table.
+const SLOT_BITS: u32 = 22;
 
 /// The chains in flight, each in a slot of its own, reused once it is
 /// free: a token is its chain's sequence number (high bits, never reused)
@@ -119,7 +120,10 @@ impl Slots {
             self.slots.push(None);
             self.slots.len() - 1
         });
-        debug_assert!(slot < 1 << SLOT_BITS);
+        assert!(
+            slot < 1 << SLOT_BITS,
+            "more chains in flight than a ring can hold"
+        );
         let token = (sequence << SLOT_BITS) | slot as u64;
         self.slots[slot] = Some((token, chain));
         self.len += 1;
@@ -281,8 +285,19 @@ thread_local! {
     static RESPONSE_BYTES: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
     /// A worker's batch of chains taken from a ring, kept between batches.
     static TAKEN: Cell<Vec<Take>> = const { Cell::new(Vec::new()) };
-    /// The tokens of a batch's answered chains ([`Ring::batch`]).
+    /// The tokens of a batch's answered chains ([`Batch::answered`]).
     static ANSWERED: Cell<Vec<u64>> = const { Cell::new(Vec::new()) };
+}
+
+/// What a worker answered on a ring and has not told the driver yet.
+#[derive(Debug, Default)]
+struct Batch {
+    /// The tokens of the chains answered whose used entries are not
+    /// written yet (all go on the used ring under one ring lock).
+    answered: RefCell<Vec<u64>>,
+    /// Used entries were written since the ring's last signal (or its
+    /// last look at whether the driver wants one).
+    unsignalled: Cell<bool>,
 }
 
 /// What a worker's buffer keeps after a request (a `TRANSFER` may need
@@ -307,18 +322,18 @@ struct Ring<'a> {
     vring: &'a VringRwLock,
     mem: &'a GuestRam,
     guest: GuestId,
-    /// The worker's batch: the tokens of the chains it answered whose used
-    /// entries are not written yet (all go on the used ring under one ring
-    /// lock). None: each chain goes on the used ring when answered.
-    batch: Option<&'a RefCell<Vec<u64>>>,
+    /// The worker's batch. None: each chain goes on the used ring, and the
+    /// driver is signalled, when answered.
+    batch: Option<&'a Batch>,
     /// The back-end channel as the worker last saw it, with its generation
     /// ([`Link::channel_generation`]): a request looks it up without a lock.
     channel: RefCell<(u64, Option<Arc<Channel>>)>,
-    /// When the batch was taken off the ring, read again after a wait for
-    /// the front-end: the time its requests are submitted at, so their
-    /// deadlines count from when the device took them (one clock read per
-    /// batch, not per request; `docs/protocol.md`, "Choices where the
-    /// contract is silent", Deadlines).
+    /// The time the batch's requests are submitted at: read once the
+    /// batch is off the avail ring, and again after a wait for the
+    /// front-end, so their deadlines count from no earlier than when the
+    /// device took them (one clock read per batch, not per request;
+    /// `docs/protocol.md`, "Choices where the contract is silent",
+    /// Deadlines).
     now: Cell<Instant>,
 }
 
@@ -328,7 +343,7 @@ impl Ring<'_> {
         vring: &'a VringRwLock,
         mem: &'a GuestRam,
         guest: GuestId,
-        batch: Option<&'a RefCell<Vec<u64>>>,
+        batch: Option<&'a Batch>,
     ) -> Ring<'a> {
         Ring {
             queue,
@@ -390,7 +405,7 @@ impl Ring<'_> {
                 .unwrap_or(n),
         };
         entry.stage = Stage::Written(len);
-        batch.borrow_mut().push(token);
+        batch.answered.borrow_mut().push(token);
         true
     }
 
@@ -519,19 +534,23 @@ impl DmabufBackend {
         let Some(memory) = self.memory() else {
             return;
         };
-        let answered = RefCell::new(ANSWERED.take());
+        let batch = Batch {
+            answered: RefCell::new(ANSWERED.take()),
+            unsignalled: Cell::new(false),
+        };
         let mut taken = TAKEN.take();
-        let mut returned = false;
         let mut first = true;
         loop {
             let mem = memory.memory();
-            let ring = Ring::new(queue, vring, &mem, self.guest, Some(&answered));
-            let (put, more) = self.take_chains(&ring, &mut taken, first, returned);
+            let ring = Ring::new(queue, vring, &mem, self.guest, Some(&batch));
+            let more = self.take_chains(&ring, &mut taken, first);
             first = false;
-            returned |= put;
             if !more {
                 break;
             }
+            // After the take: no chain of the batch was made available
+            // later than its requests' submission time says.
+            ring.now.set(Instant::now());
             for take in taken.drain(..) {
                 match take {
                     Take::Chain(token, walked) => {
@@ -549,40 +568,35 @@ impl DmabufBackend {
             }
         }
         TAKEN.set(taken);
-        ANSWERED.set(answered.into_inner());
+        ANSWERED.set(batch.answered.into_inner());
     }
 
     /// Puts the chains the worker answered on the used ring, and pops up
     /// to [`BATCH`] more chains, each entered in the table: one critical
     /// section of the table and the ring (a vring stop sees every chain
-    /// that left the avail ring). Returns whether a chain went on the used
-    /// ring, and whether chains were taken.
+    /// that left the avail ring). Returns whether chains were taken.
     ///
     /// The EVENT_IDX drain loop runs here too: notifications are disabled
     /// on the `first` take, and when nothing is left they are enabled again
     /// (and the ring looked at once more, for chains that came meanwhile).
     /// A ring with nothing left gets the event's one signal, if a chain
-    /// went back on it (here, or before: `returned`) and the driver wants
-    /// it. A ring stopped, disabled or broken is left alone at once
-    /// (enabling notifications would only spin on a ring that gives
-    /// nothing: `iter` refuses a stopped queue while `enable_notification`
-    /// still sees work).
-    fn take_chains(
-        &self,
-        ring: &Ring<'_>,
-        taken: &mut Vec<Take>,
-        first: bool,
-        returned: bool,
-    ) -> (bool, bool) {
+    /// went back on it since the last signal and the driver wants it. A
+    /// ring stopped, disabled or broken is left alone at once (enabling
+    /// notifications would only spin on a ring that gives nothing: `iter`
+    /// refuses a stopped queue while `enable_notification` still sees
+    /// work), and so is one whose avail index says more than its entries
+    /// give (entries outside guest memory): it is looked at again on the
+    /// next kick.
+    fn take_chains(&self, ring: &Ring<'_>, taken: &mut Vec<Take>, first: bool) -> bool {
         let queue = ring.queue;
         let mem = ring.mem;
+        let Some(batch) = ring.batch else {
+            return false;
+        };
         let mut chains = self.chains();
         let mut state = ring.vring.get_mut();
-        let put = match ring.batch {
-            Some(batch) => self.put_written(ring, &mut chains, &mut state, &mut batch.borrow_mut()),
-            None => false,
-        };
-        let returned = returned || put;
+        self.put_written(ring, batch, &mut chains, &mut state);
+        let mut looked_again = false;
         let open = state.is_enabled() && state.get_queue().ready();
         if open && first {
             if let Err(e) = state.get_queue_mut().disable_notification(mem) {
@@ -610,11 +624,24 @@ impl DmabufBackend {
                     taken.push(Take::Chain(token, walked));
                 }
                 if !taken.is_empty() {
-                    return (put, true);
+                    return true;
                 }
                 match state.get_queue_mut().enable_notification(mem) {
+                    // Entries the avail index counts but that cannot be
+                    // read: the ring is broken (section 4 names no status
+                    // for it; the driver's next kick looks again).
+                    Ok(true) if looked_again => {
+                        log::warn!(
+                            "guest {}: queue {queue}: the avail index is ahead of entries \
+                             that cannot be read (outside guest memory): left until the \
+                             next kick",
+                            self.guest
+                        );
+                        break;
+                    }
                     // More came meanwhile: take it with notifications off.
                     Ok(true) => {
+                        looked_again = true;
                         if let Err(e) = state.get_queue_mut().disable_notification(mem) {
                             log::debug!("guest {}: queue {queue}: {e}", self.guest);
                         }
@@ -627,10 +654,11 @@ impl DmabufBackend {
                 }
             }
         }
-        if returned {
+        if batch.unsignalled.get() {
             self.signal_locked(queue, mem, &mut state);
+            batch.unsignalled.set(false);
         }
-        (put, false)
+        false
     }
 
     /// Signals the ring's call eventfd if the driver wants it (EVENT_IDX),
@@ -653,17 +681,17 @@ impl DmabufBackend {
         }
     }
 
-    /// Writes the used entries of the chains in `answered` (those still in
-    /// the table, at [`Stage::Written`]), with the table and the ring held.
+    /// Writes the used entries of the chains in the batch (those still in
+    /// the table, at [`Stage::Written`]), with the table and the ring held;
+    /// marks the batch unsignalled when one went on the used ring.
     fn put_written(
         &self,
         ring: &Ring<'_>,
+        batch: &Batch,
         chains: &mut Chains,
         state: &mut VringState,
-        answered: &mut Vec<u64>,
-    ) -> bool {
-        let mut put = false;
-        for token in answered.drain(..) {
+    ) {
+        for token in batch.answered.borrow_mut().drain(..) {
             if !matches!(chains.entries.get_mut(&token), Some(c) if matches!(c.stage, Stage::Written(_)))
             {
                 continue;
@@ -675,7 +703,7 @@ impl DmabufBackend {
                 continue;
             };
             match state.get_queue_mut().add_used(ring.mem, chain.head, len) {
-                Ok(()) => put = true,
+                Ok(()) => batch.unsignalled.set(true),
                 Err(e) => log::warn!(
                     "guest {}: queue {}: add_used({}): {e}",
                     self.guest,
@@ -684,22 +712,24 @@ impl DmabufBackend {
                 ),
             }
         }
-        put
     }
 
     /// Puts the chains answered so far in `ring`'s batch on the used ring
-    /// and signals the driver, before the worker waits for the front-end.
+    /// and signals the driver for every chain that went back since the
+    /// last signal, before the worker waits for the front-end.
     fn flush_batch(&self, ring: &Ring<'_>) {
         let Some(batch) = ring.batch else {
             return;
         };
-        if batch.borrow().is_empty() {
+        if batch.answered.borrow().is_empty() && !batch.unsignalled.get() {
             return;
         }
         let mut chains = self.chains();
         let mut state = ring.vring.get_mut();
-        if self.put_written(ring, &mut chains, &mut state, &mut batch.borrow_mut()) {
+        self.put_written(ring, batch, &mut chains, &mut state);
+        if batch.unsignalled.get() {
             self.signal_locked(ring.queue, ring.mem, &mut state);
+            batch.unsignalled.set(false);
         }
     }
 
