@@ -582,14 +582,7 @@ impl LoopbackVmm {
     /// the old rings had in flight is dropped.
     pub fn restart_ring(&mut self, queue: u16) -> Result<(), VmmError> {
         let layout = self.driver.restart_queue(queue)?;
-        program_vring(
-            &mut self.frontend,
-            &self.ram,
-            &self.notifier,
-            queue,
-            layout,
-            0,
-        )
+        self.program_ring(queue, layout, 0)
     }
 
     /// Starts vring `queue` (stopped first) with its parts at `layout`,
