@@ -697,21 +697,22 @@ fn bandwidth(daemon: &Side, plan: Plan, figures: &mut Figures) -> Result<(), Str
             mq / fq
         );
         figures.set(format!("bw.memcpy.{label}.mib_per_s"), mibs(m));
-        for (key, seconds) in [
-            (format!("bw.transfer.to_host.{label}"), t),
-            (format!("bw.transfer.from_host.{label}"), f),
-            (format!("bw.transfer.queued.to_host.{label}"), tq),
-            (format!("bw.transfer.queued.from_host.{label}"), fq),
+        figures.set(format!("bw.memcpy.queued.{label}.mib_per_s"), mibs(mq));
+        for (key, seconds, floor) in [
+            (format!("bw.transfer.to_host.{label}"), t, m),
+            (format!("bw.transfer.from_host.{label}"), f, m),
+            (format!("bw.transfer.queued.to_host.{label}"), tq, mq),
+            (format!("bw.transfer.queued.from_host.{label}"), fq, mq),
         ] {
             figures.set(format!("{key}.mib_per_s"), mibs(seconds));
-            figures.set(format!("{key}.ratio_vs_memcpy"), m / seconds);
+            figures.set(format!("{key}.ratio_vs_memcpy"), floor / seconds);
         }
         figures.set(
             format!("bw.transfer.queued.{label}.in_flight"),
             depth as f64,
         );
         one_at_a_time.extend([m / t, m / f]);
-        in_flight.extend([m / tq, m / fq]);
+        in_flight.extend([mq / tq, mq / fq]);
     }
     // The worst of each kind.
     let worst = |v: &[f64]| v.iter().copied().fold(f64::INFINITY, f64::min);
