@@ -494,3 +494,99 @@ fn a_ring_whose_avail_index_counts_unreadable_entries_does_not_hold_the_worker()
     drop(vm);
     d.stop();
 }
+
+/// A driver that makes a head available again while its chain is in
+/// flight (here: parked behind a lock, its request rewritten between the
+/// two) grows the device's chain table; past every ring full of chains,
+/// the rest come back unread, `used.len` 0, until chains leave the table.
+#[test]
+fn heads_made_available_again_while_in_flight_come_back_unread_past_every_ring_full() {
+    const SIZE: u16 = 16;
+    let d = TestDaemon::start(|c| {
+        c.request_queues = 2;
+        c.max_queue_size = SIZE;
+    });
+    let mut vm = d.vm(
+        0,
+        VmmOptions {
+            queue_size: SIZE,
+            ..ram(32 << 20)
+        },
+    );
+    // Every ring full: 2 request queues of 16.
+    let full = 2 * usize::from(SIZE);
+    let (obj, _holder, _) = vm.lock_held();
+    let contexts: Vec<u64> = (0..full + 2).map(|_| vm.acquire()).collect();
+    vm.frontend().get_vring_base(0).expect("GET_VRING_BASE");
+    // The controlq, written by hand: descriptor 0 is a LOCK request,
+    // descriptor 1 its response; head 0 is made available again and again.
+    let layout = vm.driver().ring_layouts()[0];
+    let (request_at, response_at) = (0x10_0000, 0x10_1000);
+    let mem = vm.guest_memory().clone();
+    let mut table = Vec::new();
+    for (addr, len, flags, next) in [(request_at, 64u32, 1u16, 1u16), (response_at, 64, 2, 0)] {
+        table.extend_from_slice(&u64::to_le_bytes(addr));
+        table.extend_from_slice(&u32::to_le_bytes(len));
+        table.extend_from_slice(&u16::to_le_bytes(flags));
+        table.extend_from_slice(&u16::to_le_bytes(next));
+    }
+    mem.write_slice(&table, GuestAddress(layout.desc))
+        .expect("descriptors");
+    let zeros = vec![0u8; 4096];
+    mem.write_slice(
+        &zeros[..6 + 2 * usize::from(SIZE)],
+        GuestAddress(layout.avail),
+    )
+    .expect("avail ring");
+    mem.write_slice(
+        &zeros[..6 + 8 * usize::from(SIZE)],
+        GuestAddress(layout.used),
+    )
+    .expect("used ring");
+    vm.program_ring(0, layout, 0).expect("the ring set up");
+    let avail_event = GuestAddress(layout.used + 4 + 8 * u64::from(SIZE));
+    let used_idx = GuestAddress(layout.used + 2);
+    let kick = vm
+        .notifier()
+        .kick_fd(0)
+        .expect("the controlq's kick eventfd");
+    for (i, &ctx) in contexts.iter().enumerate() {
+        let request = encode_request(i as u64, &lock_request(ctx, obj));
+        mem.write_slice(&request, GuestAddress(request_at))
+            .expect("request");
+        let idx = i as u16 + 1;
+        let slot = GuestAddress(layout.avail + 4 + 2 * u64::from(i as u16 % SIZE));
+        mem.write_obj(0u16, slot).expect("avail slot");
+        mem.write_obj(idx.to_le(), GuestAddress(layout.avail + 2))
+            .expect("avail.idx");
+        kick.write(1).expect("kick");
+        // The device took it (and read its request) when it asks to be
+        // kicked past it.
+        poll_until("the device to take the chain", || {
+            (u16::from_le(mem.read_obj(avail_event).expect("avail_event")) == idx).then_some(())
+        });
+    }
+    // The first `full` chains park (each context waits for the lock);
+    // the two past them come back unread.
+    let used: u16 = u16::from_le(mem.read_obj(used_idx).expect("used.idx"));
+    assert_eq!(used, 2, "two chains came back");
+    for i in 0..2u64 {
+        let elem = GuestAddress(layout.used + 4 + 8 * i);
+        let id = u32::from_le(mem.read_obj(elem).expect("used id"));
+        let len = u32::from_le(mem.read_obj(GuestAddress(elem.0 + 4)).expect("used len"));
+        assert_eq!((id, len), (0, 0), "head 0, unread");
+    }
+    // Until chains leave the table, every queue of this guest gets its
+    // chains back unread.
+    let info = RawChain::new()
+        .readable(encode_request(7, &Request::GetInfo))
+        .writable(64);
+    let back = run_batch(&vm, 2, vec![info]);
+    assert!(back[0].written.is_empty(), "unread: {:?}", back[0]);
+    // Stopping the ring returns the parked chains (ECANCELED): the
+    // device serves again.
+    vm.frontend().get_vring_base(0).expect("GET_VRING_BASE");
+    assert_eq!(vm.call(2, &Request::GetInfo).map(|_| ()), Ok(()));
+    drop(vm);
+    d.stop();
+}

@@ -98,8 +98,9 @@ pub(crate) struct Chains {
 }
 
 /// Bits of a token that name its slot: more than the chains a connection
-/// can ever have in flight (63 request queues of 32,768 descriptors, under
-/// 2^21), whatever limits the table.
+/// can have in flight (the table holds at most every ring full: 63 request
+/// queues of 32,768 descriptors, under 2^21; `take_chains` returns the
+/// rest unread).
 const SLOT_BITS: u32 = 22;
 
 /// The chains in flight, each in a slot of its own, reused once it is
@@ -216,6 +217,8 @@ impl Chains {
 pub(crate) struct Tally {
     /// Requests refused by a per-guest quota (`--max-objects`, `--max-bytes`).
     quota_refusals: AtomicU64,
+    /// Times a request queue was found broken ([`DmabufBackend::ring_fault`]).
+    ring_faults: AtomicU64,
     /// Answers by opcode and status; counted only while debug logging is on.
     answers: Mutex<BTreeMap<(Opcode, Status), u64>>,
 }
@@ -227,6 +230,10 @@ impl Tally {
         let quota = self.quota_refusals.load(Ordering::Relaxed);
         if quota > 0 {
             text.push_str(&format!(", {quota} refused by a quota"));
+        }
+        let faults = self.ring_faults.load(Ordering::Relaxed);
+        if faults > 0 {
+            text.push_str(&format!(", {faults} ring faults"));
         }
         let answers = self.answers.lock().unwrap_or_else(|e| e.into_inner());
         if !answers.is_empty() {
@@ -322,8 +329,8 @@ struct Ring<'a> {
     vring: &'a VringRwLock,
     mem: &'a GuestRam,
     guest: GuestId,
-    /// The worker's batch. None: each chain goes on the used ring, and the
-    /// driver is signalled, when answered.
+    /// The worker's batch. None: each chain goes on the used ring when
+    /// answered (the caller signals).
     batch: Option<&'a Batch>,
     /// The back-end channel as the worker last saw it, with its generation
     /// ([`Link::channel_generation`]): a request looks it up without a lock.
@@ -574,7 +581,8 @@ impl DmabufBackend {
     /// Puts the chains the worker answered on the used ring, and pops up
     /// to [`BATCH`] more chains, each entered in the table: one critical
     /// section of the table and the ring (a vring stop sees every chain
-    /// that left the avail ring). Returns whether chains were taken.
+    /// that left the avail ring). Returns whether chains were taken (or
+    /// returned unread).
     ///
     /// The EVENT_IDX drain loop runs here too: notifications are disabled
     /// on the `first` take, and when nothing is left they are enabled again
@@ -585,8 +593,11 @@ impl DmabufBackend {
     /// notifications would only spin on a ring that gives nothing: `iter`
     /// refuses a stopped queue while `enable_notification` still sees
     /// work), and so is one whose avail index says more than its entries
-    /// give (entries outside guest memory): it is looked at again on the
-    /// next kick.
+    /// give (entries outside guest memory) after one more look: with
+    /// EVENT_IDX its driver does not kick it again, so it stays until the
+    /// ring is restarted. Past every ring full of chains in flight (heads
+    /// made available again before they came back), chains are returned
+    /// unread (`used.len` 0): the table never holds more.
     fn take_chains(&self, ring: &Ring<'_>, taken: &mut Vec<Take>, first: bool) -> bool {
         let queue = ring.queue;
         let mem = ring.mem;
@@ -597,6 +608,9 @@ impl DmabufBackend {
         let mut state = ring.vring.get_mut();
         self.put_written(ring, batch, &mut chains, &mut state);
         let mut looked_again = false;
+        // What a driver can have in flight: every ring full.
+        let max_chains =
+            usize::from(self.settings.request_queues) * usize::from(self.settings.max_queue_size);
         let open = state.is_enabled() && state.get_queue().ready();
         if open && first {
             if let Err(e) = state.get_queue_mut().disable_notification(mem) {
@@ -608,11 +622,17 @@ impl DmabufBackend {
                 let iter = match state.get_queue_mut().iter(mem) {
                     Ok(iter) => iter,
                     Err(e) => {
-                        log::warn!("guest {}: queue {queue}: {e}", self.guest);
+                        self.ring_fault(queue, &e.to_string());
                         break;
                     }
                 };
+                let (mut unread, mut unread_len) = ([0u16; BATCH], 0);
                 for chain in iter.take(BATCH) {
+                    if chains.len() >= max_chains {
+                        unread[unread_len] = chain.head_index();
+                        unread_len += 1;
+                        continue;
+                    }
                     let mut walked = chain::walk(&chain, mem);
                     if !walked.ends {
                         let token = chains.insert(queue, chain.head_index(), Segments::default());
@@ -623,19 +643,39 @@ impl DmabufBackend {
                     let token = chains.insert(queue, chain.head_index(), writable);
                     taken.push(Take::Chain(token, walked));
                 }
-                if !taken.is_empty() {
+                // More chains in flight than the rings hold: the driver
+                // made heads available again before they came back. They
+                // go back unread (used.len 0), and the table stays bounded.
+                for &head in &unread[..unread_len] {
+                    match state.get_queue_mut().add_used(mem, head, 0) {
+                        Ok(()) => batch.unsignalled.set(true),
+                        Err(e) => log::debug!("guest {}: queue {queue}: {e}", self.guest),
+                    }
+                }
+                if unread_len > 0 {
+                    self.ring_fault(
+                        queue,
+                        &format!(
+                            "{unread_len} chains made available while {} are in flight, \
+                             more than the rings hold: returned unread",
+                            chains.len()
+                        ),
+                    );
+                }
+                if !taken.is_empty() || unread_len > 0 {
                     return true;
                 }
                 match state.get_queue_mut().enable_notification(mem) {
                     // Entries the avail index counts but that cannot be
                     // read: the ring is broken (section 4 names no status
-                    // for it; the driver's next kick looks again).
+                    // for it). With EVENT_IDX the driver does not kick it
+                    // again; a restart of the ring (or a reset) is what
+                    // brings it back.
                     Ok(true) if looked_again => {
-                        log::warn!(
-                            "guest {}: queue {queue}: the avail index is ahead of entries \
-                             that cannot be read (outside guest memory): left until the \
-                             next kick",
-                            self.guest
+                        self.ring_fault(
+                            queue,
+                            "the avail index is ahead of entries that cannot be read \
+                             (outside guest memory): the ring is left until it is restarted",
                         );
                         break;
                     }
@@ -1070,6 +1110,19 @@ impl DmabufBackend {
     /// the disconnect summary counts them all.
     fn quota_refused(&self, queue: u16, why: &str) {
         let before = self.tally.quota_refusals.fetch_add(1, Ordering::Relaxed);
+        if before == 0 {
+            log::warn!("guest {}: queue {queue}: {why}", self.guest);
+        } else {
+            log::debug!("guest {}: queue {queue}: {why}", self.guest);
+        }
+    }
+
+    /// A request queue the driver broke (an avail ring that cannot be
+    /// read, heads made available again while in flight): said at warn
+    /// level once per connection (a guest can kick as often as it likes),
+    /// then at debug level; the disconnect summary counts them all.
+    fn ring_fault(&self, queue: u16, why: &str) {
+        let before = self.tally.ring_faults.fetch_add(1, Ordering::Relaxed);
         if before == 0 {
             log::warn!("guest {}: queue {queue}: {why}", self.guest);
         } else {
