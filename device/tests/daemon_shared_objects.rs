@@ -279,3 +279,48 @@ fn answers_before_a_lookup_are_signalled_while_it_waits() {
     assert_eq!(completions.len(), 33);
     d.stop();
 }
+
+/// A request that completes a parked one (an `UNLOCK` letting another
+/// context have the lock) is followed, in the same batch, by one that
+/// waits for the front-end: the parked request is answered before the
+/// wait, not when the worker is done with the ring.
+#[test]
+fn requests_completed_by_a_batch_are_answered_before_it_waits_for_the_front_end() {
+    let d = TestDaemon::start(|c| c.request_queues = 2);
+    let vm = d.vm(0, VmmOptions::default());
+    let (obj, a, b) = vm.lock_held();
+    let parked = vm.send(2, &lock_request(b, obj));
+    poll_until("the LOCK to park", || {
+        vm.vmm().driver().device_took_all(2).ok().filter(|&t| t)
+    });
+    assert!(vm.try_wait(&parked).is_none(), "parked behind a");
+    let wanted = [11; 16];
+    vm.frontend_state().hold_lookups(true);
+    vm.publish_shared_object(Uuid::from_bytes(wanted), foreign_buffer(1, 1));
+    let unlock = encode_request(
+        1,
+        &Request::Unlock {
+            ctx: a,
+            object: obj,
+        },
+    );
+    let open = encode_request(2, &open_by_uuid(wanted));
+    let items = [
+        BatchItem::raw(RawChain::new().readable(unlock).writable(64)),
+        BatchItem::raw(RawChain::new().readable(open).writable(256)),
+    ];
+    let tickets = vm.driver().submit_batch(0, &items).expect("the batch");
+    wait_for_request(&vm, "the LOOKUP", SHARED_OBJECT_LOOKUP, Some(wanted));
+    let locked = poll_until("b's LOCK answered", || vm.try_wait(&parked));
+    assert_eq!(locked, Ok(Reply::Empty));
+    assert!(
+        !vm.driver().poll(&tickets[1]).expect("the OPEN's ticket"),
+        "the OPEN still waits for its LOOKUP"
+    );
+    vm.frontend_state().hold_lookups(false);
+    for t in tickets {
+        vm.driver().complete_raw(t).expect("the chain comes back");
+    }
+    assert_eq!(vm.unlock(b, obj), Ok(Reply::Empty));
+    d.stop();
+}

@@ -305,6 +305,11 @@ struct Batch {
     /// Used entries were written since the ring's last signal (or its
     /// last look at whether the driver wants one).
     unsignalled: Cell<bool>,
+    /// A request of the batch saw parked requests of this guest completed
+    /// (its own doing or another queue's): they are delivered after the
+    /// batch, or before a wait for the front-end, not only when the worker
+    /// is done with the ring, which a busy ring may never be.
+    completions: Cell<bool>,
 }
 
 /// What a worker's buffer keeps after a request (a `TRANSFER` may need
@@ -544,6 +549,7 @@ impl DmabufBackend {
         let batch = Batch {
             answered: RefCell::new(ANSWERED.take()),
             unsignalled: Cell::new(false),
+            completions: Cell::new(false),
         };
         let mut taken = TAKEN.take();
         let mut first = true;
@@ -572,6 +578,9 @@ impl DmabufBackend {
                         self.finish(&ring, token, &[]);
                     }
                 }
+            }
+            if batch.completions.take() {
+                self.deliver_completions();
             }
         }
         TAKEN.set(taken);
@@ -756,20 +765,23 @@ impl DmabufBackend {
 
     /// Puts the chains answered so far in `ring`'s batch on the used ring
     /// and signals the driver for every chain that went back since the
-    /// last signal, before the worker waits for the front-end.
+    /// last signal, and delivers the completions the batch saw, before the
+    /// worker waits for the front-end.
     fn flush_batch(&self, ring: &Ring<'_>) {
         let Some(batch) = ring.batch else {
             return;
         };
-        if batch.answered.borrow().is_empty() && !batch.unsignalled.get() {
-            return;
+        if !batch.answered.borrow().is_empty() || batch.unsignalled.get() {
+            let mut chains = self.chains();
+            let mut state = ring.vring.get_mut();
+            self.put_written(ring, batch, &mut chains, &mut state);
+            if batch.unsignalled.get() {
+                self.signal_locked(ring.queue, ring.mem, &mut state);
+                batch.unsignalled.set(false);
+            }
         }
-        let mut chains = self.chains();
-        let mut state = ring.vring.get_mut();
-        self.put_written(ring, batch, &mut chains, &mut state);
-        if batch.unsignalled.get() {
-            self.signal_locked(ring.queue, ring.mem, &mut state);
-            batch.unsignalled.set(false);
+        if batch.completions.take() {
+            self.deliver_completions();
         }
     }
 
@@ -868,6 +880,11 @@ impl DmabufBackend {
             let after = channel.as_ref().map_or(0, |c| c.posted());
             if let Some(why) = quota_refusal(&ex, self.guest, opcode, asked, response.as_ref()) {
                 self.quota_refused(queue, &why);
+            }
+            if let Some(batch) = ring.batch {
+                if ex.has_completions(self.guest) {
+                    batch.completions.set(true);
+                }
             }
             self.state.changed(&ex);
             (response, (before, after))
