@@ -414,8 +414,9 @@ impl Exporter {
     }
 
     /// True when `guest` has completed parked requests to deliver.
+    #[inline]
     pub fn has_completions(&self, guest: GuestId) -> bool {
-        self.completions.iter().any(|c| c.guest == guest)
+        !self.completions.is_empty() && self.completions.iter().any(|c| c.guest == guest)
     }
 
     /// True when host operations (evict) completed and were not taken yet.

@@ -83,6 +83,7 @@ pub(super) struct Walk {
 }
 
 /// Walks `chain` once (see [`Walk`]).
+#[inline]
 pub(super) fn walk<M>(chain: &DescriptorChain<M>, mem: &GuestRam) -> Walk
 where
     M: std::ops::Deref<Target = GuestRam> + Clone,

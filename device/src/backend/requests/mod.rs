@@ -617,9 +617,6 @@ impl DmabufBackend {
         let mut state = ring.vring.get_mut();
         self.put_written(ring, batch, &mut chains, &mut state);
         let mut looked_again = false;
-        // What a driver can have in flight: every ring full.
-        let max_chains =
-            usize::from(self.settings.request_queues) * usize::from(self.settings.max_queue_size);
         let open = state.is_enabled() && state.get_queue().ready();
         if open && first {
             if let Err(e) = state.get_queue_mut().disable_notification(mem) {
@@ -628,51 +625,35 @@ impl DmabufBackend {
         }
         if open {
             loop {
-                let iter = match state.get_queue_mut().iter(mem) {
-                    Ok(iter) => iter,
-                    Err(e) => {
-                        self.ring_fault(queue, &e.to_string());
-                        break;
+                // What a driver can have in flight is every ring full.
+                let room = self.max_chains().saturating_sub(chains.len());
+                if room == 0 {
+                    if self.return_unread(ring, &chains, &mut state) > 0 {
+                        return true;
                     }
-                };
-                let (mut unread, mut unread_len) = ([0u16; BATCH], 0);
-                for chain in iter.take(BATCH) {
-                    if chains.len() >= max_chains {
-                        unread[unread_len] = chain.head_index();
-                        unread_len += 1;
-                        continue;
+                } else {
+                    let iter = match state.get_queue_mut().iter(mem) {
+                        Ok(iter) => iter,
+                        Err(e) => {
+                            self.ring_fault(queue, &e.to_string());
+                            break;
+                        }
+                    };
+                    for chain in iter.take(BATCH.min(room)) {
+                        let mut walked = chain::walk(&chain, mem);
+                        if !walked.ends {
+                            let token =
+                                chains.insert(queue, chain.head_index(), Segments::default());
+                            taken.push(Take::Cut(token));
+                            continue;
+                        }
+                        let writable = std::mem::take(&mut walked.writable);
+                        let token = chains.insert(queue, chain.head_index(), writable);
+                        taken.push(Take::Chain(token, walked));
                     }
-                    let mut walked = chain::walk(&chain, mem);
-                    if !walked.ends {
-                        let token = chains.insert(queue, chain.head_index(), Segments::default());
-                        taken.push(Take::Cut(token));
-                        continue;
+                    if !taken.is_empty() {
+                        return true;
                     }
-                    let writable = std::mem::take(&mut walked.writable);
-                    let token = chains.insert(queue, chain.head_index(), writable);
-                    taken.push(Take::Chain(token, walked));
-                }
-                // More chains in flight than the rings hold: the driver
-                // made heads available again before they came back. They
-                // go back unread (used.len 0), and the table stays bounded.
-                for &head in &unread[..unread_len] {
-                    match state.get_queue_mut().add_used(mem, head, 0) {
-                        Ok(()) => batch.unsignalled.set(true),
-                        Err(e) => log::debug!("guest {}: queue {queue}: {e}", self.guest),
-                    }
-                }
-                if unread_len > 0 {
-                    self.ring_fault(
-                        queue,
-                        &format!(
-                            "{unread_len} chains made available while {} are in flight, \
-                             more than the rings hold: returned unread",
-                            chains.len()
-                        ),
-                    );
-                }
-                if !taken.is_empty() || unread_len > 0 {
-                    return true;
                 }
                 match state.get_queue_mut().enable_notification(mem) {
                     // Entries the avail index counts but that cannot be
@@ -708,6 +689,51 @@ impl DmabufBackend {
             batch.unsignalled.set(false);
         }
         false
+    }
+
+    /// The most chains a driver can have in flight: every ring full.
+    fn max_chains(&self) -> usize {
+        usize::from(self.settings.request_queues) * usize::from(self.settings.max_queue_size)
+    }
+
+    /// With more chains in flight than the rings hold (the driver made
+    /// heads available again before they came back), up to [`BATCH`]
+    /// chains of `ring` go back unread (`used.len` 0), so the table stays
+    /// bounded; with the table and the ring held. Returns how many.
+    #[cold]
+    fn return_unread(&self, ring: &Ring<'_>, chains: &Chains, state: &mut VringState) -> usize {
+        let (queue, mem) = (ring.queue, ring.mem);
+        let Some(batch) = ring.batch else {
+            return 0;
+        };
+        let mut heads = [0u16; BATCH];
+        let mut count = 0;
+        match state.get_queue_mut().iter(mem) {
+            Ok(iter) => {
+                for (head, chain) in heads.iter_mut().zip(iter) {
+                    *head = chain.head_index();
+                    count += 1;
+                }
+            }
+            Err(e) => self.ring_fault(queue, &e.to_string()),
+        }
+        for &head in &heads[..count] {
+            match state.get_queue_mut().add_used(mem, head, 0) {
+                Ok(()) => batch.unsignalled.set(true),
+                Err(e) => log::debug!("guest {}: queue {queue}: {e}", self.guest),
+            }
+        }
+        if count > 0 {
+            self.ring_fault(
+                queue,
+                &format!(
+                    "{count} chains made available while {} are in flight, more than the \
+                     rings hold: returned unread",
+                    chains.len()
+                ),
+            );
+        }
+        count
     }
 
     /// Signals the ring's call eventfd if the driver wants it (EVENT_IDX),
