@@ -873,15 +873,7 @@ impl DmabufBackend {
             Request::MapShm { object, .. } => Some(*object),
             _ => None,
         };
-        if matches!(request, Request::Open { uuid: Some(_), .. }) {
-            // A vring stop while the LOOKUP runs answers with the tag.
-            if let Some(chain) = self.chains().entries.get_mut(&token) {
-                chain.tag = tag;
-            }
-            // The chains answered before this one are not kept waiting.
-            self.flush_batch(ring);
-        }
-        let looked_up = self.look_up_for_open(&request);
+        let looked_up = self.look_up_for_open(ring, token, tag, &request);
         if looked_up.is_some() {
             ring.now.set(Instant::now());
         }
@@ -1148,25 +1140,23 @@ impl DmabufBackend {
             .or_insert(0) += 1;
     }
 
-    /// A quota refused a request: said at warn level once per connection
-    /// (a guest that loops on it would flood the log), then at debug level;
-    /// the disconnect summary counts them all.
+    /// A quota refused a request (counted for the disconnect summary).
     fn quota_refused(&self, queue: u16, why: &str) {
-        let before = self.tally.quota_refusals.fetch_add(1, Ordering::Relaxed);
-        if before == 0 {
-            log::warn!("guest {}: queue {queue}: {why}", self.guest);
-        } else {
-            log::debug!("guest {}: queue {queue}: {why}", self.guest);
-        }
+        self.warn_once(&self.tally.quota_refusals, queue, why);
     }
 
-    /// A request queue the driver broke (an avail ring that cannot be
-    /// read, heads made available again while in flight): said at warn
-    /// level once per connection (a guest can kick as often as it likes),
-    /// then at debug level; the disconnect summary counts them all.
+    /// A request queue the driver broke: an avail ring that cannot be
+    /// read, heads made available again while in flight (counted for the
+    /// disconnect summary).
     fn ring_fault(&self, queue: u16, why: &str) {
-        let before = self.tally.ring_faults.fetch_add(1, Ordering::Relaxed);
-        if before == 0 {
+        self.warn_once(&self.tally.ring_faults, queue, why);
+    }
+
+    /// Says `why` at warn level the first time `count` goes up on this
+    /// connection, then at debug level: a guest that loops on it (or kicks
+    /// as often as it likes) would flood the log.
+    fn warn_once(&self, count: &AtomicU64, queue: u16, why: &str) {
+        if count.fetch_add(1, Ordering::Relaxed) == 0 {
             log::warn!("guest {}: queue {queue}: {why}", self.guest);
         } else {
             log::debug!("guest {}: queue {queue}: {why}", self.guest);
@@ -1203,7 +1193,13 @@ impl DmabufBackend {
     /// `OPEN` BY_UUID of a UUID this back-end does not know: ask the
     /// front-end (`SHARED_OBJECT_LOOKUP`) now, with no lock held, and leave
     /// the answer for the model (section 7.2). Returns the UUID looked up.
-    fn look_up_for_open(&self, request: &Request) -> Option<[u8; 16]> {
+    fn look_up_for_open(
+        &self,
+        ring: &Ring<'_>,
+        token: u64,
+        tag: u64,
+        request: &Request,
+    ) -> Option<[u8; 16]> {
         let Request::Open {
             uuid: Some(uuid), ..
         } = request
@@ -1217,6 +1213,12 @@ impl DmabufBackend {
             return None;
         }
         let channel = self.link.channel()?;
+        // A vring stop while the LOOKUP runs answers with the tag.
+        if let Some(chain) = self.chains().entries.get_mut(&token) {
+            chain.tag = tag;
+        }
+        // The chains answered before this one are not kept waiting.
+        self.flush_batch(ring);
         let result = channel
             .lookup(*uuid, self.settings.channel_wait)
             .map_err(|e| match e {
