@@ -305,10 +305,12 @@ struct Batch {
     /// Used entries were written since the ring's last signal (or its
     /// last look at whether the driver wants one).
     unsignalled: Cell<bool>,
-    /// A request of the batch saw parked requests of this guest completed
-    /// (its own doing or another queue's): they are delivered after the
-    /// batch, or before a wait for the front-end, not only when the worker
-    /// is done with the ring, which a busy ring may never be.
+    /// A request of the batch that went to the model saw parked requests
+    /// of this guest completed (its own doing or another queue's): they
+    /// are delivered after the batch, or before a `LOOKUP`, not only when
+    /// the worker is done with the ring, which a busy ring may never be.
+    /// (Completions no request of the batch saw still come with the
+    /// guest's wake-up event.)
     completions: Cell<bool>,
 }
 
@@ -628,8 +630,10 @@ impl DmabufBackend {
                 // What a driver can have in flight is every ring full.
                 let room = self.max_chains().saturating_sub(chains.len());
                 if room == 0 {
-                    if self.return_unread(ring, &chains, &mut state) > 0 {
-                        return true;
+                    match self.return_unread(ring, &chains, &mut state) {
+                        Some(0) => {}
+                        Some(_) => return true,
+                        None => break,
                     }
                 } else {
                     let iter = match state.get_queue_mut().iter(mem) {
@@ -699,23 +703,32 @@ impl DmabufBackend {
     /// With more chains in flight than the rings hold (the driver made
     /// heads available again before they came back), up to [`BATCH`]
     /// chains of `ring` go back unread (`used.len` 0), so the table stays
-    /// bounded; with the table and the ring held. Returns how many.
+    /// bounded; with the table and the ring held. Returns how many, or
+    /// none when the avail ring cannot be read.
     #[cold]
-    fn return_unread(&self, ring: &Ring<'_>, chains: &Chains, state: &mut VringState) -> usize {
+    fn return_unread(
+        &self,
+        ring: &Ring<'_>,
+        chains: &Chains,
+        state: &mut VringState,
+    ) -> Option<usize> {
         let (queue, mem) = (ring.queue, ring.mem);
-        let Some(batch) = ring.batch else {
-            return 0;
-        };
+        let batch = ring.batch?;
         let mut heads = [0u16; BATCH];
         let mut count = 0;
         match state.get_queue_mut().iter(mem) {
+            // `heads` first: a chain is popped only when there is room for
+            // its head.
             Ok(iter) => {
                 for (head, chain) in heads.iter_mut().zip(iter) {
                     *head = chain.head_index();
                     count += 1;
                 }
             }
-            Err(e) => self.ring_fault(queue, &e.to_string()),
+            Err(e) => {
+                self.ring_fault(queue, &e.to_string());
+                return None;
+            }
         }
         for &head in &heads[..count] {
             match state.get_queue_mut().add_used(mem, head, 0) {
@@ -733,7 +746,7 @@ impl DmabufBackend {
                 ),
             );
         }
-        count
+        Some(count)
     }
 
     /// Signals the ring's call eventfd if the driver wants it (EVENT_IDX),
@@ -791,9 +804,13 @@ impl DmabufBackend {
 
     /// Puts the chains answered so far in `ring`'s batch on the used ring
     /// and signals the driver for every chain that went back since the
-    /// last signal, and delivers the completions the batch saw, before the
-    /// worker waits for the front-end.
-    fn flush_batch(&self, ring: &Ring<'_>) {
+    /// last signal, before the worker waits for the front-end; with
+    /// `deliver`, also delivers the completions the batch saw. Not before
+    /// the wait for a request's own back-end channel messages: a request
+    /// its `submit` completed (a lock granted after an eviction moved the
+    /// object in the window) must not be answered before the front-end
+    /// acted on them; they go after the batch.
+    fn flush_batch(&self, ring: &Ring<'_>, deliver: bool) {
         let Some(batch) = ring.batch else {
             return;
         };
@@ -806,7 +823,7 @@ impl DmabufBackend {
                 batch.unsignalled.set(false);
             }
         }
-        if batch.completions.take() {
+        if deliver && batch.completions.take() {
             self.deliver_completions();
         }
     }
@@ -940,8 +957,9 @@ impl DmabufBackend {
             chain.stage = Stage::Answered(encode_response(tag, &response));
         }
         drop(chains);
-        // The chains answered before this one are not kept waiting.
-        self.flush_batch(ring);
+        // The chains answered before this one are not kept waiting; what
+        // this request completed waits for its messages (after the batch).
+        self.flush_batch(ring, false);
         let waited = channel.wait(posted.1, self.settings.channel_wait);
         ring.now.set(Instant::now());
         if !waited {
@@ -1217,8 +1235,10 @@ impl DmabufBackend {
         if let Some(chain) = self.chains().entries.get_mut(&token) {
             chain.tag = tag;
         }
-        // The chains answered before this one are not kept waiting.
-        self.flush_batch(ring);
+        // The chains answered before this one, and the requests the batch
+        // completed (every back-end channel message of the batch's earlier
+        // requests was waited for), are not kept waiting.
+        self.flush_batch(ring, true);
         let result = channel
             .lookup(*uuid, self.settings.channel_wait)
             .map_err(|e| match e {
