@@ -34,7 +34,7 @@ for t in "${targets[@]}"; do
     echo "== $t: ${seconds} s"
     log="$scratch/$t.log"
     if nice -n 10 cargo fuzz run --fuzz-dir fuzz "$t" "$corpus" -- \
-        -max_total_time="$seconds" -artifact_prefix="$artifacts" -print_final_stats=1 \
+        -max_total_time="$seconds" -timeout=30 -artifact_prefix="$artifacts" -print_final_stats=1 \
         >"$log" 2>&1; then
         grep -E '^(#[0-9]+[[:space:]]+DONE|stat::number_of_executed_units|stat::average_exec_per_sec|stat::new_units_added)' "$log" || true
     else

@@ -300,41 +300,60 @@ pub fn known_protocol_features(raw: u64) -> u64 {
     vhost::vhost_user::message::VhostUserProtocolFeatures::from_bits_truncate(raw).bits()
 }
 
-/// Longest stream [`relay_stream`] takes: it must fit in a socket buffer,
-/// since one thread writes it all before the relay reads.
+/// Longest stream [`relay_stream`] takes (the relay's own limits are far
+/// below it; this keeps an input's run short).
 pub const RELAY_STREAM_MAX: usize = 64 << 10;
 
 /// Sends `segments` (bytes, and how many fds go with them: each an eventfd)
 /// as the front-end, then hangs up, and runs the relay's front-end to
-/// back-end direction over them on this thread.
+/// back-end direction over them on this thread. The front-end writes and
+/// the back-end reads on threads of their own, as in the daemon: neither
+/// socket buffer has to hold the whole stream (many small segments or
+/// messages take far more buffer than their bytes).
 pub fn relay_stream(segments: &[(&[u8], usize)]) -> io::Result<RelayOutcome> {
     let total: usize = segments.iter().map(|(b, _)| b.len()).sum();
     if total > RELAY_STREAM_MAX {
-        return Err(io::Error::other("stream too long for one socket buffer"));
+        return Err(io::Error::other("stream too long"));
     }
     let (front_peer, front) = UnixStream::pair()?;
     let (back, mut back_peer) = UnixStream::pair()?;
-    for (bytes, nfds) in segments {
-        if bytes.is_empty() {
-            continue;
-        }
-        let fds = (0..(*nfds).min(MAX_ATTACHED_FD_ENTRIES))
-            .map(|_| rustix::event::eventfd(0, rustix::event::EventfdFlags::CLOEXEC))
-            .collect::<Result<Vec<_>, _>>()?;
-        send_all(&front_peer, bytes, &fds)?;
-    }
-    front_peer.shutdown(Shutdown::Write)?;
     let info = crate::backend::relay::ConnectionInfo::default();
-    let result = crate::backend::relay::carry_messages(&front, &back, Some(&info), "fuzz");
-    back.shutdown(Shutdown::Write)?;
-    let (forwarded, forwarded_fds) = receive_all(&mut back_peer)?;
-    Ok(RelayOutcome {
-        result,
-        forwarded,
-        forwarded_fds,
-        messages: info.messages(),
-        acked_protocol_features: info.acked_protocol_features().bits(),
-        channel_socket: info.take_channel_socket().is_some(),
+    std::thread::scope(|scope| {
+        let writer = scope.spawn(move || -> io::Result<()> {
+            for (bytes, nfds) in segments {
+                if bytes.is_empty() {
+                    continue;
+                }
+                let fds = (0..(*nfds).min(MAX_ATTACHED_FD_ENTRIES))
+                    .map(|_| rustix::event::eventfd(0, rustix::event::EventfdFlags::CLOEXEC))
+                    .collect::<Result<Vec<_>, _>>()?;
+                send_all(&front_peer, bytes, &fds)?;
+            }
+            front_peer.shutdown(Shutdown::Write)
+        });
+        let reader = scope.spawn(move || receive_all(&mut back_peer));
+        let result = crate::backend::relay::carry_messages(&front, &back, Some(&info), "fuzz");
+        back.shutdown(Shutdown::Write)?;
+        // A relay that stopped reading early leaves the writer blocked on
+        // a full buffer: closing the socket ends its write (EPIPE).
+        drop(front);
+        match writer.join() {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) if e.kind() == io::ErrorKind::BrokenPipe => {}
+            Ok(Err(e)) => return Err(e),
+            Err(_) => return Err(io::Error::other("the writer thread panicked")),
+        }
+        let (forwarded, forwarded_fds) = reader
+            .join()
+            .map_err(|_| io::Error::other("the reader thread panicked"))??;
+        Ok(RelayOutcome {
+            result,
+            forwarded,
+            forwarded_fds,
+            messages: info.messages(),
+            acked_protocol_features: info.acked_protocol_features().bits(),
+            channel_socket: info.take_channel_socket().is_some(),
+        })
     })
 }
 
