@@ -335,11 +335,19 @@ pub fn relay_stream(segments: &[(&[u8], usize)]) -> io::Result<RelayOutcome> {
         let result = crate::backend::relay::carry_messages(&front, &back, Some(&info), "fuzz");
         back.shutdown(Shutdown::Write)?;
         // A relay that stopped reading early leaves the writer blocked on
-        // a full buffer: closing the socket ends its write (EPIPE).
+        // a full buffer: closing the socket ends its write (EPIPE, or
+        // ECONNRESET when bytes were left unread).
         drop(front);
+        let stopped_early = |e: &io::Error| {
+            result.is_err()
+                && matches!(
+                    e.kind(),
+                    io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset
+                )
+        };
         match writer.join() {
             Ok(Ok(())) => {}
-            Ok(Err(e)) if e.kind() == io::ErrorKind::BrokenPipe => {}
+            Ok(Err(e)) if stopped_early(&e) => {}
             Ok(Err(e)) => return Err(e),
             Err(_) => return Err(io::Error::other("the writer thread panicked")),
         }
