@@ -300,8 +300,7 @@ pub fn known_protocol_features(raw: u64) -> u64 {
     vhost::vhost_user::message::VhostUserProtocolFeatures::from_bits_truncate(raw).bits()
 }
 
-/// Longest stream [`relay_stream`] takes (the relay's own limits are far
-/// below it; this keeps an input's run short).
+/// Longest stream [`relay_stream`] takes (it keeps an input's run short).
 pub const RELAY_STREAM_MAX: usize = 64 << 10;
 
 /// Sends `segments` (bytes, and how many fds go with them: each an eventfd)

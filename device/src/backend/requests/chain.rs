@@ -82,7 +82,8 @@ pub(super) struct Walk {
     pub(super) room: usize,
 }
 
-/// Walks `chain` once (see [`Walk`]).
+/// Walks `chain` once (see [`Walk`]). Inlined into the take loop: without
+/// the hint the 64-in-flight rate falls by 4% (docs/benchmarks.md).
 #[inline]
 pub(super) fn walk<M>(chain: &DescriptorChain<M>, mem: &GuestRam) -> Walk
 where
